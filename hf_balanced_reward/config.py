@@ -1,0 +1,158 @@
+"""`BalancedRewardConfig`: every reward-specific option, validated before any model is loaded."""
+
+import difflib
+import inspect
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import BALANCE_METHODS, LOSSES
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake. The CLI prints its message without a traceback."""
+
+
+def did_you_mean(value: str, choices) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def loss_option_names(loss_fn) -> list[str]:
+    """Names a loss accepts through `loss_kwargs`: its keyword parameters after the rewards and `margin`."""
+    params = inspect.signature(loss_fn).parameters
+    fixed = {"chosen_rewards", "rejected_rewards", "margin"}
+    return [name for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD]
+
+
+def check_loss_kwargs(loss_kwargs: dict, loss_fn, loss_name: str) -> None:
+    """Reject a misspelled or unknown loss option, listing the valid ones."""
+    params = inspect.signature(loss_fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # the loss takes anything; it checks its own options
+    valid = loss_option_names(loss_fn)
+    for key in loss_kwargs:
+        if key not in valid:
+            allowed = ", ".join(valid) if valid else "none"
+            raise ConfigError(
+                f"loss_kwargs has unknown option '{key}' for loss '{loss_name}'{did_you_mean(key, valid)}. "
+                f"Options of '{loss_name}': {allowed}."
+            )
+
+
+@dataclass
+class BalancedRewardConfig(TrainingArguments):
+    """Training options for `BalancedRewardTrainer`: all of `TrainingArguments` plus the reward-model ones below.
+
+    The same field help texts document the Python API, `--help` on the CLI and the keys of a YAML recipe.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["loss_kwargs", "model_init_kwargs"]
+
+    # Defaults that differ from TrainingArguments: reward runs are short, so log often.
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a float < 1 is a ratio)."})
+
+    # --- loss ---
+    loss_type: str = field(
+        default="bradley_terry",
+        metadata={"help": f"Per-pair preference loss: one of {', '.join(sorted(LOSSES))}."},
+    )
+    loss_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the chosen loss, e.g. {'hinge_margin': 0.5} for hinge or "
+            "{'method': 'group_dro', 'dro_step_size': 0.01} for balanced. A misspelled option is an error."
+        },
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "If set, adds coefficient * mean((r_chosen + r_rejected)^2) to keep rewards centred at 0."},
+    )
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column that names each pair's group (e.g. 'source'). Used by the balanced loss and for "
+            "per-group accuracy. When unset, pairs are grouped by length relation: chosen longer / shorter / same."
+        },
+    )
+    # --- model ---
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for AutoModelForSequenceClassification.from_pretrained (e.g. dtype)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models and tokenizers that run their own code from the Hub. Off unless asked."},
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn dropout off, so chosen and rejected are scored by the same network."},
+    )
+    # --- data ---
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Most tokens per sequence (prompt + response). Longer pairs lose prompt tokens from the left; "
+            "the response end is never cut, and pairs whose response alone is too long are dropped and counted. "
+            "Capped by the model's own position limit."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for dataset tokenisation (datasets.map num_proc)."}
+    )
+    append_eos_token: bool = field(
+        default=False,
+        metadata={
+            "help": "Append the tokenizer's eos token to every text before scoring. Off by default so that "
+            "pipeline('text-classification') on the plain text scores the same token as training did."
+        },
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad batch sequence length to a multiple of this (e.g. 8 for tensor cores)."}
+    )
+
+    def __post_init__(self):
+        for name in ("loss_kwargs", "model_init_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{name} must be a JSON object, got {value!r} ({err.msg}).") from None
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}.")
+        super().__post_init__()
+        self.validate_reward_options()
+
+    def validate_reward_options(self) -> None:
+        if self.loss_type not in LOSSES:
+            raise ConfigError(
+                f"loss_type='{self.loss_type}' is not a known loss{did_you_mean(self.loss_type, LOSSES)}. "
+                f"Choose one of: {', '.join(sorted(LOSSES))}."
+            )
+        check_loss_kwargs(self.loss_kwargs, LOSSES[self.loss_type], self.loss_type)
+        if self.loss_type == "balanced":
+            method = self.loss_kwargs.get("method", "inverse_frequency")
+            if method not in BALANCE_METHODS:
+                raise ConfigError(
+                    f"loss_kwargs method='{method}' is not a balancing method{did_you_mean(method, BALANCE_METHODS)}. "
+                    f"Choose one of: {', '.join(BALANCE_METHODS)}."
+                )
+            if float(self.loss_kwargs.get("dro_step_size", 0.01)) < 0:
+                raise ConfigError("loss_kwargs dro_step_size must be >= 0; 0 keeps the group weights uniform.")
+        if self.loss_type == "hinge" and float(self.loss_kwargs.get("hinge_margin", 1.0)) < 0:
+            raise ConfigError(
+                f"loss_kwargs hinge_margin must be >= 0, got {self.loss_kwargs['hinge_margin']}: "
+                "a negative margin rewards ranking the rejected response higher."
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be at least 2 (or None for no limit), got {self.max_length}.")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ConfigError(
+                f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}; "
+                "leave it unset to turn centring off."
+            )

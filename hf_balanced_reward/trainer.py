@@ -1,0 +1,327 @@
+"""`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses."""
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    Trainer,
+    set_seed,
+)
+from trl.trainer.utils import disable_dropout_in_model
+
+from .collator import PairCollator
+from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
+from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
+from .losses import LOSSES, group_dro_update, group_pair_weights
+from .metrics import metric_name, pair_metrics
+
+logger = logging.getLogger(__name__)
+
+# Attribute names of the scalar head in *ForSequenceClassification models (decoders: score, encoders: classifier).
+HEAD_NAMES = ("score", "classifier")
+
+
+def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    base = model.get_base_model() if is_peft_model(model) else model
+    for name in HEAD_NAMES:
+        head = getattr(base, name, None)
+        if isinstance(head, torch.nn.Module):
+            return name, head
+    raise ConfigError(
+        f"{type(base).__name__} has no reward head named {' or '.join(HEAD_NAMES)}; load the model with "
+        "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+    )
+
+
+def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Widen per-group totals when groups were added since they were started (a new eval set mid-training)."""
+    return F.pad(totals, (0, num_groups - totals.shape[-1]))
+
+
+def load_model_and_tokenizer(model_id: str, args: BalancedRewardConfig):
+    set_seed(args.seed)  # the reward head is freshly initialised: make it reproducible
+    init_kwargs = {"dtype": torch.float32, **args.model_init_kwargs}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"could not load model '{model_id}': {err}") from err
+    return model, tokenizer
+
+
+class BalancedRewardTrainer(Trainer):
+    """Trains an `AutoModelForSequenceClassification` (one output) on preference pairs.
+
+    Takes the same arguments as `trl.RewardTrainer`, plus `loss_fn`, a callable
+    `(chosen_rewards, rejected_rewards, margin=None, **loss_kwargs) -> per-pair loss` used instead of
+    `LOSSES[args.loss_type]`.
+    """
+
+    # compute_loss returns a per-batch mean, so Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: BalancedRewardConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        loss_fn=None,
+    ):
+        args = self._as_config(args, model)
+        named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
+        for name, dataset in named_datasets.items():
+            if dataset is not None and "group_id" not in dataset.column_names:
+                check_columns(dataset, args.group_column, name)  # before the (slow) model load
+        if isinstance(model, str):
+            model, loaded_tokenizer = load_model_and_tokenizer(model, args)
+            processing_class = processing_class or loaded_tokenizer
+        elif processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if model.config.num_labels != 1:
+            raise ConfigError(
+                f"a reward model has one output, this model has num_labels={model.config.num_labels}; load it with "
+                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+            )
+        self.loss_fn = loss_fn or LOSSES[args.loss_type]
+        check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
+
+        if processing_class.pad_token is None:
+            if processing_class.eos_token is None:
+                raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+            processing_class.pad_token = processing_class.eos_token
+        model.config.pad_token_id = processing_class.pad_token_id  # lets pipeline() batch the saved model
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # no generation here; a cache only costs memory
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        if peft_config is not None:
+            model = self._wrap_peft(model, peft_config)
+        self.head_name, head = find_reward_head(model)
+        head.register_forward_hook(self._keep_head_output)
+        self._head_output = None
+
+        self.max_length = args.max_length
+        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if positions and (self.max_length is None or self.max_length > positions):
+            logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
+            self.max_length = positions
+
+        self.group_names: list[str] = []
+        self.group_sizes = torch.zeros(0, dtype=torch.long)
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        if train_dataset is not None:
+            self.group_sizes = torch.bincount(torch.as_tensor(train_dataset["group_id"]), minlength=len(self.group_names))
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        num_groups = max(len(self.group_names), 1)
+        self.group_mix = torch.full((num_groups,), 1.0 / num_groups)  # q of the balanced loss; uniform to start
+
+        self.user_compute_metrics = compute_metrics
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or PairCollator(processing_class.pad_token_id, args.pad_to_multiple_of),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=self._reward_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        # Evaluation calls compute_loss only when the model "can return a loss" and there are no label columns.
+        self.can_return_loss = True
+        self.label_names = []
+        self._train_totals, self._group_totals, self._dro_totals = None, None, None
+
+    # --- setup -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_config(args, model) -> BalancedRewardConfig:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            return BalancedRewardConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-reward")
+        if isinstance(args, BalancedRewardConfig):
+            return args
+        # A trl.RewardConfig or plain TrainingArguments: keep every option this config shares with it.
+        ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
+        shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
+        return BalancedRewardConfig(**shared)
+
+    def _wrap_peft(self, model, peft_config):
+        from peft import get_peft_model
+
+        head_name, _ = find_reward_head(model)
+        modules_to_save = list(peft_config.modules_to_save or [])
+        if head_name not in modules_to_save:
+            peft_config.modules_to_save = modules_to_save + [head_name]  # the head is new: it must be trained and saved
+        return get_peft_model(model, peft_config)
+
+    def _prepare(self, dataset, tokenizer, args, name):
+        if dataset is None:
+            return None
+        if "group_id" not in dataset.column_names:
+            dataset = prepare_dataset(dataset, tokenizer, args, name, max_length=self.max_length)
+            new = sorted(set(dataset.unique("group")) - set(self.group_names))
+            self._register_groups(new)
+            dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
+        return dataset
+
+    def _register_groups(self, names):
+        if not names:
+            return
+        self.group_names = self.group_names + list(names)
+        self.group_sizes = F.pad(self.group_sizes, (0, len(names)))
+        if hasattr(self, "group_mix"):
+            self.group_mix = F.pad(self.group_mix, (0, len(names)))
+
+    def _set_signature_columns_if_needed(self):
+        # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
+        if self._signature_columns is None:
+            self._signature_columns = MODEL_COLUMNS
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # --- forward and loss --------------------------------------------------------------------------------------
+
+    def _keep_head_output(self, module, inputs, output):
+        self._head_output = output
+
+    def score_pairs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass."""
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        head_output, self._head_output = self._head_output, None
+        if head_output is not None and head_output.dim() == 3:
+            # Decoder heads score every position: read each sequence's real last token.
+            rows = torch.arange(head_output.shape[0], device=head_output.device)
+            rewards = head_output[rows, inputs["end_positions"], 0]
+        else:
+            rewards = outputs.logits[:, 0]  # encoder heads pool (e.g. [CLS]) themselves
+        return rewards.float().chunk(2)
+
+    def pair_weights(self, inputs) -> torch.Tensor | None:
+        weights = inputs.get("weight")
+        if self.args.loss_type == "balanced":
+            device = inputs["group_id"].device
+            group_weights = group_pair_weights(
+                inputs["group_id"], self.group_sizes.to(device), self.group_mix.to(device)
+            )
+            weights = group_weights if weights is None else weights * group_weights
+        return weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self.score_pairs(model, inputs)
+        per_pair = self.loss_fn(chosen, rejected, margin=inputs.get("margin"), **self.args.loss_kwargs)
+        if per_pair.shape != chosen.shape:
+            raise ValueError(
+                f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
+                f"it returned shape {tuple(per_pair.shape)}."
+            )
+        if self.args.center_rewards_coefficient:
+            per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
+        weights = self.pair_weights(inputs)
+        loss = per_pair.mean() if weights is None else (weights * per_pair).mean()
+        if model.training:
+            with torch.no_grad():
+                self._record_train_step(chosen, rejected, per_pair, inputs.get("group_id"))
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def _record_train_step(self, chosen, rejected, per_pair, group_ids):
+        rewards = torch.cat([chosen, rejected])
+        correct = (chosen > rejected).float()
+        totals = torch.stack(
+            [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum()]
+        )
+        self._train_totals = totals if self._train_totals is None else self._train_totals + totals
+        if group_ids is None:
+            return
+        num_groups = len(self.group_names)
+        per_group = torch.stack(
+            [
+                torch.bincount(group_ids, minlength=num_groups).float(),
+                torch.bincount(group_ids, weights=correct, minlength=num_groups),
+                torch.bincount(group_ids, weights=per_pair.detach(), minlength=num_groups),
+            ]
+        )
+        self._group_totals = per_group if self._group_totals is None else pad_to(self._group_totals, num_groups) + per_group
+        if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
+            self._dro_totals = per_group if self._dro_totals is None else pad_to(self._dro_totals, num_groups) + per_group
+            if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
+                counts_and_losses = self.accelerator.reduce(self._dro_totals, reduction="sum")
+                step_size = float(self.args.loss_kwargs.get("dro_step_size", 0.01))
+                self.group_mix = group_dro_update(
+                    self.group_mix.to(counts_and_losses.device), counts_and_losses[2], counts_and_losses[0], step_size
+                )
+                self._dro_totals = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self._train_totals is not None:
+            logs.update(self._train_metrics())
+        super().log(logs, start_time)
+
+    def _train_metrics(self) -> dict[str, float]:
+        """Training metrics since the last log, summed over all processes."""
+        totals = self.accelerator.reduce(self._train_totals, reduction="sum").tolist()
+        pairs, correct, margin_sum, reward_sum, reward_sq_sum = totals
+        reward_mean = reward_sum / (2 * pairs)
+        metrics = {
+            "accuracy": correct / pairs,
+            "margin": margin_sum / pairs,
+            "reward_mean": reward_mean,
+            "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
+        }
+        if self._group_totals is not None:
+            group_counts, group_correct, _ = self.accelerator.reduce(self._group_totals, reduction="sum").tolist()
+            for name, count, right in zip(self.group_names, group_counts, group_correct):
+                if count:
+                    metrics[f"accuracy_{metric_name(name)}"] = right / count
+        if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
+            for name, weight in zip(self.group_names, self.group_mix.tolist()):
+                metrics[f"group_weight_{metric_name(name)}"] = weight
+        self._train_totals, self._group_totals = None, None
+        return metrics
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        group_ids = inputs.get("group_id", torch.zeros_like(rewards["chosen"], dtype=torch.long))
+        return loss.detach(), (rewards["chosen"], rewards["rejected"]), group_ids
+
+    def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
+        chosen, rejected = eval_prediction.predictions
+        group_ids = eval_prediction.label_ids
+        metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"])
+        if self.user_compute_metrics is not None:
+            metrics.update(self.user_compute_metrics(EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids)))
+        return metrics
