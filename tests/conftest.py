@@ -1,0 +1,106 @@
+"""Tiny models and tokenizers built locally, once per session. No test touches the network."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import PreTrainedTokenizerFast
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "Question: what is the capital of France? Answer: Paris is the capital.",
+    "The quick brown fox jumps over the lazy dog. Hello world, how are you today?",
+    "Please help me write an email. Sure, here is a short and polite email.",
+] * 20
+
+
+def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer that puts <s> (BOS) in front of every text, like Llama's."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>" if pad_is_eos else "<pad>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def tiny_bert(tokenizer, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama reward model and its tokenizer, saved to disk and loaded back by path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def preference_rows(n: int = 24) -> list[dict]:
+    """Explicit-prompt pairs in two groups of unequal size; chosen is polite, rejected is not."""
+    rows = []
+    for i in range(n):
+        rows.append({
+            "prompt": f"Question {i}: please help me write an email?",
+            "chosen": " Sure, here is a short and polite email." + " Hello" * (i % 3),
+            "rejected": " No." + " world" * (i % 4),
+            "source": "big" if i % 4 else "small",
+            "margin": float(i % 2),
+        })
+    return rows
+
+
+@pytest.fixture
+def pairs() -> Dataset:
+    return Dataset.from_list(preference_rows())
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> str:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+    return str(path)

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+from datasets import Dataset
+
+from hf_balanced_reward import BalancedRewardConfig, DataError, load_preference_dataset, prepare_dataset
+from hf_balanced_reward.data import length_relation, truncate_pair
+
+
+def config(**kwargs):
+    return BalancedRewardConfig(output_dir="/tmp/unused", report_to="none", **kwargs)
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_bos_and_ends():
+    bos = 1
+    chosen = [bos, 10, 11, 12, 13, 20, 21]
+    rejected = [bos, 10, 11, 12, 13, 30]
+    new_chosen, new_rejected, status = truncate_pair(chosen, rejected, max_length=5, special_ids={bos})
+    assert status == "truncated"
+    assert new_chosen == [bos, 12, 13, 20, 21]  # two prompt tokens cut from the left, BOS and response kept
+    assert new_rejected == [bos, 12, 13, 30]
+
+
+def test_pair_whose_response_alone_is_too_long_is_dropped():
+    _, _, status = truncate_pair([1, 10, 20, 21, 22, 23], [1, 10, 30], max_length=4, special_ids={1})
+    assert status == "dropped"
+    assert truncate_pair([1, 2], [1, 3], max_length=4, special_ids={1})[2] == "kept"
+
+
+def test_length_relation():
+    assert length_relation(20, 10) == "chosen_longer"
+    assert length_relation(10, 20) == "chosen_shorter"
+    assert length_relation(20, 19) == "same_length"
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Question: hello?", "chosen": " Sure, here.", "rejected": " No."},  # explicit prompt
+        {"chosen": "Question: hello? Sure, here.", "rejected": "Question: hello? No."},  # implicit prompt
+        {  # conversational, explicit prompt
+            "prompt": [{"role": "user", "content": "hello?"}],
+            "chosen": [{"role": "assistant", "content": "Sure, here."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        },
+        {  # conversational, implicit prompt
+            "chosen": [{"role": "user", "content": "hello?"}, {"role": "assistant", "content": "Sure, here."}],
+            "rejected": [{"role": "user", "content": "hello?"}, {"role": "assistant", "content": "No."}],
+        },
+    ],
+    ids=["explicit", "implicit", "conversational", "conversational-implicit"],
+)
+def test_every_preference_format_tokenizes_to_full_sequences(row, tokenizer):
+    prepared = prepare_dataset(Dataset.from_list([row]), tokenizer, config())
+    example = prepared[0]
+    chosen_text = tokenizer.decode(example["chosen_ids"])
+    assert chosen_text.startswith("<s>") and "hello?" in chosen_text and chosen_text.rstrip("</s>").endswith("Sure, here.")
+    assert tokenizer.decode(example["rejected_ids"]).rstrip("</s>").endswith("No.")
+    if isinstance(row["chosen"], list):  # rendered with the chat template
+        assert "<|assistant|>Sure, here.</s>" in chosen_text
+    assert example["group"] == "chosen_longer"  # no group_column: grouped by length relation
+
+
+def test_pretokenized_pairs_pass_through(tokenizer):
+    prepared = prepare_dataset(Dataset.from_list([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 7]}]), tokenizer, config())
+    assert prepared[0]["chosen_ids"] == [1, 5, 6] and prepared[0]["rejected_ids"] == [1, 7]
+
+
+def test_append_eos_token(tokenizer):
+    prepared = prepare_dataset(Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}]), tokenizer,
+                               config(append_eos_token=True))
+    assert prepared[0]["chosen_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_group_margin_and_weight_columns_are_kept(pairs, tokenizer):
+    prepared = prepare_dataset(pairs.add_column("weight", [2.0] * len(pairs)), tokenizer, config(group_column="source"))
+    assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight"}
+    assert sorted(set(prepared["group"])) == ["big", "small"]
+
+
+def test_truncation_and_drops_are_reported(tokenizer, caplog):
+    rows = [{"prompt": "Question: " + "hello " * 30, "chosen": " Sure.", "rejected": " No."},
+            {"prompt": "Q", "chosen": " hello" * 40, "rejected": " No."}]
+    prepared = prepare_dataset(Dataset.from_list(rows), tokenizer, config(max_length=16))
+    assert len(prepared) == 1 and len(prepared[0]["chosen_ids"]) <= 16
+    assert prepared[0]["chosen_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(prepared[0]["chosen_ids"]).endswith("Sure.")
+    assert "1 of 2 pairs had their prompt cut from the left to fit max_length=16; 1 dropped" in caplog.text
+
+
+def test_missing_chosen_column(tokenizer):
+    with pytest.raises(DataError, match=r"train dataset has no 'chosen' column; its columns are \['prompt', 'answer', "
+                       r"'rejected'\]"):
+        prepare_dataset(Dataset.from_list([{"prompt": "a", "answer": "b", "rejected": "c"}]), tokenizer, config())
+
+
+def test_missing_group_column(pairs, tokenizer):
+    with pytest.raises(DataError, match=r"group_column='sorce' is not a column of the train dataset"):
+        prepare_dataset(pairs, tokenizer, config(group_column="sorce"))
+
+
+def test_non_numeric_margin(tokenizer):
+    data = Dataset.from_list([{"chosen": "a", "rejected": "b", "margin": "big"}])
+    with pytest.raises(DataError, match=r"column 'margin' must be numeric"):
+        prepare_dataset(data, tokenizer, config())
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "json", "parquet", "csv"])
+def test_load_local_files(tmp_path, pairs, extension):
+    path = tmp_path / f"pairs.{extension}"
+    {"jsonl": pairs.to_json, "json": pairs.to_json, "parquet": pairs.to_parquet, "csv": pairs.to_csv}[extension](str(path))
+    loaded = load_preference_dataset(str(path))
+    assert len(loaded) == len(pairs) and {"prompt", "chosen", "rejected"} <= set(loaded.column_names)
+
+
+def test_load_saved_folder(tmp_path, pairs):
+    pairs.save_to_disk(str(tmp_path / "saved"))
+    assert len(load_preference_dataset(str(tmp_path / "saved"))) == len(pairs)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(DataError, match=r"dataset 'missing/pairs.jsonl' does not exist"):
+        load_preference_dataset("missing/pairs.jsonl")
+    (tmp_path / "pairs.txt").write_text("x")
+    with pytest.raises(DataError, match=r"has extension '.txt'; use one of .jsonl, .json, .parquet, .csv"):
+        load_preference_dataset(str(tmp_path / "pairs.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{not json\n')
+    with pytest.raises(DataError, match=r"could not load dataset '.*bad.jsonl'"):
+        load_preference_dataset(str(tmp_path / "bad.jsonl"))

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from hf_balanced_reward import LOSSES, balanced, bradley_terry, hinge
+from hf_balanced_reward.losses import group_dro_update, group_pair_weights
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_bradley_terry_hand_values():
+    # -log sigmoid(1) = log(1 + e^-1); with margin 0.5: log(1 + e^-0.5); equal rewards: log 2
+    loss = bradley_terry(t(1.0, 0.0, 2.0), t(0.0, 0.0, 1.0), margin=t(0.0, 0.0, 0.5))
+    expected = [math.log1p(math.exp(-1)), math.log(2), math.log1p(math.exp(-0.5))]
+    assert loss.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_hinge_hand_values():
+    # differences 0.3, 2.0, -1.0 against margin 1.0 (+ per-pair 0.5 on the last)
+    loss = hinge(t(0.3, 2.0, 0.0), t(0.0, 0.0, 1.0), margin=t(0.0, 0.0, 0.5))
+    assert loss.tolist() == pytest.approx([0.7, 0.0, 2.5], abs=1e-6)
+    assert hinge(t(0.3), t(0.0), hinge_margin=0.2).tolist() == pytest.approx([0.0])
+
+
+def test_balanced_is_bradley_terry_per_pair():
+    chosen, rejected = torch.randn(8), torch.randn(8)
+    assert torch.equal(balanced(chosen, rejected), bradley_terry(chosen, rejected))
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_are_shift_invariant(name):
+    chosen, rejected = torch.randn(16), torch.randn(16)
+    shifted = LOSSES[name](chosen + 3.7, rejected + 3.7)
+    assert torch.allclose(LOSSES[name](chosen, rejected), shifted, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_larger_margin_never_lowers_the_loss(name):
+    chosen, rejected = torch.randn(16), torch.randn(16)
+    small = LOSSES[name](chosen, rejected, margin=torch.full((16,), 0.1))
+    large = LOSSES[name](chosen, rejected, margin=torch.full((16,), 1.0))
+    assert torch.all(large >= small)
+    assert torch.any(large > small)
+
+
+def test_group_pair_weights_hand_values():
+    # n = [3, 1], N = 4, uniform q: w = q * N / n = [2/3, 2]; the dataset mean of w is 1
+    weights = group_pair_weights(torch.tensor([0, 0, 0, 1]), torch.tensor([3, 1]), t(0.5, 0.5))
+    assert weights.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
+    assert weights.mean().item() == pytest.approx(1.0)
+
+
+def test_balanced_weighting_gives_every_group_equal_weight():
+    group_ids = torch.tensor([0] * 6 + [1] * 2)
+    per_pair = t(1, 1, 1, 1, 1, 1, 3, 5)  # group means: 1 and 4
+    weights = group_pair_weights(group_ids, torch.tensor([6, 2]), t(0.5, 0.5))
+    assert (weights * per_pair).mean().item() == pytest.approx((1 + 4) / 2)
+
+
+def test_groups_missing_from_training_get_weight_one():
+    weights = group_pair_weights(torch.tensor([0, 1]), torch.tensor([4, 0]), t(1.0, 0.0))
+    assert weights.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_group_dro_update_moves_weight_to_the_worse_group():
+    # mean losses 1 and 3, step 0.5: q ∝ [0.5 e^0.5, 0.5 e^1.5]
+    mix = group_dro_update(t(0.5, 0.5), group_loss_sum=t(2.0, 3.0), group_count=t(2.0, 1.0), step_size=0.5)
+    expected = torch.tensor([math.exp(0.5), math.exp(1.5)])
+    assert mix.tolist() == pytest.approx((expected / expected.sum()).tolist(), abs=1e-6)
+    unseen = group_dro_update(t(0.5, 0.5), t(0.0, 3.0), t(0.0, 1.0), 0.0)
+    assert unseen.tolist() == pytest.approx([0.5, 0.5])

@@ -1,0 +1,204 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from conftest import build_tokenizer, tiny_bert, tiny_llama
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+        per_device_eval_batch_size=5, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0,
+        group_column="source",
+    )
+    return BalancedRewardConfig(**{**defaults, **kwargs})
+
+
+LOSS_SETTINGS = [
+    ("bradley_terry", {}),
+    ("hinge", {"hinge_margin": 0.5}),
+    ("balanced", {}),
+    ("balanced", {"method": "group_dro", "dro_step_size": 0.5}),
+]
+
+
+@pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS, ids=["bt", "hinge", "balanced", "group_dro"])
+def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_type, loss_kwargs):
+    args = config(tmp_path, loss_type=loss_type, loss_kwargs=loss_kwargs, max_steps=3)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert {"margin", "group_id", "end_positions"} <= set(batch)  # Trainer must not drop our columns
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert "score.weight" in changed and any("layers" in n for n in changed)
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "accuracy", "margin", "reward_mean", "reward_std", "accuracy_big"):
+        assert np.isfinite(logged[key]), key
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_accuracy_big", "eval_accuracy_small",
+                "eval_balanced_accuracy", "eval_worst_group_accuracy"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["eval_balanced_accuracy"] == pytest.approx(
+        (metrics["eval_accuracy_big"] + metrics["eval_accuracy_small"]) / 2
+    )
+    assert metrics["eval_worst_group_accuracy"] == min(metrics["eval_accuracy_big"], metrics["eval_accuracy_small"])
+    if loss_kwargs.get("method") == "group_dro":
+        weights = [logged[f"group_weight_{g}"] for g in ("big", "small")]
+        assert sum(weights) == pytest.approx(1.0) and weights != pytest.approx([0.5, 0.5])
+
+
+def test_encoder_model_trains(tmp_path, tokenizer, pairs):
+    model = tiny_bert(tokenizer)
+    trainer = BalancedRewardTrainer(model=model, args=config(tmp_path, max_steps=2), train_dataset=pairs,
+                                    processing_class=tokenizer)
+    before = model.classifier.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.classifier.weight)
+
+
+@pytest.mark.parametrize("loss_type", ["bradley_terry", "balanced"])
+def test_gradient_accumulation_matches_the_large_batch(tmp_path, model_dir, pairs, loss_type):
+    def one_step(batch_size, accumulation):
+        args = config(tmp_path, loss_type=loss_type, max_steps=1, optim="sgd", learning_rate=1.0,
+                      per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                      train_sampling_strategy="sequential")
+        trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, trainer.state.log_history[0]
+
+    large, large_log = one_step(8, 1)
+    small, small_log = one_step(2, 4)
+    for name in large:
+        torch.testing.assert_close(small[name], large[name], atol=1e-6, rtol=1e-5)
+    assert small_log["loss"] == pytest.approx(large_log["loss"], rel=1e-5)
+
+
+def test_reward_is_read_at_the_real_last_token_when_pad_is_eos(tmp_path):
+    tokenizer = build_tokenizer(pad_is_eos=True)
+    model = tiny_llama(tokenizer)
+    rows = [{"prompt": "Hello", "chosen": " world, how are you", "rejected": " fox"}]
+    args = config(tmp_path, append_eos_token=True, group_column=None)
+    trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tokenizer)
+    example = trainer.train_dataset[0]
+    assert example["rejected_ids"][-1] == tokenizer.pad_token_id  # ends in eos == pad: "last non-pad" would miss it
+    batch = PairCollator(tokenizer.pad_token_id)([example])
+    model.eval()
+    chosen, rejected = trainer.score_pairs(model, batch)
+    with torch.no_grad():
+        for reward, ids in ((chosen, example["chosen_ids"]), (rejected, example["rejected_ids"])):
+            hidden = model.model(torch.tensor([ids])).last_hidden_state
+            assert reward.item() == pytest.approx(model.score(hidden[0, -1]).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("center", [None, 0.01])
+def test_bradley_terry_equals_trl_reward_trainer(tmp_path, tokenizer, center):
+    model = tiny_llama(tokenizer, seed=3)
+    data = Dataset.from_list([
+        {"chosen_ids": tokenizer("Hello world, how are")["input_ids"], "rejected_ids": tokenizer("No")["input_ids"],
+         "margin": 0.5},
+        {"chosen_ids": tokenizer("Sure")["input_ids"], "rejected_ids": tokenizer("quick brown fox")["input_ids"],
+         "margin": 0.0},
+    ])
+    trl_args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False,
+                            gradient_checkpointing=False, center_rewards_coefficient=center)
+    trl_trainer = RewardTrainer(model=model, args=trl_args, train_dataset=data, processing_class=tokenizer)
+    trl_batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(list(data))
+    ours = BalancedRewardTrainer(model=model, args=config(tmp_path, group_column=None, center_rewards_coefficient=center),
+                                 train_dataset=data, processing_class=tokenizer)
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(2)])
+    assert torch.equal(batch["input_ids"], trl_batch["input_ids"])
+    model.eval()
+    with torch.no_grad():
+        trl_loss, trl_outputs = trl_trainer.compute_loss(model, dict(trl_batch), return_outputs=True)
+        loss, rewards = ours.compute_loss(model, batch, return_outputs=True)
+    torch.testing.assert_close(torch.cat([rewards["chosen"], rewards["rejected"]]), trl_outputs.logits.squeeze(-1))
+    torch.testing.assert_close(loss, trl_loss)
+
+
+def test_eval_accuracy_counts_pairs_exactly_across_uneven_batches(tmp_path, model_dir, pairs):
+    received = {}
+
+    def user_metrics(prediction):
+        chosen, rejected = prediction.predictions
+        received["shapes"] = (chosen.shape, rejected.shape)
+        return {"top_chosen": float(chosen.max())}
+
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, per_device_eval_batch_size=5),
+                                    eval_dataset=pairs, compute_metrics=user_metrics)
+    metrics = trainer.evaluate()
+    trainer.model.eval()
+    correct = []
+    with torch.no_grad():
+        for example in trainer.eval_dataset:  # one pair at a time: no batching at all
+            chosen, rejected = trainer.score_pairs(trainer.model, trainer.data_collator([example]))
+            correct.append(bool(chosen > rejected))
+    assert metrics["eval_accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert received["shapes"] == ((len(pairs),), (len(pairs),))
+    assert "eval_top_chosen" in metrics
+
+
+def test_custom_loss_fn(tmp_path, model_dir, pairs):
+    def squared(chosen_rewards, rejected_rewards, margin=None):
+        return (1 - (chosen_rewards - rejected_rewards)) ** 2
+
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=1), train_dataset=pairs,
+                                    loss_fn=squared)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    loss, rewards = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert loss.item() == pytest.approx(((1 - (rewards["chosen"] - rewards["rejected"])) ** 2).mean().item())
+
+    trainer.loss_fn = lambda chosen_rewards, rejected_rewards, margin=None: chosen_rewards.sum()
+    with pytest.raises(ValueError, match=r"must return one loss per pair, shape \(4,\); it returned shape \(\)"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_loss_kwargs_are_checked_against_a_custom_loss(tmp_path, model_dir, pairs):
+    def scaled(chosen_rewards, rejected_rewards, margin=None, scale=1.0):
+        return scale * LOSSES["bradley_terry"](chosen_rewards, rejected_rewards, margin)
+
+    with pytest.raises(ConfigError, match=r"unknown option 'hinge_margin' for loss 'scaled'"):
+        args = config(tmp_path, loss_type="hinge", loss_kwargs={"hinge_margin": 1.0})
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, loss_fn=scaled)
+
+
+def test_saved_model_loads_with_plain_transformers(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=2), train_dataset=pairs)
+    trainer.train()
+    out = str(tmp_path / "saved")
+    trainer.save_model(out)
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    example = trainer.train_dataset[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        chosen, _ = trainer.score_pairs(trainer.model, trainer.data_collator([example]))
+    text = tokenizer.decode(example["chosen_ids"], skip_special_tokens=True)
+    scorer = pipeline("text-classification", model=out, function_to_apply="none")
+    assert scorer(text)[0]["score"] == pytest.approx(chosen.item(), abs=1e-5)
+
+
+def test_trl_reward_config_is_accepted(tmp_path, model_dir, pairs):
+    trl_args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, max_steps=1,
+                            gradient_checkpointing=False, center_rewards_coefficient=0.01, max_length=64)
+    trainer = BalancedRewardTrainer(model=model_dir, args=trl_args, train_dataset=pairs)
+    assert isinstance(trainer.args, BalancedRewardConfig)
+    assert trainer.args.center_rewards_coefficient == 0.01 and trainer.args.max_length == 64
+    trainer.train()
+
+
+def test_model_with_several_labels_is_refused(tmp_path, tokenizer, pairs):
+    model = tiny_llama(tokenizer)
+    model.config.num_labels = 2
+    with pytest.raises(ConfigError, match=r"a reward model has one output, this model has num_labels=2"):
+        BalancedRewardTrainer(model=model, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
