@@ -12,7 +12,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import BalancedRewardConfig, ConfigError, did_you_mean
-from .data import DataError, load_preference_dataset
+from .data import DataError, check_columns, load_preference_dataset
 
 PROG = "hf-balanced-reward"
 COMMANDS = ("train",)
@@ -116,7 +116,11 @@ def load_datasets(script_args: ScriptArguments, seed: int):
     if script_args.eval_dataset_name:
         return train, load_preference_dataset(script_args.eval_dataset_name, script_args.dataset_eval_split)
     if script_args.eval_split_ratio:
-        split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
+        check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
+        try:
+            split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
+        except ValueError as err:
+            raise UsageError(f"eval_split_ratio={script_args.eval_split_ratio} cannot split {len(train)} pairs: {err}")
         return split["train"], split["test"]
     return train, None
 
