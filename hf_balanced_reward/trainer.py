@@ -55,7 +55,7 @@ def load_model_and_tokenizer(model_id: str, args: BalancedRewardConfig):
             model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
         raise ConfigError(f"could not load model '{model_id}': {err}") from err
     return model, tokenizer
 
