@@ -102,7 +102,8 @@ def test_missing_chosen_column_fails_before_the_model_loads(recipe, tmp_path, ca
 def test_bad_yaml_from_the_console_script(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss_type: [unclosed\n")
-    result = subprocess.run(["hf-balanced-reward", "train", "--config", str(bad)], capture_output=True, text=True)
+    script = os.path.join(os.path.dirname(sys.executable), "hf-balanced-reward")  # installed beside this python
+    result = subprocess.run([script, "train", "--config", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "is not valid YAML" in result.stderr and "Traceback" not in result.stderr
 
