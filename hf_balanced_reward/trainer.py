@@ -116,7 +116,7 @@ class BalancedRewardTrainer(Trainer):
             disable_dropout_in_model(model)
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config)
-        self.head_name, head = find_reward_head(model)
+        _, head = find_reward_head(model)
         head.register_forward_hook(self._keep_head_output)
         self._head_output = None
 
