@@ -1,23 +1,117 @@
-"""Turns tokenised pairs into one padded model batch: chosen rows first, then rejected rows."""
+"""Turns tokenised pairs into model inputs: plain padded rows, or packed shared-prompt rows for decoders.
+
+Plain layout (every model): 2B right-padded rows, chosen rows first, then rejected rows.
+
+Shared-prompt layout (causal decoders): each pair becomes one segment `prompt + chosen + rejected`, and segments are
+packed first-fit-decreasing into a few rows of one width, so the prompt is computed once and almost nothing is
+padding. Per token the batch carries `segment_ids` (which pair; -1 for padding) and `branch_ids` (0 prompt,
+1 chosen, 2 rejected); the attention rule in `shared_prompt_allows` turns them into a mask in which the rejected
+response sees the prompt and itself, never the chosen response. Position ids restart the rejected response right
+after the prompt, so every token sees exactly the context and position it has in the plain layout.
+"""
 
 from dataclasses import dataclass
 
 import torch
+from trl.data_utils import common_prefix_length
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PAIR_FIELDS = (("margin", torch.float32), ("weight", torch.float32), ("group_id", torch.long))
+
+
+def shared_prefix_length(chosen_ids, rejected_ids) -> int:
+    """Tokens the two sequences share at the start (the prompt); each response keeps at least its scored token."""
+    return min(common_prefix_length(chosen_ids, rejected_ids), len(chosen_ids) - 1, len(rejected_ids) - 1)
+
+
+def pack_rows(lengths: list[int], max_width: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
+    """Pack sequences of `lengths` into rows of one width, wasting as few padded cells as possible.
+
+    Tries the widths total/k (k = 1..n, at least the longest sequence, at most `max_width` unless the longest needs
+    more), packs each first-fit-decreasing and keeps the layout with the fewest rows x width cells (ties: the
+    narrower, which costs less attention). Returns (width, rows), each row a list of sequence indices.
+    """
+    def round_up(width):
+        return -(-width // multiple) * multiple
+
+    longest, total = max(lengths), sum(lengths)
+    widest = max(max_width, round_up(longest))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = None
+    for k in range(1, len(lengths) + 1):
+        width = round_up(max(longest, -(-total // k)))
+        if width > widest:
+            continue
+        rows, free = [], []
+        for i in order:
+            row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
+            if row is None:
+                rows.append([]), free.append(width)
+                row = len(rows) - 1
+            rows[row].append(i)
+            free[row] -= lengths[i]
+        if best is None or len(rows) * width <= best[0] * best[1]:
+            best = (len(rows), width, rows)
+    _, width, rows = best
+    return width, [sorted(row) for row in rows]
+
+
+def shared_prompt_allows(segment_q, segment_k, branch_q, branch_k, q_index, k_index):
+    """The attention rule of the shared-prompt layout, on broadcastable tensors (dense masks and FlexAttention)."""
+    same_pair = segment_q == segment_k
+    causal = k_index <= q_index
+    visible = (branch_k == PROMPT) | (branch_k == branch_q)  # the rejected response never sees the chosen one
+    return same_pair & causal & visible
+
+
+def shared_prompt_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """Dense boolean mask [rows, 1, width, width] (True: may attend) for SDPA and eager attention."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    allowed = shared_prompt_allows(
+        segment_ids[:, :, None], segment_ids[:, None, :], branch_ids[:, :, None], branch_ids[:, None, :],
+        index[:, None], index[None, :],
+    )
+    return allowed[:, None]
+
+
+def flex_block_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The same rule as a FlexAttention BlockMask: blocks that no token may attend are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(row, head, q_index, k_index):
+        return shared_prompt_allows(
+            segment_ids[row, q_index], segment_ids[row, k_index], branch_ids[row, q_index], branch_ids[row, k_index],
+            q_index, k_index,
+        )
+
+    rows, width = segment_ids.shape
+    return create_block_mask(mask_mod, rows, None, width, width, device=segment_ids.device)
 
 
 @dataclass
 class PairCollator:
-    """Stacks B pairs into 2B right-padded rows and records where each sequence really ends.
+    """Collates tokenised pairs (`chosen_ids`, `rejected_ids`, optional `margin`, `weight`, `group_id`).
 
-    `end_positions[i]` is the index of row i's last real token, the token whose score is the reward, so the
-    model's own "last non-pad token" guess (wrong when pad == eos) is never used. `margin`, `weight` and
-    `group_id` are passed through per pair when the examples carry them.
+    Plain layout: `input_ids`, `attention_mask` and `end_positions`, the index of each row's last real token (the
+    scored token), so the model's own "last non-pad token" guess (wrong when pad == eos) is never used.
+    With `shared_prompt=True`: `input_ids`, `position_ids`, `segment_ids`, `branch_ids`, and `chosen_end` /
+    `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
+    `max_row_tokens` wide unless a single pair needs more.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    shared_prompt: bool = False
+    max_row_tokens: int = 2048
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.shared_prompt_batch(examples) if self.shared_prompt else self.plain_batch(examples)
+        for key, dtype in PAIR_FIELDS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+        return batch
+
+    def plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         lengths = torch.tensor([len(s) for s in sequences])
         width = int(lengths.max())
@@ -26,12 +120,56 @@ class PairCollator:
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         for row, sequence in enumerate(sequences):
             input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        batch = {
+        return {
             "input_ids": input_ids,
             "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
             "end_positions": lengths - 1,
         }
-        for key, dtype in (("margin", torch.float32), ("weight", torch.float32), ("group_id", torch.long)):
-            if key in examples[0]:
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+
+    def shared_prompt_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        segments = []  # per pair: (tokens, positions, branches)
+        for e in examples:
+            chosen, rejected = list(e["chosen_ids"]), list(e["rejected_ids"])
+            shared = shared_prefix_length(chosen, rejected)
+            tokens = chosen + rejected[shared:]
+            positions = list(range(len(chosen))) + list(range(shared, len(rejected)))
+            branches = [PROMPT] * shared + [CHOSEN] * (len(chosen) - shared) + [REJECTED] * (len(rejected) - shared)
+            segments.append((tokens, positions, branches))
+        width, rows = pack_rows([len(s[0]) for s in segments], self.max_row_tokens, self.pad_to_multiple_of or 1)
+        shape = (len(rows), width)
+        batch = {
+            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+            "position_ids": torch.zeros(shape, dtype=torch.long),
+            "segment_ids": torch.full(shape, -1, dtype=torch.long),
+            "branch_ids": torch.full(shape, PROMPT, dtype=torch.long),
+        }
+        chosen_end, rejected_end = [0] * len(examples), [0] * len(examples)
+        for r, row in enumerate(rows):
+            start = 0
+            for pair in row:
+                tokens, positions, branches = segments[pair]
+                cells = slice(start, start + len(tokens))
+                batch["input_ids"][r, cells] = torch.tensor(tokens)
+                batch["position_ids"][r, cells] = torch.tensor(positions)
+                batch["segment_ids"][r, cells] = pair
+                batch["branch_ids"][r, cells] = torch.tensor(branches)
+                chosen_length = len(tokens) - branches.count(REJECTED)
+                chosen_end[pair] = r * width + start + chosen_length - 1
+                rejected_end[pair] = r * width + start + len(tokens) - 1
+                start += len(tokens)
+        batch["chosen_end"], batch["rejected_end"] = torch.tensor(chosen_end), torch.tensor(rejected_end)
         return batch
+
+
+def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
+    """The (chosen_ids, rejected_ids) examples of a shared-prompt batch, in pair order: for checks and fallback."""
+    ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
+    pairs = [{"chosen_ids": [], "rejected_ids": []} for _ in range(len(batch["chosen_end"]))]
+    for token, pair, branch in zip(ids, segments, branches):
+        if pair < 0:
+            continue
+        if branch != REJECTED:
+            pairs[pair]["chosen_ids"].append(token)
+        if branch != CHOSEN:
+            pairs[pair]["rejected_ids"].append(token)
+    return pairs

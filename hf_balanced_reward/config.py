@@ -109,6 +109,14 @@ class BalancedRewardConfig(TrainingArguments):
             "pipeline('text-classification') on the plain text scores the same token as training did."
         },
     )
+    shared_prompt: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Score each pair in one packed sequence, prompt + chosen + rejected, computing the prompt once and "
+            "almost no padding. Unset: on for causal decoders with sdpa, eager or flex_attention attention, plain "
+            "layout otherwise. true: require it (an error if the model cannot). false: always the plain layout."
+        },
+    )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad batch sequence length to a multiple of this (e.g. 8 for tensor cores)."}
     )

@@ -16,13 +16,16 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import common_prefix_length, maybe_apply_chat_template, maybe_extract_prompt
 
+from .collator import shared_prefix_length
+
 logger = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
 SAME_LENGTH_TOLERANCE = 0.1
 LENGTH_GROUPS = ("chosen_longer", "chosen_shorter", "same_length")
-MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id"]
+# Columns the collator reads; `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
+MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length"]
 
 
 class DataError(ValueError):
@@ -101,7 +104,7 @@ def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
     if max_length is None or longest <= max_length:
         return chosen_ids, rejected_ids, "kept"
     # The shared prefix is the prompt (plus any identical opening words of the responses); never the scored token.
-    shared = min(common_prefix_length(chosen_ids, rejected_ids), len(chosen_ids) - 1, len(rejected_ids) - 1)
+    shared = shared_prefix_length(chosen_ids, rejected_ids)
     lead = 0
     while lead < shared and chosen_ids[lead] in special_ids:
         lead += 1  # BOS / CLS: the encoder pools CLS, a decoder expects BOS
@@ -133,7 +136,8 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
     relation = length_relation(len(chosen_ids) - shared, len(rejected_ids) - shared)
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
     group = str(example[group_column]) if group_column else relation
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "fit": status}
+    length = len(chosen_ids) + len(rejected_ids) - shared_prefix_length(chosen_ids, rejected_ids)
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "fit": status, "length": length}
 
 
 def prepare_dataset(dataset: Dataset, tokenizer, args, name: str = "train", max_length: int | None = None) -> Dataset:

@@ -18,7 +18,7 @@ from transformers import (
 )
 from trl.trainer.utils import disable_dropout_in_model
 
-from .collator import PairCollator
+from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
 from .losses import LOSSES, group_dro_update, group_pair_weights
@@ -28,6 +28,30 @@ logger = logging.getLogger(__name__)
 
 # Attribute names of the scalar head in *ForSequenceClassification models (decoders: score, encoders: classifier).
 HEAD_NAMES = ("score", "classifier")
+# Attention implementations that take the custom mask of the shared-prompt layout.
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def is_causal_decoder(model: torch.nn.Module) -> bool:
+    """True when every attention layer is causal: only then can chosen and rejected share the prompt's states."""
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+def shared_prompt_blocker(model: torch.nn.Module) -> str | None:
+    """Why the shared-prompt layout cannot be used for this model, or None when it can."""
+    if not is_causal_decoder(model):
+        return (
+            f"{type(model).__name__} is not a causal decoder: its prompt tokens attend to the response, so the "
+            "prompt cannot be shared between chosen and rejected"
+        )
+    attention = model.config._attn_implementation
+    if attention not in SHARED_PROMPT_ATTENTION:
+        return (
+            f"attn_implementation='{attention}' cannot take the layout's attention mask; load the model with "
+            f"attn_implementation set to one of {', '.join(SHARED_PROMPT_ATTENTION)}"
+        )
+    return None
 
 
 def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
@@ -114,6 +138,8 @@ class BalancedRewardTrainer(Trainer):
             model.config.use_cache = False  # no generation here; a cache only costs memory
         if args.disable_dropout:
             disable_dropout_in_model(model)
+        self.shared_prompt = self._use_shared_prompt(model, args)
+        self._shared_prompt_checked = False
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config)
         _, head = find_reward_head(model)
@@ -142,7 +168,7 @@ class BalancedRewardTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or PairCollator(processing_class.pad_token_id, args.pad_to_multiple_of),
+            data_collator=data_collator or self._default_collator(processing_class.pad_token_id, args),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -170,6 +196,25 @@ class BalancedRewardTrainer(Trainer):
         ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
         shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
         return BalancedRewardConfig(**shared)
+
+    @staticmethod
+    def _use_shared_prompt(model, args) -> bool:
+        blocker = shared_prompt_blocker(model)
+        if blocker is None:
+            return args.shared_prompt is not False
+        if args.shared_prompt:
+            raise ConfigError(f"shared_prompt=true does not apply here: {blocker}. Set shared_prompt: false.")
+        if args.shared_prompt is None:
+            logger.info(f"Plain two-sequence layout: {blocker}.")
+        return False
+
+    def _default_collator(self, pad_token_id, args) -> PairCollator:
+        return PairCollator(
+            pad_token_id,
+            args.pad_to_multiple_of,
+            shared_prompt=self.shared_prompt,
+            max_row_tokens=2 * (self.max_length or 1024),  # wider rows waste less padding but cost more attention
+        )
 
     def _wrap_peft(self, model, peft_config):
         from peft import get_peft_model
@@ -215,6 +260,15 @@ class BalancedRewardTrainer(Trainer):
 
     def score_pairs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass."""
+        if "segment_ids" not in inputs:
+            return self._score_plain(model, inputs)
+        if not self._shared_prompt_checked:
+            self._check_shared_prompt(model, inputs)
+        if self.shared_prompt:
+            return self._score_shared_prompt(model, inputs)
+        return self._score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs))
+
+    def _score_plain(self, model, inputs):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         head_output, self._head_output = self._head_output, None
         if head_output is not None and head_output.dim() == 3:
@@ -224,6 +278,54 @@ class BalancedRewardTrainer(Trainer):
         else:
             rewards = outputs.logits[:, 0]  # encoder heads pool (e.g. [CLS]) themselves
         return rewards.float().chunk(2)
+
+    def _score_shared_prompt(self, model, inputs):
+        segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
+        if self.model.config._attn_implementation == "flex_attention":
+            mask = flex_block_mask(segment_ids, branch_ids)
+        else:
+            mask = shared_prompt_mask(segment_ids, branch_ids)
+            if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"])
+        scores, self._head_output = self._head_output.reshape(-1), None
+        return scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
+
+    def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:
+        plain = PairCollator(self.processing_class.pad_token_id).plain_batch(pairs)
+        return {**like, **{k: v.to(like["input_ids"].device) for k, v in plain.items()}}
+
+    def _check_shared_prompt(self, model, inputs) -> None:
+        """Once, on the first batch: the shared-prompt rewards of two pairs must equal the plain forward's.
+
+        Guards architectures whose attention ignores position ids or custom masks (ALiBi, sliding windows ...).
+        On a mismatch the run falls back to the plain layout, or stops when shared_prompt=true was asked for.
+        """
+        self._shared_prompt_checked = True
+        pairs = unpack_pairs(inputs)[:2]
+        collator = PairCollator(self.processing_class.pad_token_id, shared_prompt=True)
+        device = inputs["input_ids"].device
+        packed = {k: v.to(device) for k, v in collator.shared_prompt_batch(pairs).items()}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            fast = torch.cat(self._score_shared_prompt(model, packed))
+            plain = torch.cat(self._score_plain(model, self._plain_inputs(pairs, {"input_ids": packed["input_ids"]})))
+        model.train(was_training)
+        full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
+        tolerance = (1e-3 if full_precision else 5e-2) * (1 + plain.abs().max().item())
+        difference = (fast - plain).abs().max().item()
+        if difference <= tolerance:
+            logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
+            return
+        message = (
+            f"the shared-prompt layout changes this model's rewards (max difference {difference:.3g} on the first "
+            f"batch, tolerance {tolerance:.3g}); its attention does not follow the layout's mask or position ids."
+        )
+        if self.args.shared_prompt:
+            raise ConfigError(f"{message} Set shared_prompt: false.")
+        logger.warning(f"{message} Using the plain layout.")
+        self.shared_prompt = False
 
     def pair_weights(self, inputs) -> torch.Tensor | None:
         weights = inputs.get("weight")

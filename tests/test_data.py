@@ -72,7 +72,7 @@ def test_append_eos_token(tokenizer):
 
 def test_group_margin_and_weight_columns_are_kept(pairs, tokenizer):
     prepared = prepare_dataset(pairs.add_column("weight", [2.0] * len(pairs)), tokenizer, config(group_column="source"))
-    assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight"}
+    assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight", "length"}
     assert sorted(set(prepared["group"])) == ["big", "small"]
 
 

@@ -35,7 +35,7 @@ def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_t
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     batch = next(iter(trainer.get_train_dataloader()))
-    assert {"margin", "group_id", "end_positions"} <= set(batch)  # Trainer must not drop our columns
+    assert {"margin", "group_id", "segment_ids"} <= set(batch)  # Trainer must not drop our columns
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
     assert "score.weight" in changed and any("layers" in n for n in changed)
@@ -112,16 +112,19 @@ def test_bradley_terry_equals_trl_reward_trainer(tmp_path, tokenizer, center):
                             gradient_checkpointing=False, center_rewards_coefficient=center)
     trl_trainer = RewardTrainer(model=model, args=trl_args, train_dataset=data, processing_class=tokenizer)
     trl_batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(list(data))
-    ours = BalancedRewardTrainer(model=model, args=config(tmp_path, group_column=None, center_rewards_coefficient=center),
-                                 train_dataset=data, processing_class=tokenizer)
-    batch = ours.data_collator([ours.train_dataset[i] for i in range(2)])
-    assert torch.equal(batch["input_ids"], trl_batch["input_ids"])
     model.eval()
     with torch.no_grad():
         trl_loss, trl_outputs = trl_trainer.compute_loss(model, dict(trl_batch), return_outputs=True)
-        loss, rewards = ours.compute_loss(model, batch, return_outputs=True)
-    torch.testing.assert_close(torch.cat([rewards["chosen"], rewards["rejected"]]), trl_outputs.logits.squeeze(-1))
-    torch.testing.assert_close(loss, trl_loss)
+    for shared_prompt in (False, True):  # the plain layout is trl's batch exactly; the packed one gives the same
+        args = config(tmp_path, group_column=None, center_rewards_coefficient=center, shared_prompt=shared_prompt)
+        ours = BalancedRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        batch = ours.data_collator([ours.train_dataset[i] for i in range(2)])
+        if not shared_prompt:
+            assert torch.equal(batch["input_ids"], trl_batch["input_ids"])
+        with torch.no_grad():
+            loss, rewards = ours.compute_loss(model, batch, return_outputs=True)
+        torch.testing.assert_close(torch.cat([rewards["chosen"], rewards["rejected"]]), trl_outputs.logits.squeeze(-1))
+        torch.testing.assert_close(loss, trl_loss)
 
 
 def test_eval_accuracy_counts_pairs_exactly_across_uneven_batches(tmp_path, model_dir, pairs):
