@@ -48,7 +48,7 @@ def score(model, tokenizer, valid, max_length, seed, tokenized_by=None):
         valid = valid.map(tokenized_by, remove_columns=["prompt", "chosen", "rejected"])
     args = BalancedRewardConfig(
         output_dir="/tmp/accuracy_vs_trl_eval", per_device_eval_batch_size=64, report_to="none",
-        group_column="source", max_length=max_length, seed=seed,
+        group_column="source", max_length=max_length, seed=seed, on_bad_rows="skip",
     )
     trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=valid, processing_class=tokenizer)
     return trainer.evaluate()
@@ -73,7 +73,7 @@ def run(name, seed, max_length, train, valid):
         loss_kwargs = {"method": "group_dro", "dro_step_size": 0.05} if name == "balanced_dro" else {}
         args = BalancedRewardConfig(output_dir=f"/tmp/accuracy_vs_trl_{name}", max_length=max_length, seed=seed,
                                     loss_type="balanced" if name.startswith("balanced") else name,
-                                    loss_kwargs=loss_kwargs, group_column="source", **COMMON)
+                                    loss_kwargs=loss_kwargs, group_column="source", on_bad_rows="skip", **COMMON)
         BalancedRewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
         metrics = score(model, tokenizer, valid, max_length, seed)
     keep = {k: round(v, 4) for k, v in metrics.items() if "accuracy" in k}

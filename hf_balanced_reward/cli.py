@@ -5,6 +5,7 @@ Precedence: the config's defaults, then the YAML recipe, then command-line flags
 
 import importlib.util
 import os
+import signal
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -49,6 +50,14 @@ class ScriptArguments:
 
 class UsageError(Exception):
     """A mistake in how the command was called; printed as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint; exit status 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_model_path(name: str) -> str:
@@ -151,7 +160,17 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     )
     before = trainer.evaluate() if eval_dataset is not None and script_args.evaluate_before_training else None
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if trainer.signal_stop.stopped_at_step is not None:
+        signum = trainer.signal_stop.received or signal.SIGTERM
+        checkpoint = os.path.join(config.output_dir, f"checkpoint-{trainer.signal_stop.stopped_at_step}")
+        raise Interrupted(
+            f"stopped by {signal.Signals(signum).name} at step {trainer.signal_stop.stopped_at_step}; checkpoint saved "
+            f"to {checkpoint}. Run the same command with --resume_from_checkpoint true to continue.",
+            signum,
+        )
     trainer.save_model(config.output_dir)
+    for name, report in trainer.data_report.items():
+        result.metrics[f"{name}_skipped_rows"] = sum(report["skipped"].values())
     trainer.save_metrics("train", result.metrics)
     after = None
     if eval_dataset is not None:
@@ -174,10 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
               f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
+    from .trainer import TrainingStopped
+
     try:
         script_args, config = parse_train_args(rest)
         train(script_args, config)
     except (UsageError, ConfigError, DataError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 128 + err.signum
     return 0

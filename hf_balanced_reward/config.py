@@ -10,6 +10,10 @@ from transformers import TrainingArguments
 from .losses import BALANCE_METHODS, LOSSES
 
 
+ON_BAD_ROWS = ("error", "skip")
+NAN_POLICIES = ("stop", "skip")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake. The CLI prints its message without a traceback."""
 
@@ -95,7 +99,7 @@ class BalancedRewardConfig(TrainingArguments):
         default=1024,
         metadata={
             "help": "Most tokens per sequence (prompt + response). Longer pairs lose prompt tokens from the left; "
-            "the response end is never cut, and pairs whose response alone is too long are dropped and counted. "
+            "the response end is never cut; a pair whose response alone is too long is a bad row (see on_bad_rows). "
             "Capped by the model's own position limit."
         },
     )
@@ -107,6 +111,22 @@ class BalancedRewardConfig(TrainingArguments):
         metadata={
             "help": "Append the tokenizer's eos token to every text before scoring. Off by default so that "
             "pipeline('text-classification') on the plain text scores the same token as training did."
+        },
+    )
+    on_bad_rows: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with unusable rows (null/empty texts, malformed messages, chosen == rejected, NaN "
+            "margin or weight, no group, a response longer than max_length): 'error' stops before the model is "
+            "loaded, naming rows and problems; 'skip' drops them and counts each reason in the log and "
+            "data_report.json."
+        },
+    )
+    nan_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "A NaN or inf loss or reward: 'stop' saves a checkpoint of the last good step and stops with the "
+            "step and batch; 'skip' leaves that batch out of the update and counts it (logged as skipped_batches)."
         },
     )
     shared_prompt: bool | None = field(
@@ -157,6 +177,12 @@ class BalancedRewardConfig(TrainingArguments):
                 f"loss_kwargs hinge_margin must be >= 0, got {self.loss_kwargs['hinge_margin']}: "
                 "a negative margin rewards ranking the rejected response higher."
             )
+        for name, choices in (("on_bad_rows", ON_BAD_ROWS), ("nan_policy", NAN_POLICIES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(
+                    f"{name}='{value}' is not an option{did_you_mean(value, choices)}; choose one of: {', '.join(choices)}."
+                )
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2 (or None for no limit), got {self.max_length}.")
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:

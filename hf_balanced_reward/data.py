@@ -10,7 +10,9 @@ Optional columns: `margin` (float, for margin-aware losses), `weight` (float, pe
 """
 
 import logging
+import math
 import os
+from collections import Counter
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -24,6 +26,8 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 # A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
 SAME_LENGTH_TOLERANCE = 0.1
 LENGTH_GROUPS = ("chosen_longer", "chosen_shorter", "same_length")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
 # Columns the collator reads; `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length"]
 
@@ -125,7 +129,60 @@ def length_relation(chosen_length: int, rejected_length: int) -> str:
     return "chosen_longer" if chosen_length > rejected_length else "chosen_shorter"
 
 
+def text_problem(value, allow_empty: bool = False) -> str | None:
+    """What is wrong with one text field (a string or a list of messages), or None."""
+    if value is None:
+        return "is null"
+    if isinstance(value, str):
+        return "is empty" if not value.strip() and not allow_empty else None
+    if isinstance(value, list):
+        if not value:
+            return "is an empty message list"
+        for i, message in enumerate(value):
+            if not isinstance(message, dict):
+                return f"message {i} is not a {{'role': ..., 'content': ...}} mapping"
+            if message.get("role") not in ROLES:
+                return f"message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}"
+            if not isinstance(message.get("content"), str):
+                return f"message {i} has no text 'content'"
+        return None
+    return f"is {type(value).__name__}, not text or a list of messages"
+
+
+def row_problem(example: dict, group_column: str | None) -> str | None:
+    """The first thing that makes a row unusable, as "column 'x' <problem>", or None for a good row."""
+    if "chosen_ids" in example and "rejected_ids" in example:
+        for column in ("chosen_ids", "rejected_ids"):
+            if not example[column]:
+                return f"column '{column}' is empty"
+    else:
+        texts = [c for c in ("prompt", "chosen", "rejected") if c in example]
+        for column in texts:
+            problem = text_problem(example[column], allow_empty=column == "prompt")
+            if problem:
+                return f"column '{column}' {problem}"
+        if len({isinstance(example[c], str) for c in texts}) > 1:
+            return f"columns {', '.join(texts)} mix plain text and message lists"
+        if example["chosen"] == example["rejected"]:
+            return "column 'chosen' is identical to 'rejected'"
+    for column in ("margin", "weight"):
+        value = example.get(column, 0.0)
+        if value is None:
+            return f"column '{column}' is null"
+        if math.isnan(value) or math.isinf(value):
+            return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
+        if column == "weight" and value < 0:
+            return f"column 'weight' is negative ({value})"
+    if group_column and (example[group_column] is None or not str(example[group_column]).strip()):
+        return f"column '{group_column}' is empty: the pair has no group"
+    return None
+
+
 def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids):
+    problem = row_problem(example, group_column)
+    if problem:
+        return {"chosen_ids": [], "rejected_ids": [], "group": "", "fit": "bad", "length": 0, "problem": problem}
+    problem = ""  # a string column throughout: Arrow cannot type a column that starts all null
     if "chosen_ids" in example and "rejected_ids" in example:
         chosen_ids, rejected_ids = list(example["chosen_ids"]), list(example["rejected_ids"])
     else:
@@ -135,15 +192,22 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
     shared = common_prefix_length(chosen_ids, rejected_ids)
     relation = length_relation(len(chosen_ids) - shared, len(rejected_ids) - shared)
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
+    if status == "dropped":
+        problem = f"a response alone is longer than max_length={max_length} tokens"
     group = str(example[group_column]) if group_column else relation
     length = len(chosen_ids) + len(rejected_ids) - shared_prefix_length(chosen_ids, rejected_ids)
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "fit": status, "length": length}
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "fit": status, "length": length,
+            "problem": problem}
 
 
-def prepare_dataset(dataset: Dataset, tokenizer, args, name: str = "train", max_length: int | None = None) -> Dataset:
-    """Tokenise, truncate and label the groups of a preference dataset; report what was cut or dropped.
+def prepare_dataset(
+    dataset: Dataset, tokenizer, args, name: str = "train", max_length: int | None = None
+) -> tuple[Dataset, dict]:
+    """Validate, tokenise, truncate and label the groups of a preference dataset, in one pass.
 
-    The result keeps `chosen_ids`, `rejected_ids`, `group` and, when present, `margin` and `weight`.
+    Returns the prepared pairs (`chosen_ids`, `rejected_ids`, `group`, `length`, and `margin` / `weight` when
+    present) and a report: pairs kept, prompts truncated, and bad rows skipped per reason. Bad rows stop the run
+    (`on_bad_rows="error"`, naming rows, columns and problems) or are dropped and counted (`"skip"`).
     """
     check_columns(dataset, args.group_column, name)
     keep = [c for c in ("margin", "weight") if c in dataset.column_names]
@@ -152,32 +216,43 @@ def prepare_dataset(dataset: Dataset, tokenizer, args, name: str = "train", max_
             ("float", "int")
         ):
             raise DataError(f"{name} dataset column '{column}' must be numeric, got {dataset.features[column]}.")
-    special_ids = set(tokenizer.all_special_ids)
+    if len(dataset) == 0:
+        raise DataError(f"{name} dataset is empty: it has no rows.")
+    max_length = max_length if max_length is not None else args.max_length
     tokenized = dataset.map(
         tokenize_example,
         fn_kwargs={
             "tokenizer": tokenizer,
-            "max_length": max_length if max_length is not None else args.max_length,
+            "max_length": max_length,
             "append_eos": args.append_eos_token,
             "group_column": args.group_column,
-            "special_ids": special_ids,
+            "special_ids": set(tokenizer.all_special_ids),
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         num_proc=args.dataset_num_proc,
-        desc=f"Tokenizing {name} pairs",
+        desc=f"Checking and tokenizing {name} pairs",
     )
-    fit = tokenized["fit"]
-    truncated, dropped = fit.count("truncated"), fit.count("dropped")
-    if truncated or dropped:
-        logger.warning(
-            f"{name}: {truncated} of {len(fit)} pairs had their prompt cut from the left to fit "
-            f"max_length={max_length or args.max_length}; {dropped} dropped because a response alone is longer."
+    bad = [(row, problem) for row, problem in enumerate(tokenized["problem"]) if problem]
+    if bad and args.on_bad_rows == "error":
+        shown = "; ".join(f"row {row}: {problem}" for row, problem in bad[:MAX_SHOWN])
+        more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
+        raise DataError(
+            f"{name} dataset has {len(bad)} bad row(s) of {len(dataset)}: {shown}{more}. Fix them, or set "
+            "on_bad_rows: skip to drop them (they are counted in the log and in data_report.json)."
         )
-    if dropped:
-        tokenized = tokenized.filter(lambda status: status != "dropped", input_columns="fit")
+    skipped = dict(Counter(problem for _, problem in bad).most_common())
+    truncated = tokenized["fit"].count("truncated")
+    if truncated:
+        logger.warning(f"{name}: {truncated} of {len(dataset)} pairs had their prompt cut from the left to fit "
+                       f"max_length={max_length}.")
+    if bad:
+        reasons = "; ".join(f"{count} x {problem}" for problem, count in skipped.items())
+        logger.warning(f"{name}: skipped {len(bad)} bad row(s) of {len(dataset)} (on_bad_rows=skip): {reasons}.")
+        tokenized = tokenized.filter(lambda problem: not problem, input_columns="problem")
     if len(tokenized) == 0:
-        raise DataError(f"{name} dataset has no pairs left after truncation; raise max_length.")
-    return tokenized.remove_columns("fit")
+        raise DataError(f"{name} dataset has no usable pairs left: all {len(dataset)} rows were bad.")
+    report = {"rows": len(dataset), "pairs": len(tokenized), "truncated": truncated, "skipped": skipped}
+    return tokenized.remove_columns(["fit", "problem"]), report
 
 
 def add_group_ids(dataset: Dataset, group_index: dict[str, int]) -> Dataset:

@@ -1,14 +1,17 @@
 """`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses."""
 
 import dataclasses
+import json
 import logging
 import os
+import re
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     EvalPrediction,
@@ -16,7 +19,10 @@ from transformers import (
     Trainer,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import disable_dropout_in_model
+
+from .callbacks import StopOnSignal
 
 from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
@@ -28,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Attribute names of the scalar head in *ForSequenceClassification models (decoders: score, encoders: classifier).
 HEAD_NAMES = ("score", "classifier")
+# Written last into every checkpoint (group DRO weights, skipped batches): a checkpoint without it was cut short.
+REWARD_STATE = "reward_state.json"
 # Attention implementations that take the custom mask of the shared-prompt layout.
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
 
@@ -71,17 +79,61 @@ def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
     return F.pad(totals, (0, num_groups - totals.shape[-1]))
 
 
-def load_model_and_tokenizer(model_id: str, args: BalancedRewardConfig):
-    set_seed(args.seed)  # the reward head is freshly initialised: make it reproducible
-    init_kwargs = {"dtype": torch.float32, **args.model_init_kwargs}
+class TrainingStopped(RuntimeError):
+    """Training stopped on a numerical fault; the message names the step and the checkpoint to resume from."""
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Readers see the old file or the whole new one, never half of it (the process may be killed mid-write)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N folders of a run, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    return [os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}") for step in sorted(steps)]
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, REWARD_STATE))
+
+
+def load_config_and_tokenizer(model_id: str, args: BalancedRewardConfig):
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
-        )
+        config = AutoConfig.from_pretrained(model_id, num_labels=1, trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
         raise ConfigError(f"could not load model '{model_id}': {err}") from err
-    return model, tokenizer
+    return config, tokenizer
+
+
+def skeleton_model(config, args: BalancedRewardConfig) -> PreTrainedModel:
+    """The model's architecture without weights (meta device): enough to check options before loading."""
+    options = {k: v for k, v in args.model_init_kwargs.items() if k == "attn_implementation"}
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code, **options)
+
+
+def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
+    set_seed(args.seed)  # the reward head is freshly initialised: make it reproducible
+    # safetensors only, unless asked: a pickled checkpoint (.bin) can run code when it is loaded.
+    init_kwargs = {"dtype": torch.float32, "use_safetensors": True, **args.model_init_kwargs}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
+        )
+    except (OSError, ValueError) as err:
+        hint = ""
+        if init_kwargs["use_safetensors"] and "safetensors" in str(err):
+            hint = (" It has no safetensors weights; if you trust its pickled weights, set "
+                    "model_init_kwargs: {use_safetensors: false}.")
+        raise ConfigError(f"could not load model '{model_id}': {err}{hint}") from err
 
 
 class BalancedRewardTrainer(Trainer):
@@ -116,23 +168,48 @@ class BalancedRewardTrainer(Trainer):
         for name, dataset in named_datasets.items():
             if dataset is not None and "group_id" not in dataset.column_names:
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
-        if isinstance(model, str):
-            model, loaded_tokenizer = load_model_and_tokenizer(model, args)
-            processing_class = processing_class or loaded_tokenizer
-        elif processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if model.config.num_labels != 1:
-            raise ConfigError(
-                f"a reward model has one output, this model has num_labels={model.config.num_labels}; load it with "
-                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
-            )
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
-
+        # Config, tokenizer and data first: every mistake they reveal surfaces before the weights are loaded.
+        model_id = model if isinstance(model, str) else None
+        if model_id:
+            model_config, loaded_tokenizer = load_config_and_tokenizer(model_id, args)
+            processing_class = processing_class or loaded_tokenizer
+            if args.shared_prompt:
+                self._use_shared_prompt(skeleton_model(model_config, args), args)
+        else:
+            model_config = model.config
+            processing_class = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if model_config.num_labels != 1:
+            raise ConfigError(
+                f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
+                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+            )
         if processing_class.pad_token is None:
             if processing_class.eos_token is None:
                 raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
             processing_class.pad_token = processing_class.eos_token
+        self.max_length = args.max_length
+        positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+        if positions and (self.max_length is None or self.max_length > positions):
+            logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
+            self.max_length = positions
+
+        self.group_names: list[str] = []
+        self.group_sizes = torch.zeros(0, dtype=torch.long)
+        self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, skipped per reason
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        if train_dataset is not None:
+            self.group_sizes = torch.bincount(torch.as_tensor(train_dataset["group_id"]), minlength=len(self.group_names))
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        num_groups = max(len(self.group_names), 1)
+        self.group_mix = torch.full((num_groups,), 1.0 / num_groups)  # q of the balanced loss; uniform to start
+
+        if model_id:
+            model = load_model(model_id, args)
         model.config.pad_token_id = processing_class.pad_token_id  # lets pipeline() batch the saved model
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # no generation here; a cache only costs memory
@@ -145,24 +222,6 @@ class BalancedRewardTrainer(Trainer):
         _, head = find_reward_head(model)
         head.register_forward_hook(self._keep_head_output)
         self._head_output = None
-
-        self.max_length = args.max_length
-        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if positions and (self.max_length is None or self.max_length > positions):
-            logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
-            self.max_length = positions
-
-        self.group_names: list[str] = []
-        self.group_sizes = torch.zeros(0, dtype=torch.long)
-        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
-        if train_dataset is not None:
-            self.group_sizes = torch.bincount(torch.as_tensor(train_dataset["group_id"]), minlength=len(self.group_names))
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        num_groups = max(len(self.group_names), 1)
-        self.group_mix = torch.full((num_groups,), 1.0 / num_groups)  # q of the balanced loss; uniform to start
 
         self.user_compute_metrics = compute_metrics
         super().__init__(
@@ -182,6 +241,9 @@ class BalancedRewardTrainer(Trainer):
         self.can_return_loss = True
         self.label_names = []
         self._train_totals, self._group_totals, self._dro_totals = None, None, None
+        self.skipped_batches, self._micro_batches = 0, 0
+        self.signal_stop = StopOnSignal(self.accelerator)
+        self.add_callback(self.signal_stop)
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -229,7 +291,7 @@ class BalancedRewardTrainer(Trainer):
         if dataset is None:
             return None
         if "group_id" not in dataset.column_names:
-            dataset = prepare_dataset(dataset, tokenizer, args, name, max_length=self.max_length)
+            dataset, self.data_report[name] = prepare_dataset(dataset, tokenizer, args, name, max_length=self.max_length)
             new = sorted(set(dataset.unique("group")) - set(self.group_names))
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
@@ -247,6 +309,69 @@ class BalancedRewardTrainer(Trainer):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
         if self._signature_columns is None:
             self._signature_columns = MODEL_COLUMNS
+
+    # --- training, checkpoints and resume -----------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        if checkpoint:
+            self._load_reward_state(checkpoint)
+        if self.args.should_save and self.data_report:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def _resolve_checkpoint(self, resume) -> str | None:
+        """A checkpoint folder to resume from: the last complete one for True/"true"/"last", or the one named."""
+        if resume is None or resume is False or str(resume).lower() in ("", "false", "none"):
+            return None
+        output_dir = self.args.output_dir
+        if resume is True or str(resume).lower() in ("true", "last"):
+            checkpoints = list_checkpoints(output_dir)
+            complete = [c for c in checkpoints if is_complete_checkpoint(c)]
+            for unfinished in checkpoints[checkpoints.index(complete[-1]) + 1 :] if complete else checkpoints:
+                logger.warning(f"Ignoring {unfinished}: unfinished, the run stopped while writing it.")
+            if not complete:
+                raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} has no complete checkpoint to resume.")
+            logger.info(f"Resuming from {complete[-1]}.")
+            return complete[-1]
+        if not os.path.isdir(resume):
+            raise ConfigError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder.")
+        if not is_complete_checkpoint(resume):
+            complete = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(resume))) if is_complete_checkpoint(c)]
+            suggestion = f"; the last complete one is {complete[-1]}" if complete else ""
+            raise ConfigError(
+                f"checkpoint '{resume}' is unfinished (no {REWARD_STATE}: the run stopped while writing it, or "
+                f"another trainer wrote it){suggestion}."
+            )
+        return resume
+
+    def _load_reward_state(self, checkpoint: str) -> None:
+        with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+        if state["group_names"] != self.group_names:
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' was trained with groups {state['group_names']}, this data has "
+                f"{self.group_names}; resume with the same data and group_column."
+            )
+        self.group_mix = torch.tensor(state["group_mix"])
+        self.skipped_batches = state["skipped_batches"]
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Rotate old checkpoints only once the new one is complete, so a kill never leaves nothing to resume.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            state = {"group_names": self.group_names, "group_mix": self.group_mix.tolist(),
+                     "skipped_batches": self.skipped_batches}
+            write_json_atomically(os.path.join(folder, REWARD_STATE), state)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if isinstance(eval_dataset, Dataset):
@@ -350,9 +475,40 @@ class BalancedRewardTrainer(Trainer):
         weights = self.pair_weights(inputs)
         loss = per_pair.mean() if weights is None else (weights * per_pair).mean()
         if model.training:
+            self._micro_batches += 1
+            if not self._all_finite(loss, chosen, rejected):
+                return self._non_finite(model, loss, chosen, rejected)
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs.get("group_id"))
         return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def _all_finite(self, *tensors) -> bool:
+        bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
+        if self.accelerator.num_processes > 1:  # every rank must take the same branch below
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bad.item() == 0
+
+    def _non_finite(self, model, loss, chosen, rejected):
+        """Apply nan_policy to a batch whose loss or rewards are NaN or inf (the optimizer has not stepped yet)."""
+        rewards = torch.cat([chosen, rejected]).detach()
+        accumulation = self.args.gradient_accumulation_steps
+        where = (
+            f"training step {self.state.global_step + 1}, micro-batch {(self._micro_batches - 1) % accumulation + 1} "
+            f"of {accumulation} (loss {loss.item()}, {int((~torch.isfinite(rewards)).sum())} of {len(rewards)} "
+            "rewards NaN or inf"
+        )
+        if self.args.nan_policy == "skip":
+            self.skipped_batches += 1
+            logger.warning(f"Skipped a non-finite batch at {where}) (nan_policy=skip).")
+            # Zero gradients for every trainable weight: the batch counts for nothing, accumulation stays in step.
+            return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
+        self._save_checkpoint(self.model_wrapped, trial=None)  # the weights are still the last good step's
+        checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        raise TrainingStopped(
+            f"non-finite loss or reward at {where}). Saved the last good state to {checkpoint}. Lower the learning "
+            f"rate, check the data or use bf16 instead of fp16, then resume with --resume_from_checkpoint "
+            f"{checkpoint}; or set nan_policy: skip to leave such batches out."
+        )
 
     def _record_train_step(self, chosen, rejected, per_pair, group_ids):
         rewards = torch.cat([chosen, rejected])
@@ -406,6 +562,8 @@ class BalancedRewardTrainer(Trainer):
         if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
             for name, weight in zip(self.group_names, self.group_mix.tolist()):
                 metrics[f"group_weight_{metric_name(name)}"] = weight
+        if self.skipped_batches:
+            metrics["skipped_batches"] = self.skipped_batches
         self._train_totals, self._group_totals = None, None
         return metrics
 

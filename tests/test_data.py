@@ -49,7 +49,7 @@ def test_length_relation():
     ids=["explicit", "implicit", "conversational", "conversational-implicit"],
 )
 def test_every_preference_format_tokenizes_to_full_sequences(row, tokenizer):
-    prepared = prepare_dataset(Dataset.from_list([row]), tokenizer, config())
+    prepared, _ = prepare_dataset(Dataset.from_list([row]), tokenizer, config())
     example = prepared[0]
     chosen_text = tokenizer.decode(example["chosen_ids"])
     assert chosen_text.startswith("<s>") and "hello?" in chosen_text and chosen_text.rstrip("</s>").endswith("Sure, here.")
@@ -60,18 +60,18 @@ def test_every_preference_format_tokenizes_to_full_sequences(row, tokenizer):
 
 
 def test_pretokenized_pairs_pass_through(tokenizer):
-    prepared = prepare_dataset(Dataset.from_list([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 7]}]), tokenizer, config())
+    prepared, _ = prepare_dataset(Dataset.from_list([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 7]}]), tokenizer, config())
     assert prepared[0]["chosen_ids"] == [1, 5, 6] and prepared[0]["rejected_ids"] == [1, 7]
 
 
 def test_append_eos_token(tokenizer):
-    prepared = prepare_dataset(Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}]), tokenizer,
+    prepared, _ = prepare_dataset(Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}]), tokenizer,
                                config(append_eos_token=True))
     assert prepared[0]["chosen_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_group_margin_and_weight_columns_are_kept(pairs, tokenizer):
-    prepared = prepare_dataset(pairs.add_column("weight", [2.0] * len(pairs)), tokenizer, config(group_column="source"))
+    prepared, _ = prepare_dataset(pairs.add_column("weight", [2.0] * len(pairs)), tokenizer, config(group_column="source"))
     assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight", "length"}
     assert sorted(set(prepared["group"])) == ["big", "small"]
 
@@ -79,11 +79,14 @@ def test_group_margin_and_weight_columns_are_kept(pairs, tokenizer):
 def test_truncation_and_drops_are_reported(tokenizer, caplog):
     rows = [{"prompt": "Question: " + "hello " * 30, "chosen": " Sure.", "rejected": " No."},
             {"prompt": "Q", "chosen": " hello" * 40, "rejected": " No."}]
-    prepared = prepare_dataset(Dataset.from_list(rows), tokenizer, config(max_length=16))
+    prepared, report = prepare_dataset(Dataset.from_list(rows), tokenizer, config(max_length=16, on_bad_rows="skip"))
     assert len(prepared) == 1 and len(prepared[0]["chosen_ids"]) <= 16
     assert prepared[0]["chosen_ids"][0] == tokenizer.bos_token_id
     assert tokenizer.decode(prepared[0]["chosen_ids"]).endswith("Sure.")
-    assert "1 of 2 pairs had their prompt cut from the left to fit max_length=16; 1 dropped" in caplog.text
+    assert "1 of 2 pairs had their prompt cut from the left to fit max_length=16" in caplog.text
+    too_long = "a response alone is longer than max_length=16 tokens"
+    assert f"skipped 1 bad row(s) of 2 (on_bad_rows=skip): 1 x {too_long}" in caplog.text
+    assert report == {"rows": 2, "pairs": 1, "truncated": 1, "skipped": {too_long: 1}}
 
 
 def test_missing_chosen_column(tokenizer):

@@ -24,14 +24,14 @@ def test_minilm_learns_preferences_beyond_length(tmp_path):
     valid = load_dataset("json", data_files=VALID, split="train")
     args = BalancedRewardConfig(
         output_dir=str(tmp_path / "minilm"), report_to="none", save_strategy="no", seed=0,
-        loss_type="balanced", group_column="source", max_length=256, learning_rate=1e-4,
+        loss_type="balanced", group_column="source", max_length=256, learning_rate=1e-4, on_bad_rows="skip",
         per_device_train_batch_size=16, per_device_eval_batch_size=64, num_train_epochs=1, logging_steps=20,
     )
     trainer = BalancedRewardTrainer(model=str(minilm.get_model_path()), args=args, train_dataset=train)
     trainer.train()
     # Score every validation pair, at the model's full 512 positions, with a fresh eval-only trainer.
     eval_args = BalancedRewardConfig(output_dir=str(tmp_path / "eval"), report_to="none", group_column="source",
-                                     max_length=512, per_device_eval_batch_size=64)
+                                     max_length=512, per_device_eval_batch_size=64, on_bad_rows="skip")
     evaluator = BalancedRewardTrainer(model=trainer.model, args=eval_args, eval_dataset=valid,
                                       processing_class=trainer.processing_class)
     metrics = evaluator.evaluate()
