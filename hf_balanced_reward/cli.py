@@ -81,7 +81,10 @@ def read_recipe(path: str, valid_keys: list[str]) -> dict:
     except OSError as err:
         raise UsageError(f"cannot read config '{path}': {err.strerror}.") from None
     except yaml.YAMLError as err:
-        raise UsageError(f"config '{path}' is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"config '{path}' is not valid YAML: {problem}{where}.") from None
     values = values or {}
     if not isinstance(values, dict):
         raise UsageError(f"config '{path}' must be a mapping of option: value, got {type(values).__name__}.")

@@ -105,6 +105,8 @@ def is_complete_checkpoint(path: str) -> bool:
 
 
 def load_config_and_tokenizer(model_id: str, args: BalancedRewardConfig):
+    if model_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        raise ConfigError(f"model '{model_id}' does not exist: no such folder.")
     try:
         config = AutoConfig.from_pretrained(model_id, num_labels=1, trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
@@ -541,6 +543,8 @@ class BalancedRewardTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and self._train_totals is not None:
             logs.update(self._train_metrics())
+        if self.model.training and self.skipped_batches:
+            logs["skipped_batches"] = self.skipped_batches
         super().log(logs, start_time)
 
     def _train_metrics(self) -> dict[str, float]:
@@ -562,8 +566,6 @@ class BalancedRewardTrainer(Trainer):
         if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
             for name, weight in zip(self.group_names, self.group_mix.tolist()):
                 metrics[f"group_weight_{metric_name(name)}"] = weight
-        if self.skipped_batches:
-            metrics["skipped_batches"] = self.skipped_batches
         self._train_totals, self._group_totals = None, None
         return metrics
 

@@ -1,0 +1,198 @@
+"""Every bad input a user can meet gives one clear message, pinned here; nothing is dropped silently."""
+
+import json
+import math
+import re
+
+import pytest
+from datasets import Dataset
+
+import hf_balanced_reward.trainer as trainer_module
+from conftest import tiny_bert
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, DataError
+from hf_balanced_reward.cli import main
+from hf_balanced_reward.data import load_preference_dataset
+
+
+def good_rows(n=3):
+    return [{"prompt": f"Question {i}?", "chosen": " Sure, here is a polite answer.", "rejected": " No.",
+             "source": "a", "margin": 1.0, "weight": 1.0} for i in range(n)]
+
+
+def with_row(**changes):
+    """Three good rows, then row 3 with `changes` applied (None deletes nothing: it sets a null)."""
+    rows = good_rows()
+    rows.append({**rows[0], **changes})
+    return rows
+
+
+def messages(*pairs):
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def conversation_rows(bad_chosen):
+    ok = messages(("assistant", "Sure."))
+    rows = [{"prompt": messages(("user", "hello?")), "chosen": ok, "rejected": messages(("assistant", "No."))}] * 3
+    return rows + [{"prompt": messages(("user", "hello?")), "chosen": bad_chosen, "rejected": ok}]
+
+
+# (id, rows, config options, expected message); rows are loaded with Dataset.from_list.
+BAD_DATA = [
+    ("chosen-null", with_row(chosen=None), {}, r"row 3: column 'chosen' is null"),
+    ("rejected-empty", with_row(rejected=""), {}, r"row 3: column 'rejected' is empty"),
+    ("chosen-whitespace", with_row(chosen="  \n"), {}, r"row 3: column 'chosen' is empty"),
+    ("prompt-null", with_row(prompt=None), {}, r"row 3: column 'prompt' is null"),
+    ("identical", with_row(chosen=" Same.", rejected=" Same."), {}, r"row 3: column 'chosen' is identical to 'rejected'"),
+    ("margin-nan", with_row(margin=math.nan), {}, r"row 3: column 'margin' is NaN"),
+    ("margin-null", with_row(margin=None), {}, r"row 3: column 'margin' is null"),
+    ("weight-negative", with_row(weight=-1.0), {}, r"row 3: column 'weight' is negative \(-1.0\)"),
+    ("weight-inf", with_row(weight=math.inf), {}, r"row 3: column 'weight' is infinite"),
+    ("group-null", with_row(source=None), {"group_column": "source"},
+     r"row 3: column 'source' is empty: the pair has no group"),
+    ("group-blank", with_row(source=" "), {"group_column": "source"}, r"row 3: column 'source' is empty"),
+    ("response-too-long", with_row(chosen=" hello" * 40), {"max_length": 24},
+     r"row 3: a response alone is longer than max_length=24 tokens"),
+    ("message-without-content", conversation_rows([{"role": "assistant", "content": None}]), {},
+     r"row 3: column 'chosen' message 0 has no text 'content'"),
+    ("message-wrong-role", conversation_rows(messages(("assistant", "a"), ("bot", "b"))), {},
+     r"row 3: column 'chosen' message 1 has role 'bot'; roles are system, user, assistant, tool"),
+    ("empty-message-list", conversation_rows([]), {}, r"row 3: column 'chosen' is an empty message list"),
+    ("messages-are-strings", [{"chosen": ["hi"], "rejected": ["yo"]}], {},
+     r"row 0: column 'chosen' message 0 is not a \{'role': ..., 'content': ...\} mapping"),
+    ("text-mixed-with-messages", [{"prompt": "hi", "chosen": messages(("assistant", "a")),
+                                   "rejected": messages(("assistant", "b"))}], {},
+     r"row 0: columns prompt, chosen, rejected mix plain text and message lists"),
+    ("chosen-is-a-number", [{"chosen": 1, "rejected": 2}], {}, r"row 0: column 'chosen' is int, not text"),
+    ("tokenized-empty", [{"chosen_ids": [1, 5], "rejected_ids": []}], {}, r"row 0: column 'rejected_ids' is empty"),
+    ("no-chosen-column", [{"prompt": "a", "answer": "b", "rejected": "c"}], {},
+     r"train dataset has no 'chosen' column; its columns are \['prompt', 'answer', 'rejected'\]"),
+    ("no-rejected-column", [{"chosen": "a", "worse": "b"}], {}, r"train dataset has no 'rejected' column"),
+    ("margin-not-numeric", [{"chosen": "a", "rejected": "b", "margin": "big"}], {},
+     r"train dataset column 'margin' must be numeric"),
+    ("group-column-missing", good_rows(), {"loss_type": "balanced", "group_column": "sorce"},
+     r"group_column='sorce' is not a column of the train dataset"),
+    ("empty-dataset", [], {}, r"train dataset is empty: it has no rows"),
+    ("every-row-bad", [{"chosen": "", "rejected": "b"}], {"on_bad_rows": "skip"},
+     r"train dataset has no usable pairs left: all 1 rows were bad"),
+]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Data and config errors must come before the weights are loaded."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(trainer_module, "load_model", refuse)
+
+
+@pytest.mark.parametrize("rows,options,message", [c[1:] for c in BAD_DATA], ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_reported_before_the_model_loads(tmp_path, model_dir, no_model_load, rows, options, message):
+    data = Dataset.from_list(rows) if rows else Dataset.from_dict({"chosen": [], "rejected": []})
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", **options)
+    with pytest.raises(DataError, match=message):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data)
+
+
+BAD_CONFIG = [
+    ("unknown-loss", {"loss_type": "brodley_terry"},
+     r"loss_type='brodley_terry' is not a known loss \(did you mean 'bradley_terry'\?\). Choose one of: balanced, "
+     r"bradley_terry, hinge"),
+    ("loss-kwarg-typo", {"loss_type": "hinge", "loss_kwargs": {"hinge_margn": 1}},
+     r"loss_kwargs has unknown option 'hinge_margn' for loss 'hinge' \(did you mean 'hinge_margin'\?\)"),
+    ("hinge-negative-margin", {"loss_type": "hinge", "loss_kwargs": {"hinge_margin": -1}},
+     r"hinge_margin must be >= 0, got -1"),
+    ("balance-method-typo", {"loss_type": "balanced", "loss_kwargs": {"method": "dro"}},
+     r"method='dro' is not a balancing method"),
+    ("negative-dro-step", {"loss_type": "balanced", "loss_kwargs": {"method": "group_dro", "dro_step_size": -1}},
+     r"dro_step_size must be >= 0"),
+    ("on-bad-rows-typo", {"on_bad_rows": "skp"},
+     r"on_bad_rows='skp' is not an option \(did you mean 'skip'\?\); choose one of: error, skip"),
+    ("nan-policy-unknown", {"nan_policy": "ignore"}, r"nan_policy='ignore' is not an option; choose one of: stop, skip"),
+    ("max-length-too-small", {"max_length": 1}, r"max_length must be at least 2"),
+    ("negative-centering", {"center_rewards_coefficient": -0.1}, r"center_rewards_coefficient must be >= 0"),
+    ("loss-kwargs-not-json", {"loss_kwargs": "{bad"}, r"loss_kwargs must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("options,message", [c[1:] for c in BAD_CONFIG], ids=[c[0] for c in BAD_CONFIG])
+def test_bad_config_fails_at_once(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", **options)
+
+
+def test_shared_prompt_with_an_encoder_fails_before_the_weights_load(tmp_path, tokenizer, no_model_load):
+    path = tmp_path / "bert"
+    tiny_bert(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", shared_prompt=True)
+    with pytest.raises(ConfigError, match="shared_prompt=true does not apply here: BertForSequenceClassification is "
+                                          "not a causal decoder"):
+        BalancedRewardTrainer(model=str(path), args=args, train_dataset=Dataset.from_list(good_rows()))
+
+
+def test_error_names_the_first_rows_and_counts_all(tmp_path, model_dir, no_model_load):
+    rows = good_rows(2) + [{**good_rows(1)[0], "chosen": ""} for _ in range(8)]
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(DataError) as error:
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    message = str(error.value)
+    assert message.startswith("train dataset has 8 bad row(s) of 10: row 2: column 'chosen' is empty; row 3:")
+    assert "row 6: column 'chosen' is empty (and 3 more). Fix them, or set on_bad_rows: skip" in message
+    assert "row 7" not in message
+
+
+def test_skip_drops_bad_rows_and_reports_counts_per_reason(tmp_path, model_dir, caplog):
+    rows = good_rows(4) + [
+        {**good_rows(1)[0], "chosen": ""}, {**good_rows(1)[0], "chosen": ""},
+        {**good_rows(1)[0], "margin": math.nan}, {**good_rows(1)[0], "rejected": None},
+    ]
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", on_bad_rows="skip", max_steps=1,
+                                per_device_train_batch_size=2, save_strategy="no")
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    assert len(trainer.train_dataset) == 4
+    expected = {"column 'chosen' is empty": 2, "column 'margin' is NaN": 1, "column 'rejected' is null": 1}
+    assert trainer.data_report["train"] == {"rows": 8, "pairs": 4, "truncated": 0, "skipped": expected}
+    assert ("train: skipped 4 bad row(s) of 8 (on_bad_rows=skip): 2 x column 'chosen' is empty; "
+            "1 x column 'margin' is NaN; 1 x column 'rejected' is null.") in caplog.text
+    trainer.train()
+    with open(tmp_path / "out" / "data_report.json") as f:
+        assert json.load(f)["train"]["skipped"] == expected
+
+
+BAD_FILES = [
+    ("missing-file", None, "./nowhere/pairs.jsonl", r"dataset './nowhere/pairs.jsonl' does not exist"),
+    ("wrong-extension", "pairs.txt", None, r"has extension '.txt'; use one of .jsonl, .json, .parquet, .csv"),
+    ("broken-jsonl", "pairs.jsonl", None, r"could not load dataset '.*pairs.jsonl'"),
+]
+
+
+@pytest.mark.parametrize("filename,path,message", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_bad_dataset_files(tmp_path, filename, path, message):
+    if filename:
+        path = tmp_path / filename
+        path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rej\n')
+    with pytest.raises(DataError, match=message):
+        load_preference_dataset(str(path))
+
+
+@pytest.mark.parametrize(
+    "recipe,flags,message",
+    [
+        ("loss_typ: hinge\n", [], r"config '.*' has unknown key 'loss_typ' \(did you mean 'loss_type'\?\)"),
+        ("loss_type: [hinge\n", [], r"config '.*' is not valid YAML: expected ',' or '\]', but got '<stream end>' at "
+                                    r"line 5, column 1\.$"),
+        ("", ["--los_type", "hinge"], r"unknown option '--los_type' \(did you mean 'loss_type'\?\)"),
+        ("", ["--model_name_or_path", "./no/such/model"], r"model './no/such/model' does not exist: no such folder"),
+    ],
+    ids=["yaml-unknown-key", "yaml-syntax", "unknown-flag", "missing-model"],
+)
+def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys, pairs_file, model_dir, recipe, flags, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {pairs_file}\noutput_dir: {tmp_path}\n{recipe}")
+    assert main(["train", "--config", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("hf-balanced-reward: error: ")
+    assert re.search(message, errors[0]), err

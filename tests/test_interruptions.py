@@ -1,0 +1,163 @@
+"""Killed, interrupted and numerically broken runs: nothing lost, resume ends where an uninterrupted run ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import preference_rows
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward.trainer import REWARD_STATE, TrainingStopped
+
+STEPS = 40
+
+
+def config(output_dir, **kwargs):
+    defaults = dict(output_dir=str(output_dir), report_to="none", per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", seed=0, group_column="source", loss_type="balanced",
+                    loss_kwargs={"method": "group_dro", "dro_step_size": 0.5})
+    return BalancedRewardConfig(**{**defaults, **kwargs})
+
+
+def nan_on_call(bad_call):
+    """Bradley-Terry, except that training call number `bad_call` returns NaN (a fault injected mid-run)."""
+    calls = []
+
+    def loss(chosen_rewards, rejected_rewards, margin=None):
+        if torch.is_grad_enabled():
+            calls.append(1)
+        per_pair = LOSSES["bradley_terry"](chosen_rewards, rejected_rewards, margin)
+        return per_pair * float("nan") if len(calls) == bad_call else per_pair
+
+    return loss
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_nan_stops_with_a_checkpoint_that_resumes_to_the_same_weights(tmp_path, model_dir, pairs):
+    options = dict(max_steps=5, loss_type="bradley_terry", loss_kwargs={})
+    broken = BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "run", **options), train_dataset=pairs,
+                                   loss_fn=nan_on_call(3))
+    with pytest.raises(TrainingStopped, match=r"non-finite loss or reward at training step 3, micro-batch 1 of 1 "
+                                              r"\(loss nan, 0 of 8 rewards NaN or inf\)\. Saved the last good state "
+                                              r"to .*checkpoint-2\. .*--resume_from_checkpoint .*checkpoint-2"):
+        broken.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / REWARD_STATE).is_file()
+
+    resumed = BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "run", **options), train_dataset=pairs)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    straight = BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "straight", **options),
+                                     train_dataset=pairs)
+    straight.train()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_nan_skip_leaves_the_batch_out_and_counts_it(tmp_path, model_dir, pairs):
+    args = config(tmp_path, max_steps=4, nan_policy="skip", loss_type="bradley_terry", loss_kwargs={})
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, loss_fn=nan_on_call(2))
+    trainer.train()
+    assert trainer.skipped_batches == 1
+    assert [log.get("skipped_batches", 0) for log in trainer.state.log_history if "loss" in log] == [0, 1, 1, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def cli_command(model_dir, pairs_file, output_dir, *extra):
+    return [
+        sys.executable, "-m", "hf_balanced_reward", "train", "--model_name_or_path", model_dir,
+        "--dataset_name", pairs_file, "--output_dir", str(output_dir), "--max_steps", str(STEPS),
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--loss_type", "balanced",
+        "--group_column", "source", "--loss_kwargs", '{"method": "group_dro", "dro_step_size": 0.5}',
+        "--save_steps", "2", "--logging_steps", "1", "--report_to", "none", "--seed", "0", *extra,
+    ]
+
+
+def start_and_stop(command, output_dir, step, signum, delay):
+    """Start a training run, send `signum` once checkpoint-`step` appears (plus `delay` s), return the process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    target = os.path.join(output_dir, f"checkpoint-{step}")
+    deadline = time.time() + 120
+    while not os.path.isdir(target):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never reached its checkpoint"
+        time.sleep(0.005)
+    time.sleep(delay)
+    process.send_signal(signum)
+    process.wait(timeout=120)
+    return process
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir):
+    """Final weights of a run that nobody stopped (module scope: shared by the tests below)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    pairs_file = root / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+    command = cli_command(model_dir, str(pairs_file), root / "out")
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return str(pairs_file), weights(root / "out")
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(tmp_path, model_dir, uninterrupted):
+    pairs_file, expected = uninterrupted
+    rng = random.Random()
+    step, delay = 2 * rng.randint(1, STEPS // 2 - 2), rng.uniform(0, 0.05)  # may land while a checkpoint is written
+    output_dir = tmp_path / "out"
+    killed = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), step, signal.SIGKILL, delay)
+    assert killed.returncode == -signal.SIGKILL, f"step {step}, delay {delay:.3f}"
+    assert not os.path.exists(output_dir / "model.safetensors")
+    resumed = subprocess.run(cli_command(model_dir, pairs_file, output_dir, "--resume_from_checkpoint", "true"),
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(weights(output_dir), expected)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, uninterrupted):
+    pairs_file, expected = uninterrupted
+    output_dir = tmp_path / "out"
+    stopped = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), 4, signal.SIGTERM, 0)
+    _, err = stopped.communicate()
+    assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err
+    message = [line for line in err.splitlines() if line.startswith("hf-balanced-reward: stopped by SIGTERM")]
+    assert message and "Run the same command with --resume_from_checkpoint true to continue." in message[0]
+    step = int(message[0].split("at step ")[1].split(";")[0])
+    assert (output_dir / f"checkpoint-{step}" / REWARD_STATE).is_file()
+    assert not os.path.exists(output_dir / "model.safetensors")  # an interrupted run is not passed off as finished
+    resumed = subprocess.run(cli_command(model_dir, pairs_file, output_dir, "--resume_from_checkpoint", "true"),
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(weights(output_dir), expected)
+
+
+def test_resume_skips_an_unfinished_checkpoint(tmp_path, model_dir, pairs, caplog):
+    args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs).train()
+    os.remove(tmp_path / "checkpoint-4" / REWARD_STATE)  # as if killed while checkpoint-4 was written
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    assert trainer._resolve_checkpoint(True) == str(tmp_path / "checkpoint-2")
+    assert "Ignoring" in caplog.text and "checkpoint-4: unfinished" in caplog.text
+    with pytest.raises(ConfigError, match=r"checkpoint '.*checkpoint-4' is unfinished .*the last complete one is "
+                                          r".*checkpoint-2"):
+        trainer._resolve_checkpoint(str(tmp_path / "checkpoint-4"))
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint=true, but .* has no complete checkpoint"):
+        BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "empty"), train_dataset=pairs).train(
+            resume_from_checkpoint=True
+        )
