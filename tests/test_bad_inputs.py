@@ -196,3 +196,32 @@ def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys, pairs_file
     assert "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith("hf-balanced-reward: error: ")
     assert re.search(message, errors[0]), err
+
+
+def test_pickled_weights_are_not_loaded_unless_asked(tmp_path, tokenizer):
+    import torch
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle: loading it may run code
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none")
+    data = Dataset.from_list(good_rows())
+    with pytest.raises(ConfigError, match=r"It has no safetensors weights; if you trust its pickled weights, set "
+                                          r"model_init_kwargs: \{use_safetensors: false\}"):
+        BalancedRewardTrainer(model=str(tmp_path), args=args, train_dataset=data)
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none",
+                                model_init_kwargs={"use_safetensors": False})
+    trainer = BalancedRewardTrainer(model=str(tmp_path), args=args, train_dataset=data)  # asked for: allowed
+    torch.testing.assert_close(trainer.model.score.weight, model.score.weight)
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, pairs_file, model_dir):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr("hf_balanced_reward.cli.load_datasets", broken)
+    with pytest.raises(RuntimeError, match="a bug, not a user error"):  # not turned into a one-line exit 2
+        main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--output_dir", str(tmp_path)])

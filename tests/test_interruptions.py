@@ -129,14 +129,16 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(tmp_path, m
     assert_same_weights(weights(output_dir), expected)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, model_dir, uninterrupted):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path, model_dir, uninterrupted, signum):
     pairs_file, expected = uninterrupted
     output_dir = tmp_path / "out"
-    stopped = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), 4, signal.SIGTERM, 0)
+    stopped = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), 4, signum, 0)
     _, err = stopped.communicate()
-    assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert stopped.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err
-    message = [line for line in err.splitlines() if line.startswith("hf-balanced-reward: stopped by SIGTERM")]
+    name = signal.Signals(signum).name
+    message = [line for line in err.splitlines() if line.startswith(f"hf-balanced-reward: stopped by {name}")]
     assert message and "Run the same command with --resume_from_checkpoint true to continue." in message[0]
     step = int(message[0].split("at step ")[1].split(";")[0])
     assert (output_dir / f"checkpoint-{step}" / REWARD_STATE).is_file()
