@@ -1,6 +1,9 @@
-"""Command line: `hf-balanced-reward train --config recipes/X.yaml [--any_option value ...]`.
+"""Command line.
 
-Precedence: the config's defaults, then the YAML recipe, then command-line flags.
+    hf-balanced-reward train --config recipes/X.yaml [--any_option value ...]
+    hf-balanced-reward evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column source] [--output_dir DIR]
+
+Precedence for `train`: the config's defaults, then the YAML recipe, then command-line flags.
 """
 
 import importlib.util
@@ -16,7 +19,7 @@ from .config import BalancedRewardConfig, ConfigError, did_you_mean
 from .data import DataError, check_columns, load_preference_dataset
 
 PROG = "hf-balanced-reward"
-COMMANDS = ("train",)
+COMMANDS = ("train", "evaluate")
 
 
 @dataclass
@@ -46,6 +49,24 @@ class ScriptArguments:
     evaluate_before_training: bool = field(
         default=False, metadata={"help": "Evaluate the untrained model first, to show what training changed."}
     )
+
+
+@dataclass
+class EvaluateArguments:
+    """`evaluate`: score every pair of a dataset with a saved reward model."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Saved reward model: a folder or hub id (any one-label sequence classifier)."}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Pairs to score: a hub id, a local folder or a .jsonl/.json/.parquet/.csv."}
+    )
+    split: str = field(default="train", metadata={"help": "Split of a hub or folder dataset."})
+    group_column: str | None = field(default=None, metadata={"help": "Column naming each pair's group (e.g. source)."})
+    output_dir: str = field(default="eval_report", metadata={"help": "Where eval_report.json and plots/ go."})
+    max_length: int | None = field(default=None, metadata={"help": "Most tokens per sequence (default: the model's)."})
+    batch_size: int = field(default=32, metadata={"help": "Pairs scored per batch."})
+    on_bad_rows: str = field(default="error", metadata={"help": "error or skip (see train --help)."})
 
 
 class UsageError(Exception):
@@ -186,10 +207,42 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     return after or result.metrics
 
 
+def evaluate(argv: list[str]) -> dict:
+    from .evaluation import evaluate_model
+
+    parser = HfArgumentParser(EvaluateArguments, prog=f"{PROG} evaluate")
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if unknown:
+        valid = [f.name for f in fields(EvaluateArguments)]
+        raise UsageError(f"unknown option '{unknown[0]}'{did_you_mean(unknown[0].lstrip('-').split('=')[0], valid)}.")
+    for required in ("model", "dataset"):
+        if not getattr(args, required):
+            raise UsageError(f"evaluate needs --{required}.")
+    dataset = load_preference_dataset(args.dataset, args.split)
+    report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
+                            args.max_length, args.batch_size, args.on_bad_rows)
+    low, high = report["accuracy_ci_low"], report["accuracy_ci_high"]
+    lines = [f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+             f"ties {report['ties']}"]
+    if "length_baseline_accuracy" in report:
+        lines.append(f"always prefer the longer response: {report['length_baseline_accuracy']:.4f}; "
+                     f"reward-length correlation {report.get('reward_length_correlation', float('nan')):.3f}")
+    lines.append(f"balanced accuracy {report['balanced_accuracy']:.4f}, worst group {report['worst_group_accuracy']:.4f}"
+                 f", calibration error {report['calibration_error']:.4f}")
+    lines += [f"  {name}: {g['accuracy']:.4f} of {g['pairs']}" for name, g in report["groups"].items()]
+    lines.append(f"Report and plots in {os.path.abspath(args.output_dir)}")
+    print("\n".join(lines))
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {PROG} {{{','.join(COMMANDS)}}} [--config recipe.yaml] [--option value ...]")
+        print(f"usage: {PROG} train [--config recipe.yaml] [--option value ...]\n"
+              f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -199,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import TrainingStopped
 
     try:
-        script_args, config = parse_train_args(rest)
-        train(script_args, config)
+        if command == "evaluate":
+            evaluate(rest)
+        else:
+            script_args, config = parse_train_args(rest)
+            train(script_args, config)
     except (UsageError, ConfigError, DataError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -96,7 +96,8 @@ class PairCollator:
     scored token), so the model's own "last non-pad token" guess (wrong when pad == eos) is never used.
     With `shared_prompt=True`: `input_ids`, `position_ids`, `segment_ids`, `branch_ids`, and `chosen_end` /
     `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
-    `max_row_tokens` wide unless a single pair needs more.
+    `max_row_tokens` wide unless a single pair needs more. Both layouts add `response_lengths` [B, 2]: tokens of
+    each response after the shared prompt.
     """
 
     pad_token_id: int
@@ -106,6 +107,11 @@ class PairCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.shared_prompt_batch(examples) if self.shared_prompt else self.plain_batch(examples)
+        lengths = []  # response tokens after the shared prompt: for length-bias metrics
+        for e in examples:
+            shared = shared_prefix_length(e["chosen_ids"], e["rejected_ids"])
+            lengths.append([len(e["chosen_ids"]) - shared, len(e["rejected_ids"]) - shared])
+        batch["response_lengths"] = torch.tensor(lengths)
         for key, dtype in PAIR_FIELDS:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)

@@ -578,12 +578,14 @@ class BalancedRewardTrainer(Trainer):
         if prediction_loss_only:
             return loss.detach(), None, None
         group_ids = inputs.get("group_id", torch.zeros_like(rewards["chosen"], dtype=torch.long))
-        return loss.detach(), (rewards["chosen"], rewards["rejected"]), group_ids
+        labels = (group_ids, inputs["response_lengths"]) if "response_lengths" in inputs else (group_ids,)
+        return loss.detach(), (rewards["chosen"], rewards["rejected"]), labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
         chosen, rejected = eval_prediction.predictions
-        group_ids = eval_prediction.label_ids
-        metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"])
+        group_ids, *lengths = eval_prediction.label_ids
+        response_lengths = (lengths[0][:, 0], lengths[0][:, 1]) if lengths else (None, None)
+        metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"], *response_lengths)
         if self.user_compute_metrics is not None:
             metrics.update(self.user_compute_metrics(EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids)))
         return metrics

@@ -23,4 +23,5 @@ def test_end_positions_do_not_depend_on_the_pad_token():
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 9, 9, 9], [2, 3, 9, 9]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))
     assert torch.equal(batch["end_positions"], torch.tensor([1, 2]))
-    assert set(batch) == {"input_ids", "attention_mask", "end_positions"}
+    assert torch.equal(batch["response_lengths"], torch.tensor([[2, 3]]))  # no shared prompt: whole sequences
+    assert set(batch) == {"input_ids", "attention_mask", "end_positions", "response_lengths"}

@@ -1,0 +1,64 @@
+"""Score every pair of a dataset with a saved reward model: `eval_report.json` and three plots.
+
+Scoring goes through `BalancedRewardTrainer.predict` and the metrics through `pair_metrics`, the same code as
+`trainer.evaluate()`, so the command and the trainer agree on the same model and data.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import plots
+from .config import BalancedRewardConfig
+from .metrics import calibration, metric_name, pair_metrics, wilson_interval
+
+PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png"}
+
+
+def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
+                   max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "error") -> dict:
+    """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots."""
+    from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
+
+    args = BalancedRewardConfig(
+        output_dir=output_dir, per_device_eval_batch_size=batch_size, group_column=group_column,
+        max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
+    )
+    trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=dataset)
+    # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
+    prepared = trainer.eval_dataset.sort("length", reverse=True)
+    output = trainer.predict(prepared, metric_key_prefix="eval")
+    chosen, rejected = output.predictions
+    group_ids, lengths = output.label_ids
+    report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1])
+    report["model"], report["data"] = model, trainer.data_report.get("eval")
+    os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+    paths = {name: os.path.join(output_dir, "plots", file) for name, file in PLOTS.items()}
+    plots.margin_histogram(np.asarray(chosen) - np.asarray(rejected), paths["margins"])
+    plots.calibration_curve(report["calibration"], report["calibration_error"], paths["calibration"])
+    plots.group_accuracy_bars(report["groups"], report["accuracy"], report.get("length_baseline_accuracy"),
+                              paths["groups"])
+    report["plots"] = {name: os.path.relpath(path, output_dir) for name, path in paths.items()}
+    with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths) -> dict:
+    """`pair_metrics` plus what a file can hold and a log line cannot: per-group details and calibration bins."""
+    chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    group_ids = np.asarray(group_ids).reshape(-1)
+    names = group_names or ["all"]
+    report = pair_metrics(chosen, rejected, group_ids, names, chosen_lengths, rejected_lengths)
+    correct = chosen > rejected
+    report["groups"] = {}
+    for group_id in np.unique(group_ids):
+        members = group_ids == group_id
+        low, high = wilson_interval(float(correct[members].sum()), int(members.sum()))
+        report["groups"][names[group_id]] = {
+            "pairs": int(members.sum()), "accuracy": report[f"accuracy_{metric_name(names[group_id])}"],
+            "ci_low": low, "ci_high": high,
+        }
+    report["calibration"] = calibration(chosen - rejected, correct)[1]
+    return report

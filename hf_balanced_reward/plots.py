@@ -1,0 +1,63 @@
+"""The three evaluation plots, as PNG files a person can read without the code."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def margin_histogram(margins: np.ndarray, path: str) -> None:
+    accuracy = float((margins > 0).mean())
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.hist(margins, bins=40, color="tab:blue", alpha=0.8, label=f"{len(margins)} pairs (accuracy {accuracy:.3f})")
+    ax.axvline(0, color="black", linestyle="--", label="margin 0: to the right, the chosen response scores higher")
+    ax.set_title("Reward margins on held-out pairs")
+    ax.set_xlabel("reward margin: r(chosen) - r(rejected)")
+    ax.set_ylabel("number of pairs")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_curve(table: list[dict], ece: float, path: str) -> None:
+    confidence = [row["confidence"] for row in table]
+    accuracy = [row["accuracy"] for row in table]
+    sizes = [20 + 300 * row["pairs"] / max(r["pairs"] for r in table) for row in table]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0.5, 1], [0.5, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    ax.plot(confidence, accuracy, color="tab:orange", label=f"this model (ECE {ece:.3f})")
+    ax.scatter(confidence, accuracy, s=sizes, color="tab:orange", alpha=0.7, label="bins (area: number of pairs)")
+    ax.set_xlim(0.5, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Calibration: confidence against accuracy")
+    ax.set_xlabel("confidence in the higher-scored response: sigmoid(|margin|)")
+    ax.set_ylabel("share of pairs where it is the chosen response")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def group_accuracy_bars(groups: dict[str, dict], overall: float, length_baseline: float | None, path: str) -> None:
+    names = list(groups)
+    accuracy = np.array([groups[n]["accuracy"] for n in names])
+    errors = np.array([[a - groups[n]["ci_low"], groups[n]["ci_high"] - a] for n, a in zip(names, accuracy)]).T
+    errors = np.maximum(errors, 0)  # at 0% or 100% the interval's edge is the estimate, up to rounding
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 3), 4.5))
+    labels = [f"{n}\n({groups[n]['pairs']} pairs)" for n in names]
+    ax.bar(labels, accuracy, yerr=errors, capsize=4, color="tab:green", alpha=0.8,
+           label="accuracy per group (95% interval)")
+    ax.axhline(overall, color="tab:blue", label=f"all pairs ({overall:.3f})")
+    if length_baseline is not None:
+        ax.axhline(length_baseline, color="tab:red", linestyle="--",
+                   label=f"always prefer the longer response ({length_baseline:.3f})")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy per group")
+    ax.set_ylabel("share of pairs ranked correctly")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

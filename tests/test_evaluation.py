@@ -1,0 +1,79 @@
+"""Evaluation metrics (hand-worked), the `evaluate` command, and its agreement with trainer.evaluate()."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward.cli import main
+from hf_balanced_reward.metrics import calibration, pair_metrics, wilson_interval
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_calibration_compares_confidence_with_accuracy():
+    margins = np.full(10, math.log(7))  # sigmoid = 0.875: the model is 87.5% sure of every pair
+    correct = np.array([True] * 5 + [False] * 5)  # and right on half of them
+    ece, table = calibration(margins, correct)
+    assert ece == pytest.approx(0.375)
+    assert table == [{"low": pytest.approx(0.85), "high": pytest.approx(0.9), "pairs": 10,
+                      "confidence": pytest.approx(0.875), "accuracy": 0.5}]
+    # a negative margin is confidence in the rejected response: the same confidence, judged the same way
+    assert calibration(-margins, correct)[0] == pytest.approx(0.375)
+
+
+def test_pair_metrics_length_baseline_ties_and_correlation():
+    chosen, rejected = np.array([2.0, 1.0, 0.5, 3.0]), np.array([1.0, 1.0, 1.5, 0.0])
+    metrics = pair_metrics(chosen, rejected, [0, 0, 1, 1], ["a", "b"], chosen_lengths=[5, 1, 3, 9],
+                           rejected_lengths=[1, 5, 3, 2])
+    assert metrics["pairs"] == 4 and metrics["ties"] == 1
+    assert metrics["accuracy"] == 0.5  # the tie counts as wrong
+    assert metrics["length_baseline_accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # equal lengths: half
+    rewards, lengths = np.r_[chosen, rejected], np.r_[[5, 1, 3, 9], [1, 5, 3, 2]]
+    assert metrics["reward_length_correlation"] == pytest.approx(np.corrcoef(rewards, lengths)[0, 1])
+    assert metrics["accuracy_a"] == 0.5 and metrics["accuracy_b"] == 0.5
+    assert metrics["chosen_reward_std"] == pytest.approx(chosen.std())
+
+
+def test_evaluate_command_writes_report_and_plots_and_agrees_with_the_trainer(tmp_path, model_dir, pairs_file,
+                                                                                pairs, capsys):
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", model_dir, "--dataset", pairs_file, "--group_column", "source",
+                 "--output_dir", str(out), "--batch_size", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 pairs: accuracy" in printed and "always prefer the longer response" in printed
+    with open(out / "eval_report.json") as f:
+        report = json.load(f)
+    for key in ("pairs", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ties", "margin", "chosen_reward_mean",
+                "chosen_reward_std", "rejected_reward_mean", "rejected_reward_std", "balanced_accuracy",
+                "worst_group_accuracy", "length_baseline_accuracy", "reward_length_correlation", "calibration_error",
+                "groups", "calibration", "plots"):
+        assert key in report, key
+    assert report["pairs"] == 24 and set(report["groups"]) == {"big", "small"}
+    for name in report["plots"].values():
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 500
+
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "t"), report_to="none", group_column="source",
+                                per_device_eval_batch_size=7)
+    metrics = BalancedRewardTrainer(model=model_dir, args=args, eval_dataset=pairs).evaluate()
+    for key, value in report.items():
+        if isinstance(value, (int, float)) and f"eval_{key}" in metrics:
+            assert metrics[f"eval_{key}"] == pytest.approx(value, abs=1e-6), key
+    assert {"eval_accuracy", "eval_length_baseline_accuracy", "eval_calibration_error"} <= set(metrics)
+
+
+def test_evaluate_command_usage_errors(tmp_path, capsys, model_dir):
+    assert main(["evaluate", "--model", model_dir, "--dataset", str(tmp_path / "none.jsonl")]) == 2
+    assert "dataset" in capsys.readouterr().err
+    assert main(["evaluate", "--model", model_dir, "--datset", "x.jsonl"]) == 2
+    assert "unknown option '--datset' (did you mean 'dataset'?)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "eval_report")
