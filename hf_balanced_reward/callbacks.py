@@ -1,4 +1,8 @@
-"""`TrainerCallback`s that watch a run: stopping cleanly on SIGINT / SIGTERM."""
+"""`TrainerCallback`s that watch a run: reward scale drift, and stopping cleanly on SIGINT / SIGTERM.
+
+NaN / inf losses are caught in `BalancedRewardTrainer.compute_loss`, not here: a callback only hears of a step after
+the optimizer has applied it, too late to keep the last good weights.
+"""
 
 import logging
 import signal
@@ -51,3 +55,28 @@ class StopOnSignal(TrainerCallback):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+class RewardDriftCallback(TrainerCallback):
+    """Warns when the logged training rewards drift: |reward_mean| or reward_std beyond `limit`.
+
+    Bradley-Terry only fixes reward differences, so the scale can wander; a reward model whose scores run to the
+    hundreds makes PPO / GRPO unstable. The warning names the step and the fix (center_rewards_coefficient).
+    """
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.warned_at: list[int] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        mean, std = logs.get("reward_mean"), logs.get("reward_std")
+        if mean is None or std is None:
+            return
+        if abs(mean) > self.limit or std > self.limit:
+            self.warned_at.append(state.global_step)
+            logger.warning(
+                f"Reward scale drift at step {state.global_step}: reward_mean={mean:.3g}, reward_std={std:.3g} "
+                f"(limit {self.limit:g}). Set center_rewards_coefficient (e.g. 0.01) to keep rewards near 0, or "
+                "raise reward_drift_limit."
+            )

@@ -129,6 +129,13 @@ class BalancedRewardConfig(TrainingArguments):
             "step and batch; 'skip' leaves that batch out of the update and counts it (logged as skipped_batches)."
         },
     )
+    reward_drift_limit: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "Warn when the logged mean or std of training rewards exceeds this (rewards drifting to large "
+            "values destabilise RL with the model). None turns the check off."
+        },
+    )
     shared_prompt: bool | None = field(
         default=None,
         metadata={

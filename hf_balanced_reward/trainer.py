@@ -22,13 +22,14 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import disable_dropout_in_model
 
-from .callbacks import StopOnSignal
+from .callbacks import RewardDriftCallback, StopOnSignal
 
 from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
 from .losses import LOSSES, group_dro_update, group_pair_weights
 from .metrics import metric_name, pair_metrics
+from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ logger = logging.getLogger(__name__)
 HEAD_NAMES = ("score", "classifier")
 # Written last into every checkpoint (group DRO weights, skipped batches): a checkpoint without it was cut short.
 REWARD_STATE = "reward_state.json"
+# Files a saved reward model needs to load (weights, config, tokenizer) plus its card and plots: what is pushed.
+HUB_FILES = re.compile(
+    r"(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|adapter_config\.json|"
+    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template\.jinja|"
+    r"README\.md|plots/.*\.png)"
+)
 # Attention implementations that take the custom mask of the shared-prompt layout.
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
 
@@ -172,6 +179,7 @@ class BalancedRewardTrainer(Trainer):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
+        self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
         # Config, tokenizer and data first: every mistake they reveal surfaces before the weights are loaded.
         model_id = model if isinstance(model, str) else None
         if model_id:
@@ -225,6 +233,9 @@ class BalancedRewardTrainer(Trainer):
         head.register_forward_hook(self._keep_head_output)
         self._head_output = None
 
+        if eval_dataset is not None and args.eval_strategy == "no":
+            logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
+            args.eval_strategy = "epoch"
         self.user_compute_metrics = compute_metrics
         super().__init__(
             model=model,
@@ -246,6 +257,8 @@ class BalancedRewardTrainer(Trainer):
         self.skipped_batches, self._micro_batches = 0, 0
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
+        if args.reward_drift_limit is not None:
+            self.add_callback(RewardDriftCallback(args.reward_drift_limit))
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -374,6 +387,50 @@ class BalancedRewardTrainer(Trainer):
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    # --- saving, model card, Hub ----------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:  # a final save, not a checkpoint: give it a card
+            self.write_card(output_dir or self.args.output_dir)
+
+    def write_card(self, output_dir: str, repo: str | None = None) -> str:
+        evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
+        return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
+                                self.data_report, repo)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        if self.is_world_process_zero():
+            self.write_card(self.args.output_dir, repo=self.hub_model_id)
+
+    @staticmethod
+    def hub_files(folder: str) -> list[str]:
+        """The files of a saved model that load it, plus its card and plots; not args pickles, logs or checkpoints."""
+        found = []
+        for root, _, files in os.walk(folder):
+            for name in files:
+                relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                if HUB_FILES.fullmatch(relative):
+                    found.append(relative)
+        return sorted(found)
+
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, **kwargs):
+        """Upload the model, tokenizer, card and plots (exactly `hub_files`) to `hub_model_id`."""
+        from huggingface_hub import HfApi
+
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card()
+        return HfApi().upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message,
+            token=token or self.args.hub_token, revision=revision or self.args.hub_revision,
+            allow_patterns=self.hub_files(self.args.output_dir), run_as_future=not blocking,
+        )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if isinstance(eval_dataset, Dataset):

@@ -1,0 +1,125 @@
+"""README.md model card for a trained reward model: what it was trained on, how, what it scores, how to use it."""
+
+import json
+import os
+import re
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE = """---
+{metadata}
+---
+
+# {name}
+
+A reward model: it reads a prompt and a response and returns one number, higher for the response people
+prefer. Trained on preference pairs with `hf_balanced_reward` ({loss_line}).
+
+## Training
+
+| setting | value |
+|---|---|
+{training_rows}
+
+## Evaluation
+
+{evaluation}
+
+## Use
+
+```python
+from transformers import pipeline
+
+reward = pipeline("text-classification", model="{repo}", function_to_apply="none")
+print(reward("{example}")[0]["score"])  # higher: preferred
+```
+
+As the reward function of trl's GRPO (it loads a one-label sequence classifier and scores each completion):
+
+```python
+from trl import GRPOConfig, GRPOTrainer
+
+trainer = GRPOTrainer(model=policy, reward_funcs="{repo}", args=GRPOConfig(...), train_dataset=prompts)
+```
+
+As the reward model of trl's PPO: `AutoModelForSequenceClassification.from_pretrained("{repo}", num_labels=1)`.
+The model scores the text's last token; texts are scored as rendered{eos_note}.
+"""
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def card_metadata(base_model: str | None, loss_type: str) -> str:
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=["reward-model", "hf_balanced_reward", loss_type],
+        base_model=base_model if base_model and HUB_ID.match(base_model) and not os.path.exists(base_model) else None,
+    )
+    return data.to_yaml()
+
+
+def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]) -> str:
+    """The last evaluation as a table; the `evaluate` command's report and plots when they sit beside the model."""
+    source = report or {k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}
+    if not source:
+        return "No evaluation was run with this model; `hf-balanced-reward evaluate --model DIR --dataset FILE` adds one."
+    rows = [("pairs", source.get("pairs")), ("accuracy", source.get("accuracy"))]
+    if "accuracy_ci_low" in source:
+        rows.append(("accuracy, 95% interval", f"{source['accuracy_ci_low']:.4f} - {source['accuracy_ci_high']:.4f}"))
+    rows += [(name, source.get(key)) for name, key in (
+        ("always prefer the longer response", "length_baseline_accuracy"),
+        ("balanced accuracy (mean over groups)", "balanced_accuracy"),
+        ("worst-group accuracy", "worst_group_accuracy"),
+        ("mean margin r(chosen) - r(rejected)", "margin"),
+        ("reward-length correlation", "reward_length_correlation"),
+        ("calibration error (ECE)", "calibration_error"),
+        ("ties", "ties"),
+    )]
+    rows += [(f"accuracy: {k[len('accuracy_'):]}", v) for k, v in source.items()
+             if k.startswith("accuracy_") and not k.startswith("accuracy_ci")]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+              for name, value in rows if value is not None]
+    lines += [f"\n![{name}]({path})" for name, path in plots.items()]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,
+                     repo: str | None = None) -> str:
+    """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys)."""
+    report_path = os.path.join(output_dir, "eval_report.json")
+    report = None
+    if os.path.isfile(report_path):
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+    plots = {name: path for name, path in (report or {}).get("plots", {}).items()
+             if os.path.isfile(os.path.join(output_dir, path))}
+    train = data_report.get("train", {})
+    settings = [
+        ("base model", base_model or "unknown"),
+        ("loss", args.loss_type),
+        ("loss options", json.dumps(args.loss_kwargs) if args.loss_kwargs else "defaults"),
+        ("groups from", args.group_column or "length relation of each pair"),
+        ("reward centring coefficient", args.center_rewards_coefficient or "off"),
+        ("max_length", args.max_length),
+        ("epochs", args.num_train_epochs),
+        ("learning rate", args.learning_rate),
+        ("batch size per device", args.per_device_train_batch_size),
+        ("training pairs", train.get("pairs", "unknown")),
+        ("rows skipped as bad", sum(train.get("skipped", {}).values()) if train else "unknown"),
+    ]
+    loss_line = f"loss `{args.loss_type}`" + (f" with {json.dumps(args.loss_kwargs)}" if args.loss_kwargs else "")
+    text = TEMPLATE.format(
+        metadata=card_metadata(base_model, args.loss_type).strip(),
+        name=f"{os.path.basename(os.path.abspath(output_dir))} (reward model)",
+        loss_line=loss_line,
+        training_rows="\n".join(f"| {name} | {value} |" for name, value in settings),
+        evaluation=evaluation_section(metrics, report, plots),
+        repo=repo or os.path.abspath(output_dir),
+        example="Question: how do I boil an egg? Answer: Put it in boiling water for eight minutes.",
+        eos_note=", with the eos token appended" if args.append_eos_token else " (no eos token appended)",
+    )
+    path = os.path.join(output_dir, "README.md")
+    ModelCard(text).save(path)
+    return path
