@@ -66,7 +66,10 @@ class EvaluateArguments:
     output_dir: str = field(default="eval_report", metadata={"help": "Where eval_report.json and plots/ go."})
     max_length: int | None = field(default=None, metadata={"help": "Most tokens per sequence (default: the model's)."})
     batch_size: int = field(default=32, metadata={"help": "Pairs scored per batch."})
-    on_bad_rows: str = field(default="error", metadata={"help": "error or skip (see train --help)."})
+    on_bad_rows: str = field(
+        default="skip",
+        metadata={"help": "skip (default: score what can be scored, count the rest in the report) or error."},
+    )
 
 
 class UsageError(Exception):
@@ -200,6 +203,8 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     if eval_dataset is not None:
         after = trainer.evaluate()
         trainer.save_metrics("eval", after)
+        if trainer.args.should_save:
+            trainer.write_card(config.output_dir)  # now with the final evaluation
     if trainer.is_world_process_zero():
         if after:
             print("\n" + format_table(before, after))
@@ -227,6 +232,9 @@ def evaluate(argv: list[str]) -> dict:
     low, high = report["accuracy_ci_low"], report["accuracy_ci_high"]
     lines = [f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
              f"ties {report['ties']}"]
+    skipped = report["data"]["skipped"]
+    if skipped:
+        lines.append(f"{sum(skipped.values())} rows not scored: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()))
     if "length_baseline_accuracy" in report:
         lines.append(f"always prefer the longer response: {report['length_baseline_accuracy']:.4f}; "
                      f"reward-length correlation {report.get('reward_length_correlation', float('nan')):.3f}")

@@ -17,7 +17,7 @@ PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "g
 
 
 def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
-                   max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "error") -> dict:
+                   max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip") -> dict:
     """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
