@@ -49,6 +49,21 @@ class ScriptArguments:
     evaluate_before_training: bool = field(
         default=False, metadata={"help": "Evaluate the untrained model first, to show what training changed."}
     )
+    # --- LoRA (peft) ---
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters plus the reward head instead of all weights; also saves a merged "
+                  "model to OUTPUT_DIR/merged that loads without peft."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (alpha / r scales the update)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules that get adapters (default: every linear layer but the head)."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit (needs bitsandbytes, a GPU)."}
+    )
 
 
 @dataclass
@@ -147,6 +162,30 @@ def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardCo
     return script_args, config
 
 
+def peft_setup(script_args: ScriptArguments, config: BalancedRewardConfig):
+    """The LoraConfig the flags ask for (None without --use_peft); with --load_in_4bit, the 4-bit loading options."""
+    if not script_args.use_peft:
+        if script_args.load_in_4bit:
+            raise UsageError("load_in_4bit is QLoRA: it needs --use_peft too.")
+        return None
+    from peft import LoraConfig
+
+    if script_args.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("load_in_4bit needs bitsandbytes: pip install bitsandbytes (on a CUDA machine).")
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        config.model_init_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    return LoraConfig(
+        task_type="SEQ_CLS", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
+        lora_dropout=script_args.lora_dropout, target_modules=script_args.lora_target_modules or "all-linear",
+    )
+
+
 def load_datasets(script_args: ScriptArguments, seed: int):
     train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
     if script_args.eval_dataset_name:
@@ -178,12 +217,14 @@ def format_table(before: dict | None, after: dict | None) -> str:
 def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
 
+    peft_config = peft_setup(script_args, config)
     train_dataset, eval_dataset = load_datasets(script_args, config.seed)
     trainer = BalancedRewardTrainer(
         model=resolve_model_path(script_args.model_name_or_path),
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        peft_config=peft_config,
     )
     before = trainer.evaluate() if eval_dataset is not None and script_args.evaluate_before_training else None
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -196,6 +237,8 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
             signum,
         )
     trainer.save_model(config.output_dir)
+    if peft_config is not None:
+        trainer.save_merged_model(os.path.join(config.output_dir, "merged"))
     for name, report in trainer.data_report.items():
         result.metrics[f"{name}_skipped_rows"] = sum(report["skipped"].values())
     trainer.save_metrics("train", result.metrics)

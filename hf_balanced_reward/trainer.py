@@ -39,9 +39,9 @@ HEAD_NAMES = ("score", "classifier")
 REWARD_STATE = "reward_state.json"
 # Files a saved reward model needs to load (weights, config, tokenizer) plus its card and plots: what is pushed.
 HUB_FILES = re.compile(
-    r"(config\.json|generation_config\.json|.*\.safetensors|.*\.safetensors\.index\.json|adapter_config\.json|"
-    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|chat_template\.jinja|"
-    r"README\.md|plots/.*\.png)"
+    r"(config\.json|generation_config\.json|[^/]*\.safetensors|[^/]*\.safetensors\.index\.json|adapter_config\.json|"
+    r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]*|merges\.txt|[^/]*\.model|"
+    r"chat_template\.jinja|README\.md|plots/[^/]*\.png)"
 )
 # Attention implementations that take the custom mask of the shared-prompt layout.
 SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
@@ -228,10 +228,8 @@ class BalancedRewardTrainer(Trainer):
         self.shared_prompt = self._use_shared_prompt(model, args)
         self._shared_prompt_checked = False
         if peft_config is not None:
-            model = self._wrap_peft(model, peft_config)
-        _, head = find_reward_head(model)
-        head.register_forward_hook(self._keep_head_output)
-        self._head_output = None
+            model = self._wrap_peft(model, peft_config, args)
+        find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
 
         if eval_dataset is not None and args.eval_strategy == "no":
             logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
@@ -293,14 +291,39 @@ class BalancedRewardTrainer(Trainer):
             max_row_tokens=2 * (self.max_length or 1024),  # wider rows waste less padding but cost more attention
         )
 
-    def _wrap_peft(self, model, peft_config):
-        from peft import get_peft_model
+    @staticmethod
+    def _wrap_peft(model, peft_config, args):
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
         head_name, _ = find_reward_head(model)
         modules_to_save = list(peft_config.modules_to_save or [])
         if head_name not in modules_to_save:
             peft_config.modules_to_save = modules_to_save + [head_name]  # the head is new: it must be trained and saved
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):  # QLoRA
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        elif args.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
         return get_peft_model(model, peft_config)
+
+    def save_merged_model(self, output_dir: str) -> None:
+        """Save a LoRA-trained model with its adapters folded in: loads as a plain AutoModelForSequenceClassification.
+
+        Reloads the adapters saved by `save_model` in `args.output_dir` (call that first), so the model being
+        trained is left as it is.
+        """
+        from peft import AutoPeftModelForSequenceClassification
+
+        if not is_peft_model(self.model):
+            raise ConfigError("save_merged_model needs a model trained with peft_config (LoRA adapters).")
+        if not self.args.should_save:
+            return
+        reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
+            self.args.output_dir, num_labels=1, dtype=self.model.dtype, trust_remote_code=self.args.trust_remote_code
+        )
+        merged = reloaded.merge_and_unload()
+        merged.config.pad_token_id = self.processing_class.pad_token_id
+        merged.save_pretrained(output_dir)
+        self.processing_class.save_pretrained(output_dir)
 
     def _prepare(self, dataset, tokenizer, args, name):
         if dataset is None:
@@ -439,8 +462,16 @@ class BalancedRewardTrainer(Trainer):
 
     # --- forward and loss --------------------------------------------------------------------------------------
 
-    def _keep_head_output(self, module, inputs, output):
-        self._head_output = output
+    def _forward_with_head_output(self, model, **inputs) -> tuple:
+        """Run the model and also return what its reward head produced: every position's score for decoders."""
+        _, head = find_reward_head(self.accelerator.unwrap_model(model))
+        captured = []
+        handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            outputs = model(**inputs)
+        finally:
+            handle.remove()
+        return outputs, captured[-1] if captured else None
 
     def score_pairs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass."""
@@ -453,8 +484,9 @@ class BalancedRewardTrainer(Trainer):
         return self._score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs))
 
     def _score_plain(self, model, inputs):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        head_output, self._head_output = self._head_output, None
+        outputs, head_output = self._forward_with_head_output(
+            model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        )
         if head_output is not None and head_output.dim() == 3:
             # Decoder heads score every position: read each sequence's real last token.
             rows = torch.arange(head_output.shape[0], device=head_output.device)
@@ -465,14 +497,17 @@ class BalancedRewardTrainer(Trainer):
 
     def _score_shared_prompt(self, model, inputs):
         segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
-        if self.model.config._attn_implementation == "flex_attention":
+        attention = self.accelerator.unwrap_model(model).config._attn_implementation
+        if attention == "flex_attention":
             mask = flex_block_mask(segment_ids, branch_ids)
         else:
             mask = shared_prompt_mask(segment_ids, branch_ids)
-            if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+            if attention == "eager":  # eager attention adds the mask to its scores
                 mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"])
-        scores, self._head_output = self._head_output.reshape(-1), None
+        _, head_output = self._forward_with_head_output(
+            model, input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"]
+        )
+        scores = head_output.reshape(-1)
         return scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
 
     def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
@@ -110,8 +111,17 @@ def test_bad_yaml_from_the_console_script(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))), ids=os.path.basename)
 def test_every_recipe_parses(path):
-    script_args, config = parse_train_args(["--config", path])
+    text = open(path, encoding="utf-8").read()
+    gpu_recipe = "bf16: true" in text
+    # TrainingArguments refuses bf16 without a GPU unless told the run is on CPU; the recipe's values are unchanged.
+    cpu = ["--use_cpu", "true"] if gpu_recipe and not torch.cuda.is_available() else []
+    script_args, config = parse_train_args(["--config", path, *cpu])
     assert isinstance(config, BalancedRewardConfig) and script_args.model_name_or_path and script_args.dataset_name
+    launch = re.search(r"accelerate launch --config_file (\S+) -m hf_balanced_reward train --config (\S+)", text)
+    if gpu_recipe:  # the exact command is at the top, naming a launcher config that exists and this very recipe
+        assert config.bf16 and config.gradient_checkpointing
+        assert launch and os.path.isfile(os.path.join(REPO, launch.group(1)))
+        assert launch.group(2) == os.path.relpath(path, REPO)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "accelerate_configs", "*.yaml"))),
