@@ -29,7 +29,7 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
     output = trainer.predict(prepared, metric_key_prefix="eval")
-    chosen, rejected = output.predictions
+    chosen, rejected, _ = output.predictions
     group_ids, lengths = output.label_ids
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1])
     report["model"], report["data"] = model, trainer.data_report.get("eval")

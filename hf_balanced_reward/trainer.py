@@ -567,14 +567,15 @@ class BalancedRewardTrainer(Trainer):
         if self.args.center_rewards_coefficient:
             per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
         weights = self.pair_weights(inputs)
-        loss = per_pair.mean() if weights is None else (weights * per_pair).mean()
+        weighted = per_pair if weights is None else weights * per_pair
+        loss = weighted.mean()
         if model.training:
             self._micro_batches += 1
             if not self._all_finite(loss, chosen, rejected):
                 return self._non_finite(model, loss, chosen, rejected)
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs.get("group_id"))
-        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+        return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
 
     def _all_finite(self, *tensors) -> bool:
         bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
@@ -671,13 +672,16 @@ class BalancedRewardTrainer(Trainer):
             return loss.detach(), None, None
         group_ids = inputs.get("group_id", torch.zeros_like(rewards["chosen"], dtype=torch.long))
         labels = (group_ids, inputs["response_lengths"]) if "response_lengths" in inputs else (group_ids,)
-        return loss.detach(), (rewards["chosen"], rewards["rejected"]), labels
+        return loss.detach(), (rewards["chosen"], rewards["rejected"], rewards["pair_losses"].detach()), labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        chosen, rejected = eval_prediction.predictions
+        chosen, rejected, pair_losses = eval_prediction.predictions
         group_ids, *lengths = eval_prediction.label_ids
         response_lengths = (lengths[0][:, 0], lengths[0][:, 1]) if lengths else (None, None)
         metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"], *response_lengths)
+        # Replaces Trainer's eval_loss, a mean of per-batch means: this one weighs every pair once, on any number
+        # of processes and batch sizes.
+        metrics["loss"] = float(pair_losses.mean())
         if self.user_compute_metrics is not None:
             metrics.update(self.user_compute_metrics(EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids)))
         return metrics

@@ -1,0 +1,52 @@
+"""Real 2-process data parallelism on CPU (torchrun, gloo) against 1 process with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_run.py")
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def run(command, report_dir):
+    os.makedirs(report_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(os.path.join(report_dir, "result.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
+def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, model_dir, pairs_file):
+    single = run([sys.executable, WORKER, model_dir, pairs_file, str(tmp_path / "one"), "4", str(tmp_path / "r1")],
+                 tmp_path / "r1")
+    double = run([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29517", WORKER, model_dir, pairs_file,
+                  str(tmp_path / "two"), "2", str(tmp_path / "r2")], tmp_path / "r2")
+
+    ranks = [json.load(open(tmp_path / "r2" / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["should_save"] for r in ranks] == [True, False]  # only rank 0 writes
+    assert ranks[0]["group_sizes"] == ranks[1]["group_sizes"] == [18, 6]  # counted once, over the whole dataset
+    assert ranks[0]["group_mix"] == pytest.approx(ranks[1]["group_mix"], abs=1e-7)  # DRO weights agree
+    single_rank = json.load(open(tmp_path / "r1" / "rank0.json"))
+    assert ranks[0]["group_mix"] == pytest.approx(single_rank["group_mix"], abs=1e-6)
+
+    assert double["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    for two_log, one_log in zip(double["train_logs"], single["train_logs"], strict=True):  # summed, not averaged
+        metrics = {k: v for k, v in one_log.items() if k.startswith(("accuracy", "margin", "reward", "group_weight"))}
+        assert metrics and {k: two_log.get(k) for k in metrics} == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+    for key, value in single["eval"].items():
+        if key.startswith("eval_") and not key.endswith(("runtime", "per_second")):
+            assert double["eval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert double["eval"]["eval_pairs"] == 23  # odd count over 2 ranks: nothing duplicated or dropped
+    assert double["files"] == single["files"]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
