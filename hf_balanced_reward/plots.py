@@ -7,18 +7,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def finish(fig, ax, title: str, xlabel: str, ylabel: str, legend_loc: str, path: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def margin_histogram(margins: np.ndarray, path: str) -> None:
     accuracy = float((margins > 0).mean())
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.hist(margins, bins=40, color="tab:blue", alpha=0.8, label=f"{len(margins)} pairs (accuracy {accuracy:.3f})")
     ax.axvline(0, color="black", linestyle="--", label="margin 0: to the right, the chosen response scores higher")
-    ax.set_title("Reward margins on held-out pairs")
-    ax.set_xlabel("reward margin: r(chosen) - r(rejected)")
-    ax.set_ylabel("number of pairs")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "Reward margins on held-out pairs", "reward margin: r(chosen) - r(rejected)", "number of pairs",
+           "upper left", path)
 
 
 def calibration_curve(table: list[dict], ece: float, path: str) -> None:
@@ -31,13 +36,9 @@ def calibration_curve(table: list[dict], ece: float, path: str) -> None:
     ax.scatter(confidence, accuracy, s=sizes, color="tab:orange", alpha=0.7, label="bins (area: number of pairs)")
     ax.set_xlim(0.5, 1)
     ax.set_ylim(0, 1)
-    ax.set_title("Calibration: confidence against accuracy")
-    ax.set_xlabel("confidence in the higher-scored response: sigmoid(|margin|)")
-    ax.set_ylabel("share of pairs where it is the chosen response")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "Calibration: confidence against accuracy",
+           "confidence in the higher-scored response: sigmoid(|margin|)",
+           "share of pairs where it is the chosen response", "lower right", path)
 
 
 def group_accuracy_bars(groups: dict[str, dict], overall: float, length_baseline: float | None, path: str) -> None:
@@ -55,9 +56,4 @@ def group_accuracy_bars(groups: dict[str, dict], overall: float, length_baseline
                    label=f"always prefer the longer response ({length_baseline:.3f})")
     ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
     ax.set_ylim(0, 1)
-    ax.set_title("Accuracy per group")
-    ax.set_ylabel("share of pairs ranked correctly")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, "Accuracy per group", "group", "share of pairs ranked correctly", "lower right", path)
