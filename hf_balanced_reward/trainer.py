@@ -10,75 +10,34 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    EvalPrediction,
-    PreTrainedModel,
-    Trainer,
-    set_seed,
-)
+from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import RewardDriftCallback, StopOnSignal
-
+from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints, write_json_atomically
 from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
 from .losses import LOSSES, group_dro_update, group_pair_weights
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
+from .modeling import (
+    find_reward_head,
+    load_config_and_tokenizer,
+    load_model,
+    shared_prompt_blocker,
+    skeleton_model,
+)
 
 logger = logging.getLogger(__name__)
 
-# Attribute names of the scalar head in *ForSequenceClassification models (decoders: score, encoders: classifier).
-HEAD_NAMES = ("score", "classifier")
-# Written last into every checkpoint (group DRO weights, skipped batches): a checkpoint without it was cut short.
-REWARD_STATE = "reward_state.json"
 # Files a saved reward model needs to load (weights, config, tokenizer) plus its card and plots: what is pushed.
 HUB_FILES = re.compile(
     r"(config\.json|generation_config\.json|[^/]*\.safetensors|[^/]*\.safetensors\.index\.json|adapter_config\.json|"
     r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]*|merges\.txt|[^/]*\.model|"
     r"chat_template\.jinja|README\.md|plots/[^/]*\.png)"
 )
-# Attention implementations that take the custom mask of the shared-prompt layout.
-SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
-
-
-def is_causal_decoder(model: torch.nn.Module) -> bool:
-    """True when every attention layer is causal: only then can chosen and rejected share the prompt's states."""
-    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    return bool(flags) and all(flags)
-
-
-def shared_prompt_blocker(model: torch.nn.Module) -> str | None:
-    """Why the shared-prompt layout cannot be used for this model, or None when it can."""
-    if not is_causal_decoder(model):
-        return (
-            f"{type(model).__name__} is not a causal decoder: its prompt tokens attend to the response, so the "
-            "prompt cannot be shared between chosen and rejected"
-        )
-    attention = model.config._attn_implementation
-    if attention not in SHARED_PROMPT_ATTENTION:
-        return (
-            f"attn_implementation='{attention}' cannot take the layout's attention mask; load the model with "
-            f"attn_implementation set to one of {', '.join(SHARED_PROMPT_ATTENTION)}"
-        )
-    return None
-
-
-def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
-    base = model.get_base_model() if is_peft_model(model) else model
-    for name in HEAD_NAMES:
-        head = getattr(base, name, None)
-        if isinstance(head, torch.nn.Module):
-            return name, head
-    raise ConfigError(
-        f"{type(base).__name__} has no reward head named {' or '.join(HEAD_NAMES)}; load the model with "
-        "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
-    )
 
 
 def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -88,61 +47,6 @@ def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 class TrainingStopped(RuntimeError):
     """Training stopped on a numerical fault; the message names the step and the checkpoint to resume from."""
-
-
-def write_json_atomically(path: str, value) -> None:
-    """Readers see the old file or the whole new one, never half of it (the process may be killed mid-write)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """checkpoint-N folders of a run, oldest step first."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
-    return [os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}") for step in sorted(steps)]
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, REWARD_STATE))
-
-
-def load_config_and_tokenizer(model_id: str, args: BalancedRewardConfig):
-    if model_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
-        raise ConfigError(f"model '{model_id}' does not exist: no such folder.")
-    try:
-        config = AutoConfig.from_pretrained(model_id, num_labels=1, trust_remote_code=args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
-        raise ConfigError(f"could not load model '{model_id}': {err}") from err
-    return config, tokenizer
-
-
-def skeleton_model(config, args: BalancedRewardConfig) -> PreTrainedModel:
-    """The model's architecture without weights (meta device): enough to check options before loading."""
-    options = {k: v for k, v in args.model_init_kwargs.items() if k == "attn_implementation"}
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code, **options)
-
-
-def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
-    set_seed(args.seed)  # the reward head is freshly initialised: make it reproducible
-    # safetensors only, unless asked: a pickled checkpoint (.bin) can run code when it is loaded.
-    init_kwargs = {"dtype": torch.float32, "use_safetensors": True, **args.model_init_kwargs}
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
-        )
-    except (OSError, ValueError) as err:
-        hint = ""
-        if init_kwargs["use_safetensors"] and "safetensors" in str(err):
-            hint = (" It has no safetensors weights; if you trust its pickled weights, set "
-                    "model_init_kwargs: {use_safetensors: false}.")
-        raise ConfigError(f"could not load model '{model_id}': {err}{hint}") from err
 
 
 class BalancedRewardTrainer(Trainer):
