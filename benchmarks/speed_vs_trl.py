@@ -47,12 +47,15 @@ def smollm2_shaped_model(tokenizer, seed: int) -> LlamaForSequenceClassification
 
 
 def select_pairs(tokenizer, count: int, max_length: int) -> Dataset:
-    """The first `count` pairs whose texts, with the eos trl appends, fit in max_length: pairs both trainers keep."""
+    """The first `count` pairs that both trainers train on: texts that fit in max_length with the eos trl appends
+    (trl drops longer pairs), and rows this package's validation accepts (it refuses e.g. an empty response)."""
+    from hf_balanced_reward.data import row_problem
+
     rows = load_dataset("json", data_files=os.path.join(DATA, "train_chat.jsonl"), split="train")
     kept = []
     for row in rows:
         texts = [row["prompt"] + row[key] + tokenizer.eos_token for key in ("chosen", "rejected")]
-        if all(len(tokenizer(t)["input_ids"]) <= max_length for t in texts):
+        if row_problem(row, None) is None and all(len(tokenizer(t)["input_ids"]) <= max_length for t in texts):
             kept.append({key: row[key] for key in ("prompt", "chosen", "rejected")})
         if len(kept) == count:
             return Dataset.from_list(kept)

@@ -46,7 +46,8 @@ def pack_rows(lengths: list[int], max_width: int, multiple: int = 1) -> tuple[in
         for i in order:
             row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
             if row is None:
-                rows.append([]), free.append(width)
+                rows.append([])
+                free.append(width)
                 row = len(rows) - 1
             rows[row].append(i)
             free[row] -= lengths[i]
