@@ -9,6 +9,7 @@ Optional columns: `margin` (float, for margin-aware losses), `weight` (float, pe
 `group_column` named in the config.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -18,9 +19,24 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import common_prefix_length, maybe_apply_chat_template, maybe_extract_prompt
 
+from . import collator
 from .collator import shared_prefix_length
 
 logger = logging.getLogger(__name__)
+
+
+def _code_version() -> str:
+    """A hash of the code that prepares pairs. `datasets` keys its map cache on the mapped function, but hashes a
+    module-level function by its name, not its body: without this, results cached by an older version of this
+    package would be reused after an upgrade."""
+    digest = hashlib.sha256()
+    for path in (__file__, collator.__file__):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
@@ -178,7 +194,7 @@ def row_problem(example: dict, group_column: str | None) -> str | None:
     return None
 
 
-def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids):
+def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids, code_version=None):
     problem = row_problem(example, group_column)
     if problem:
         return {"chosen_ids": [], "rejected_ids": [], "group": "", "fit": "bad", "length": 0, "problem": problem}
@@ -227,6 +243,7 @@ def prepare_dataset(
             "append_eos": args.append_eos_token,
             "group_column": args.group_column,
             "special_ids": set(tokenizer.all_special_ids),
+            "code_version": CODE_VERSION,  # only part of the cache key
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         num_proc=args.dataset_num_proc,

@@ -128,3 +128,24 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{not json\n')
     with pytest.raises(DataError, match=r"could not load dataset '.*bad.jsonl'"):
         load_preference_dataset(str(tmp_path / "bad.jsonl"))
+
+
+def test_a_new_version_of_the_code_does_not_reuse_cached_pairs(tmp_path, tokenizer, pairs_file, monkeypatch):
+    import glob
+
+    from datasets import load_dataset
+
+    import hf_balanced_reward.data as data_module
+
+    dataset = load_dataset("json", data_files=pairs_file, split="train", cache_dir=str(tmp_path / "cache"))
+
+    def cache_files():
+        return set(glob.glob(str(tmp_path / "cache" / "**" / "cache-*.arrow"), recursive=True))
+
+    prepare_dataset(dataset, tokenizer, config())
+    first = cache_files()
+    prepare_dataset(dataset, tokenizer, config())
+    assert cache_files() == first  # same code, same options: served from the cache
+    monkeypatch.setattr(data_module, "CODE_VERSION", "a-later-version")
+    prepare_dataset(dataset, tokenizer, config())
+    assert cache_files() - first  # changed code: computed again, never an older version's columns
