@@ -206,11 +206,15 @@ def format_table(before: dict | None, after: dict | None) -> str:
     keys = [k for k in keys if k not in ("eval_epoch", "eval_model_preparation_time")]
     header = f"{'metric':<36}" + (f"{'before':>10}" if before else "") + f"{'after':>10}"
     rows = [header, "-" * len(header)]
+
+    def cell(value) -> str:  # counts (pairs, ties) as integers, everything else to 4 decimals
+        return f"{value:>10d}" if isinstance(value, int) else f"{value:>10.4f}"
+
     for key in keys:
         row = f"{key[len('eval_'):]:<36}"
         if before:
-            row += f"{before.get(key, float('nan')):>10.4f}"
-        rows.append(row + f"{after.get(key, float('nan')):>10.4f}")
+            row += cell(before.get(key, float("nan")))
+        rows.append(row + cell(after.get(key, float("nan"))))
     return "\n".join(rows)
 
 

@@ -49,4 +49,5 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, model_d
     assert double["files"] == single["files"]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+        # not bitwise: the all-reduce sums gradients in another order (measured max difference 2e-6 after 4 steps)
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
