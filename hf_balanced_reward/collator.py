@@ -107,12 +107,12 @@ class PairCollator:
     max_row_tokens: int = 2048
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.shared_prompt_batch(examples) if self.shared_prompt else self.plain_batch(examples)
-        lengths = []  # response tokens after the shared prompt: for length-bias metrics
-        for e in examples:
-            shared = shared_prefix_length(e["chosen_ids"], e["rejected_ids"])
-            lengths.append([len(e["chosen_ids"]) - shared, len(e["rejected_ids"]) - shared])
-        batch["response_lengths"] = torch.tensor(lengths)
+        prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
+        batch = self.shared_prompt_batch(examples, prompts) if self.shared_prompt else self.plain_batch(examples)
+        # Response tokens after the shared prompt: for the length-bias metrics.
+        batch["response_lengths"] = torch.tensor(
+            [[len(e["chosen_ids"]) - p, len(e["rejected_ids"]) - p] for e, p in zip(examples, prompts)]
+        )
         for key, dtype in PAIR_FIELDS:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
@@ -133,11 +133,13 @@ class PairCollator:
             "end_positions": lengths - 1,
         }
 
-    def shared_prompt_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """`prompts`: each pair's shared prefix length, when the caller has it already."""
+        if prompts is None:
+            prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
         segments = []  # per pair: (tokens, positions, branches)
-        for e in examples:
+        for e, shared in zip(examples, prompts):
             chosen, rejected = list(e["chosen_ids"]), list(e["rejected_ids"])
-            shared = shared_prefix_length(chosen, rejected)
             tokens = chosen + rejected[shared:]
             positions = list(range(len(chosen))) + list(range(shared, len(rejected)))
             branches = [PROMPT] * shared + [CHOSEN] * (len(chosen) - shared) + [REJECTED] * (len(rejected) - shared)
