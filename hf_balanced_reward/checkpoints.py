@@ -2,9 +2,8 @@
 
 import json
 import os
-import re
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import sort_checkpoints
 
 # Written last into every checkpoint (group DRO weights, skipped batches): a checkpoint without it was cut short.
 REWARD_STATE = "reward_state.json"
@@ -20,11 +19,8 @@ def write_json_atomically(path: str, value) -> None:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """checkpoint-N folders of a run, oldest step first."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = [int(m.group(1)) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
-    return [os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}") for step in sorted(steps)]
+    """checkpoint-N folders of a run, oldest step first (Trainer's own ordering)."""
+    return sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []
 
 
 def is_complete_checkpoint(path: str) -> bool:

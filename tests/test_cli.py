@@ -134,4 +134,12 @@ def test_every_accelerate_config_loads(path):
 
 def test_recipes_and_configs_exist():
     assert os.path.exists(os.path.join(REPO, "recipes", "quickstart.yaml"))
-    assert len(glob.glob(os.path.join(REPO, "accelerate_configs", "*.yaml"))) >= 2
+    expected = {"single_gpu.yaml": "NO", "multi_gpu.yaml": "MULTI_GPU", "fsdp2.yaml": "FSDP",
+                "deepspeed_zero2.yaml": "DEEPSPEED", "deepspeed_zero3.yaml": "DEEPSPEED", "multi_node.yaml": "MULTI_GPU"}
+    for name, kind in expected.items():  # each launcher the README lists, loaded as what it claims to be
+        loaded = load_config_from_file(os.path.join(REPO, "accelerate_configs", name))
+        assert loaded.distributed_type == kind, name
+    zero3 = load_config_from_file(os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml"))
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
+    fsdp = load_config_from_file(os.path.join(REPO, "accelerate_configs", "fsdp2.yaml"))
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -1,6 +1,5 @@
 """LoRA with its reward head, merged export, gradient checkpointing, mixed precision, configs for launchers."""
 
-import glob
 import os
 
 import pytest
@@ -8,8 +7,7 @@ import torch
 from peft import AutoPeftModelForSequenceClassification, LoraConfig
 from transformers import AutoModelForSequenceClassification
 
-from conftest import REPO
-from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer
 from hf_balanced_reward.cli import main
 
 
@@ -72,14 +70,18 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, model_dir, pairs)
 
 
 def test_bf16_autocast_trains_with_fp32_losses_and_rewards(tmp_path, model_dir, pairs):
+    seen = {"head": set(), "rewards": set()}
+
+    def recording_loss(chosen_rewards, rejected_rewards, margin=None):
+        seen["rewards"].add(chosen_rewards.dtype)
+        return LOSSES["bradley_terry"](chosen_rewards, rejected_rewards, margin)
+
     trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, bf16=True, use_cpu=True),
-                                    train_dataset=pairs)
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
-    with trainer.compute_loss_context_manager():
-        loss, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    assert torch.is_autocast_cpu_enabled() is False  # the context manager ended
-    assert loss.dtype == torch.float32 and out["chosen"].dtype == torch.float32
+                                    train_dataset=pairs, loss_fn=recording_loss)
+    trainer.model.score.register_forward_hook(lambda module, args, output: seen["head"].add(output.dtype))
     trainer.train()
+    assert seen["head"] == {torch.bfloat16}  # Accelerate's autocast ran the forward in bf16 ...
+    assert seen["rewards"] == {torch.float32}  # ... and the loss saw fp32 rewards
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
     assert next(trainer.model.parameters()).dtype == torch.float32  # weights stay fp32; autocast does bf16 matmuls
 
@@ -100,9 +102,3 @@ def test_cli_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, model_dir, pa
     assert main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--output_dir",
                  str(tmp_path), "--use_peft", "--load_in_4bit"]) == 2
     assert "load_in_4bit needs bitsandbytes" in capsys.readouterr().err
-
-
-def test_every_launcher_config_is_there():
-    names = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "accelerate_configs", "*.yaml"))}
-    assert {"single_gpu.yaml", "multi_gpu.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-            "multi_node.yaml"} <= names
