@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import BALANCE_METHODS, LOSSES
+from .balancing import WEIGHTINGS
+from .losses import LOSSES
 
 
 ON_BAD_ROWS = ("error", "skip")
@@ -67,7 +68,7 @@ class BalancedRewardConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Options of the chosen loss, e.g. {'hinge_margin': 0.5} for hinge or "
-            "{'method': 'group_dro', 'dro_step_size': 0.01} for balanced. A misspelled option is an error."
+            "{'length_expert': 0.5} for balanced. A misspelled option is an error."
         },
     )
     center_rewards_coefficient: float | None = field(
@@ -77,8 +78,9 @@ class BalancedRewardConfig(TrainingArguments):
     group_column: str | None = field(
         default=None,
         metadata={
-            "help": "Dataset column that names each pair's group (e.g. 'source'). Used by the balanced loss and for "
-            "per-group accuracy. When unset, pairs are grouped by length relation: chosen longer / shorter / same."
+            "help": "Dataset column that names each pair's group (e.g. 'source'). The balanced loss balances length "
+            "direction within each group, and metrics are reported per group and per length cell. When unset, all "
+            "pairs form one group."
         },
     )
     # --- model ---
@@ -163,6 +165,23 @@ class BalancedRewardConfig(TrainingArguments):
         super().__post_init__()
         self.validate_reward_options()
 
+    @staticmethod
+    def validate_balance_options(options: dict) -> None:
+        weighting = options.get("weighting", "cells")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"loss_kwargs weighting='{weighting}' is not a weighting{did_you_mean(weighting, WEIGHTINGS)}. "
+                f"Choose one of: {', '.join(WEIGHTINGS)}."
+            )
+        if not isinstance(options.get("group_dro", False), bool):
+            raise ConfigError(f"loss_kwargs group_dro must be true or false, got {options['group_dro']!r}.")
+        for name, meaning in (("dro_step_size", "0 keeps the unit weights fixed"),
+                              ("dro_adjustment", "0 turns the small-unit adjustment off"),
+                              ("length_expert", "0 turns the length expert off")):
+            value = options.get(name, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"loss_kwargs {name} must be a number >= 0, got {value!r}; {meaning}.")
+
     def validate_reward_options(self) -> None:
         if self.loss_type not in LOSSES:
             raise ConfigError(
@@ -171,14 +190,7 @@ class BalancedRewardConfig(TrainingArguments):
             )
         check_loss_kwargs(self.loss_kwargs, LOSSES[self.loss_type], self.loss_type)
         if self.loss_type == "balanced":
-            method = self.loss_kwargs.get("method", "inverse_frequency")
-            if method not in BALANCE_METHODS:
-                raise ConfigError(
-                    f"loss_kwargs method='{method}' is not a balancing method{did_you_mean(method, BALANCE_METHODS)}. "
-                    f"Choose one of: {', '.join(BALANCE_METHODS)}."
-                )
-            if float(self.loss_kwargs.get("dro_step_size", 0.01)) < 0:
-                raise ConfigError("loss_kwargs dro_step_size must be >= 0; 0 keeps the group weights uniform.")
+            self.validate_balance_options(self.loss_kwargs)
         if self.loss_type == "hinge" and float(self.loss_kwargs.get("hinge_margin", 1.0)) < 0:
             raise ConfigError(
                 f"loss_kwargs hinge_margin must be >= 0, got {self.loss_kwargs['hinge_margin']}: "

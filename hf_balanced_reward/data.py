@@ -17,9 +17,10 @@ from collections import Counter
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from trl.data_utils import common_prefix_length, maybe_apply_chat_template, maybe_extract_prompt
+from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
 
-from . import collator
+from . import balancing, collator
+from .balancing import LENGTH_CELLS, length_cells
 from .collator import shared_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def _code_version() -> str:
     module-level function by its name, not its body: without this, results cached by an older version of this
     package would be reused after an upgrade."""
     digest = hashlib.sha256()
-    for path in (__file__, collator.__file__):
+    for path in (__file__, collator.__file__, balancing.__file__):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
@@ -39,9 +40,6 @@ def _code_version() -> str:
 CODE_VERSION = _code_version()
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
-SAME_LENGTH_TOLERANCE = 0.1
-LENGTH_GROUPS = ("chosen_longer", "chosen_shorter", "same_length")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
 # Columns the collator reads; `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
@@ -140,9 +138,7 @@ def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
 
 
 def length_relation(chosen_length: int, rejected_length: int) -> str:
-    if abs(chosen_length - rejected_length) <= SAME_LENGTH_TOLERANCE * max(chosen_length, rejected_length):
-        return "same_length"
-    return "chosen_longer" if chosen_length > rejected_length else "chosen_shorter"
+    return LENGTH_CELLS[int(length_cells(chosen_length, rejected_length))]
 
 
 def text_problem(value, allow_empty: bool = False) -> str | None:
@@ -197,7 +193,8 @@ def row_problem(example: dict, group_column: str | None) -> str | None:
 def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids, code_version=None):
     problem = row_problem(example, group_column)
     if problem:
-        return {"chosen_ids": [], "rejected_ids": [], "group": "", "fit": "bad", "length": 0, "problem": problem}
+        return {"chosen_ids": [], "rejected_ids": [], "group": "", "response_lengths": [0, 0], "fit": "bad",
+                "length": 0, "problem": problem}
     problem = ""  # a string column throughout: Arrow cannot type a column that starts all null
     if "chosen_ids" in example and "rejected_ids" in example:
         chosen_ids, rejected_ids = list(example["chosen_ids"]), list(example["rejected_ids"])
@@ -205,15 +202,15 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
         _, chosen_text, rejected_text = render_texts(example, tokenizer, append_eos)
         chosen_ids = tokenizer(chosen_text)["input_ids"]
         rejected_ids = tokenizer(rejected_text)["input_ids"]
-    shared = common_prefix_length(chosen_ids, rejected_ids)
-    relation = length_relation(len(chosen_ids) - shared, len(rejected_ids) - shared)
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
     if status == "dropped":
         problem = f"a response alone is longer than max_length={max_length} tokens"
-    group = str(example[group_column]) if group_column else relation
-    length = len(chosen_ids) + len(rejected_ids) - shared_prefix_length(chosen_ids, rejected_ids)
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "fit": status, "length": length,
-            "problem": problem}
+    group = str(example[group_column]) if group_column else "all"
+    prompt = shared_prefix_length(chosen_ids, rejected_ids)
+    # Response tokens after the shared prompt, as the collator counts them: length cells and the length expert.
+    response_lengths = [len(chosen_ids) - prompt, len(rejected_ids) - prompt]
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "group": group, "response_lengths": response_lengths,
+            "fit": status, "length": sum(response_lengths) + prompt, "problem": problem}
 
 
 def prepare_dataset(
@@ -221,7 +218,7 @@ def prepare_dataset(
 ) -> tuple[Dataset, dict]:
     """Validate, tokenise, truncate and label the groups of a preference dataset, in one pass.
 
-    Returns the prepared pairs (`chosen_ids`, `rejected_ids`, `group`, `length`, and `margin` / `weight` when
+    Returns the prepared pairs (`chosen_ids`, `rejected_ids`, `group`, `response_lengths`, `length`, and `margin` / `weight` when
     present) and a report: pairs kept, prompts truncated, and bad rows skipped per reason. Bad rows stop the run
     (`on_bad_rows="error"`, naming rows, columns and problems) or are dropped and counted (`"skip"`).
     """

@@ -19,7 +19,8 @@ from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints,
 from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
-from .losses import LOSSES, group_dro_update, group_pair_weights
+from .balancing import GroupBalance, length_cells
+from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
 from .modeling import (
@@ -109,18 +110,20 @@ class BalancedRewardTrainer(Trainer):
             logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
             self.max_length = positions
 
-        self.group_names: list[str] = []
-        self.group_sizes = torch.zeros(0, dtype=torch.long)
+        balance_options = args.loss_kwargs if args.loss_type == "balanced" and loss_fn is None else {}
+        self.balance = GroupBalance(**balance_options)  # group names for every loss; weights for `balanced`
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, skipped per reason
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
-        if train_dataset is not None:
-            self.group_sizes = torch.bincount(torch.as_tensor(train_dataset["group_id"]), minlength=len(self.group_names))
+        if train_dataset is not None and "response_lengths" in train_dataset.column_names:
+            lengths = torch.as_tensor(train_dataset["response_lengths"])
+            group_ids = torch.as_tensor(train_dataset["group_id"])
+            self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
+            if args.loss_type == "balanced" and loss_fn is None:
+                logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
-        num_groups = max(len(self.group_names), 1)
-        self.group_mix = torch.full((num_groups,), 1.0 / num_groups)  # q of the balanced loss; uniform to start
 
         if model_id:
             model = load_model(model_id, args)
@@ -240,12 +243,16 @@ class BalancedRewardTrainer(Trainer):
         return dataset
 
     def _register_groups(self, names):
-        if not names:
-            return
-        self.group_names = self.group_names + list(names)
-        self.group_sizes = F.pad(self.group_sizes, (0, len(names)))
-        if hasattr(self, "group_mix"):
-            self.group_mix = F.pad(self.group_mix, (0, len(names)))
+        if names:
+            self.balance.add_groups(names)
+
+    @property
+    def group_names(self) -> list[str]:
+        return self.balance.group_names
+
+    @property
+    def uses_balance(self) -> bool:
+        return self.args.loss_type == "balanced" and self.loss_fn is LOSSES["balanced"]
 
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
@@ -296,7 +303,8 @@ class BalancedRewardTrainer(Trainer):
                 f"checkpoint '{checkpoint}' was trained with groups {state['group_names']}, this data has "
                 f"{self.group_names}; resume with the same data and group_column."
             )
-        self.group_mix = torch.tensor(state["group_mix"])
+        if "balance" in state:  # absent in checkpoints of versions before length cells: start from the fitted q
+            self.balance.load_state_dict(state["balance"])
         self.skipped_batches = state["skipped_batches"]
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -309,7 +317,7 @@ class BalancedRewardTrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"group_names": self.group_names, "group_mix": self.group_mix.tolist(),
+            state = {"group_names": self.group_names, "balance": self.balance.state_dict(),
                      "skipped_batches": self.skipped_batches}
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
@@ -452,17 +460,24 @@ class BalancedRewardTrainer(Trainer):
 
     def pair_weights(self, inputs) -> torch.Tensor | None:
         weights = inputs.get("weight")
-        if self.args.loss_type == "balanced":
-            device = inputs["group_id"].device
-            group_weights = group_pair_weights(
-                inputs["group_id"], self.group_sizes.to(device), self.group_mix.to(device)
-            )
-            weights = group_weights if weights is None else weights * group_weights
+        if self.uses_balance:
+            unit_weights = self.balance.pair_weights(inputs["group_id"], self.length_cells(inputs))
+            weights = unit_weights if weights is None else weights * unit_weights
         return weights
+
+    @staticmethod
+    def length_cells(inputs) -> torch.Tensor:
+        lengths = inputs["response_lengths"]
+        return torch.as_tensor(length_cells(lengths[:, 0].cpu(), lengths[:, 1].cpu()), device=lengths.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self.score_pairs(model, inputs)
-        per_pair = self.loss_fn(chosen, rejected, margin=inputs.get("margin"), **self.args.loss_kwargs)
+        margin = inputs.get("margin")
+        if model.training and self.uses_balance and self.balance.length_expert:
+            # The length expert votes inside the training logit only: r_c - r_r - (m - expert).
+            expert = self.balance.expert_logit(inputs["group_id"], inputs["response_lengths"])
+            margin = -expert if margin is None else margin - expert
+        per_pair = self.loss_fn(chosen, rejected, margin=margin, **self.args.loss_kwargs)
         if per_pair.shape != chosen.shape:
             raise ValueError(
                 f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
@@ -478,7 +493,7 @@ class BalancedRewardTrainer(Trainer):
             if not self._all_finite(loss, chosen, rejected):
                 return self._non_finite(model, loss, chosen, rejected)
             with torch.no_grad():
-                self._record_train_step(chosen, rejected, per_pair, inputs.get("group_id"))
+                self._record_train_step(chosen, rejected, per_pair, inputs)
         return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
 
     def _all_finite(self, *tensors) -> bool:
@@ -509,7 +524,8 @@ class BalancedRewardTrainer(Trainer):
             f"{checkpoint}; or set nan_policy: skip to leave such batches out."
         )
 
-    def _record_train_step(self, chosen, rejected, per_pair, group_ids):
+    def _record_train_step(self, chosen, rejected, per_pair, inputs):
+        group_ids = inputs.get("group_id")
         rewards = torch.cat([chosen, rejected])
         correct = (chosen > rejected).float()
         totals = torch.stack(
@@ -527,14 +543,15 @@ class BalancedRewardTrainer(Trainer):
             ]
         )
         self._group_totals = per_group if self._group_totals is None else pad_to(self._group_totals, num_groups) + per_group
-        if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
-            self._dro_totals = per_group if self._dro_totals is None else pad_to(self._dro_totals, num_groups) + per_group
+        if self.uses_balance and self.balance.group_dro:
+            units = group_ids * 3 + self.length_cells(inputs)
+            size = 3 * num_groups
+            per_unit = torch.stack([torch.bincount(units, minlength=size).float(),
+                                    torch.bincount(units, weights=per_pair.detach(), minlength=size)])
+            self._dro_totals = per_unit if self._dro_totals is None else pad_to(self._dro_totals, size) + per_unit
             if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
-                counts_and_losses = self.accelerator.reduce(self._dro_totals, reduction="sum")
-                step_size = float(self.args.loss_kwargs.get("dro_step_size", 0.01))
-                self.group_mix = group_dro_update(
-                    self.group_mix.to(counts_and_losses.device), counts_and_losses[2], counts_and_losses[0], step_size
-                )
+                count, loss_sum = self.accelerator.reduce(self._dro_totals, reduction="sum")
+                self.balance.dro_update(loss_sum.reshape(-1, 3), count.reshape(-1, 3))
                 self._dro_totals = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -560,9 +577,9 @@ class BalancedRewardTrainer(Trainer):
             for name, count, right in zip(self.group_names, group_counts, group_correct):
                 if count:
                     metrics[f"accuracy_{metric_name(name)}"] = right / count
-        if self.args.loss_type == "balanced" and self.args.loss_kwargs.get("method") == "group_dro":
-            for name, weight in zip(self.group_names, self.group_mix.tolist()):
-                metrics[f"group_weight_{metric_name(name)}"] = weight
+        if self.uses_balance and self.balance.group_dro:
+            for name, unit in self.balance.summary()["units"].items():
+                metrics[f"unit_weight_{metric_name(name)}"] = unit["weight"]
         self._train_totals, self._group_totals = None, None
         return metrics
 

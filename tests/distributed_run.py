@@ -18,7 +18,7 @@ data = load_dataset("json", data_files=data_file, split="train")
 args = BalancedRewardConfig(
     output_dir=output_dir, report_to="none", per_device_train_batch_size=int(batch_size), per_device_eval_batch_size=3,
     learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, group_column="source", max_steps=4,
-    loss_type="balanced", loss_kwargs={"method": "group_dro", "dro_step_size": 0.5}, use_cpu=True,
+    loss_type="balanced", loss_kwargs={"group_dro": True, "dro_step_size": 0.5}, use_cpu=True,
     ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,  # torchrun sets WORLD_SIZE
 )
 trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data, eval_dataset=data.select(range(23)))
@@ -28,7 +28,8 @@ trainer.save_model()
 rank = trainer.args.process_index
 with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"world_size": trainer.args.world_size, "should_save": trainer.args.should_save,
-               "group_sizes": trainer.group_sizes.tolist(), "group_mix": trainer.group_mix.tolist()}, f)
+               "group_sizes": trainer.balance.unit_sizes.sum(dim=1).tolist(),
+               "group_mix": trainer.balance.mix.flatten().tolist()}, f)
 if rank == 0:
     with open(os.path.join(report_dir, "result.json"), "w") as f:
         json.dump({"losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],

@@ -54,8 +54,8 @@ def test_python_module_entry_point_and_flag_precedence(recipe, tmp_path):
 
 
 def test_yaml_values_and_flags_reach_the_config(recipe):
-    script_args, config = parse_train_args(["--config", recipe(loss_kwargs={"method": "group_dro"}), "--seed", "7"])
-    assert config.loss_type == "balanced" and config.loss_kwargs == {"method": "group_dro"} and config.seed == 7
+    script_args, config = parse_train_args(["--config", recipe(loss_kwargs={"group_dro": True}), "--seed", "7"])
+    assert config.loss_type == "balanced" and config.loss_kwargs == {"group_dro": True} and config.seed == 7
     assert script_args.eval_split_ratio == 0.25
 
 

@@ -40,7 +40,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, model_d
 
     assert double["losses"] == pytest.approx(single["losses"], rel=1e-5)
     for two_log, one_log in zip(double["train_logs"], single["train_logs"], strict=True):  # summed, not averaged
-        metrics = {k: v for k, v in one_log.items() if k.startswith(("accuracy", "margin", "reward", "group_weight"))}
+        metrics = {k: v for k, v in one_log.items() if k.startswith(("accuracy", "margin", "reward", "unit_weight"))}
         assert metrics and {k: two_log.get(k) for k in metrics} == pytest.approx(metrics, rel=1e-5, abs=1e-6)
     for key, value in single["eval"].items():
         if key.startswith("eval_") and not key.endswith(("runtime", "per_second")):

@@ -22,7 +22,7 @@ STEPS = 40
 def config(output_dir, **kwargs):
     defaults = dict(output_dir=str(output_dir), report_to="none", per_device_train_batch_size=4, learning_rate=1e-2,
                     logging_steps=1, save_strategy="no", seed=0, group_column="source", loss_type="balanced",
-                    loss_kwargs={"method": "group_dro", "dro_step_size": 0.5})
+                    loss_kwargs={"group_dro": True, "dro_step_size": 0.5})
     return BalancedRewardConfig(**{**defaults, **kwargs})
 
 
@@ -83,7 +83,7 @@ def cli_command(model_dir, pairs_file, output_dir, *extra):
         sys.executable, "-m", "hf_balanced_reward", "train", "--model_name_or_path", model_dir,
         "--dataset_name", pairs_file, "--output_dir", str(output_dir), "--max_steps", str(STEPS),
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--loss_type", "balanced",
-        "--group_column", "source", "--loss_kwargs", '{"method": "group_dro", "dro_step_size": 0.5}',
+        "--group_column", "source", "--loss_kwargs", '{"group_dro": true, "dro_step_size": 0.5}',
         "--save_steps", "2", "--logging_steps", "1", "--report_to", "none", "--seed", "0", *extra,
     ]
 

@@ -25,11 +25,12 @@ LOSS_SETTINGS = [
     ("bradley_terry", {}),
     ("hinge", {"hinge_margin": 0.5}),
     ("balanced", {}),
-    ("balanced", {"method": "group_dro", "dro_step_size": 0.5}),
+    ("balanced", {"group_dro": True, "dro_step_size": 0.5}),
+    ("balanced", {"length_expert": 1.0, "weighting": "groups"}),
 ]
 
 
-@pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS, ids=["bt", "hinge", "balanced", "group_dro"])
+@pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS, ids=["bt", "hinge", "balanced", "group_dro", "length_expert"])
 def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_type, loss_kwargs):
     args = config(tmp_path, loss_type=loss_type, loss_kwargs=loss_kwargs, max_steps=3)
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
@@ -50,9 +51,17 @@ def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_t
         (metrics["eval_accuracy_big"] + metrics["eval_accuracy_small"]) / 2
     )
     assert metrics["eval_worst_group_accuracy"] == min(metrics["eval_accuracy_big"], metrics["eval_accuracy_small"])
-    if loss_kwargs.get("method") == "group_dro":
-        weights = [logged[f"group_weight_{g}"] for g in ("big", "small")]
-        assert sum(weights) == pytest.approx(1.0) and weights != pytest.approx([0.5, 0.5])
+    if loss_kwargs.get("group_dro"):
+        units = trainer.balance.summary()["units"]
+        weights = {k: v for k, v in logged.items() if k.startswith("unit_weight_")}
+        assert len(weights) == len(units) >= 2
+        mix = trainer.balance.mix
+        assert float(mix.sum()) == pytest.approx(1.0) and not torch.allclose(mix, balance_start(trainer))
+
+
+def balance_start(trainer):
+    from hf_balanced_reward.balancing import unit_mixture
+    return unit_mixture(trainer.balance.unit_sizes, trainer.balance.weighting)
 
 
 def test_encoder_model_trains(tmp_path, tokenizer, pairs):

@@ -1,0 +1,159 @@
+"""The state of the balanced loss: units (group x length cell), their weights, the length expert and group DRO.
+
+A *unit* is one cell of a group: the pairs of group g (`group_column`, or one group "all") whose chosen response is
+longer, shorter, or of nearly the same length as the rejected one. The shortcut this package balances is length,
+whose direction can differ by group, so the units are where a length-biased model is right (the majority direction
+of its group) or wrong (the minority direction).
+
+Every weighting is a mixture q over units: a pair of unit u weighs w_i = q_u * N / n_u (N pairs, n_u in unit u), so
+a uniformly drawn batch estimates sum_u q_u * mean_u(loss). The weightings differ only in q:
+- "cells": each group keeps its share n_g / N; inside it, the chosen-longer and chosen-shorter cells split their
+  combined share equally (same-length pairs keep their own), so length direction carries no signal in training;
+- "groups": every group 1/G, split over its cells in proportion to their size (inverse group frequency);
+- "none": q_u = n_u / N, every pair weight 1.
+Group DRO starts from that q and moves it towards the units with the highest loss after every optimizer step.
+
+The length expert (a known-bias product of experts) adds `length_expert * beta_g * dlog_len` to each training pair's
+logit, with beta_g fitted per group before training; the model then gains nothing from learning length itself. The
+term exists only in the loss: the saved model's rewards are its own.
+"""
+
+import numpy as np
+import torch
+
+LENGTH_CELLS = ("chosen_longer", "chosen_shorter", "same_length")
+LONGER, SHORTER, SAME = 0, 1, 2
+# A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
+SAME_LENGTH_TOLERANCE = 0.1
+WEIGHTINGS = ("cells", "groups", "none")
+
+
+def length_cells(chosen_lengths, rejected_lengths) -> np.ndarray:
+    """Cell index per pair (LONGER, SHORTER or SAME) from the two responses' lengths in tokens."""
+    chosen, rejected = np.asarray(chosen_lengths, dtype=np.float64), np.asarray(rejected_lengths, dtype=np.float64)
+    cells = np.where(chosen > rejected, LONGER, SHORTER)
+    return np.where(np.abs(chosen - rejected) <= SAME_LENGTH_TOLERANCE * np.maximum(chosen, rejected), SAME, cells)
+
+
+def log_length_difference(chosen_lengths, rejected_lengths):
+    """log(1 + |chosen|) - log(1 + |rejected|), the length feature of the expert (tensors or arrays)."""
+    if isinstance(chosen_lengths, torch.Tensor):
+        return torch.log1p(chosen_lengths.float()) - torch.log1p(rejected_lengths.float())
+    return np.log1p(np.asarray(chosen_lengths, np.float64)) - np.log1p(np.asarray(rejected_lengths, np.float64))
+
+
+def unit_mixture(unit_sizes: torch.Tensor, weighting: str) -> torch.Tensor:
+    """The mixture q over units [G, 3] (sums to 1) that a static weighting gives."""
+    sizes = unit_sizes.double()
+    total = sizes.sum()
+    if weighting == "none":
+        return (sizes / total).float()
+    group_sizes = sizes.sum(dim=1, keepdim=True)
+    if weighting == "groups":
+        present = (group_sizes > 0).sum()
+        return (sizes / group_sizes.clamp(min=1) / present).float()
+    mix = sizes / total
+    directed = mix[:, LONGER] + mix[:, SHORTER]
+    both = (sizes[:, LONGER] > 0) & (sizes[:, SHORTER] > 0)
+    mix[:, LONGER] = torch.where(both, directed / 2, mix[:, LONGER])
+    mix[:, SHORTER] = torch.where(both, directed / 2, mix[:, SHORTER])
+    return mix.float()
+
+
+def fit_length_slope(differences, ridge: float = 1e-3, steps: int = 50) -> float:
+    """beta maximising sum_i log sigmoid(beta * d_i) - ridge / 2 * beta^2, by Newton's method.
+
+    The one-feature logistic regression of "chosen wins" on d_i = dlog_len (no intercept: swapping the two responses
+    flips both the label and the sign of d). The small ridge keeps beta finite when every d_i has the same sign.
+    """
+    d = torch.as_tensor(differences, dtype=torch.float64)
+    beta = torch.zeros((), dtype=torch.float64)
+    for _ in range(steps):
+        p = torch.sigmoid(beta * d)
+        gradient = ((1 - p) * d).sum() - ridge * beta
+        curvature = (p * (1 - p) * d * d).sum() + ridge
+        step = gradient / curvature
+        beta = beta + step
+        if step.abs() < 1e-10:
+            break
+    return float(beta)
+
+
+class GroupBalance:
+    """Per-unit sizes, the mixture q, fitted length slopes and the DRO update; saved with every checkpoint.
+
+    Options (the `balanced` loss's `loss_kwargs`): `weighting`, `group_dro`, `dro_step_size`, `dro_adjustment`,
+    `length_expert`.
+    """
+
+    def __init__(self, weighting="cells", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.0):
+        self.weighting, self.group_dro = weighting, group_dro
+        self.dro_step_size, self.dro_adjustment, self.length_expert = dro_step_size, dro_adjustment, length_expert
+        self.group_names: list[str] = []
+        self.unit_sizes = torch.zeros(0, 3, dtype=torch.long)
+        self.mix = torch.zeros(0, 3)
+        self.slopes = torch.zeros(0)
+
+    def add_groups(self, names) -> None:
+        """Groups first seen in an eval set: no training pairs, weight 1, slope 0."""
+        self.group_names = self.group_names + list(names)
+        grow = len(self.group_names) - len(self.unit_sizes)
+        self.unit_sizes = torch.cat([self.unit_sizes, torch.zeros(grow, 3, dtype=torch.long)])
+        self.mix = torch.cat([self.mix, torch.zeros(grow, 3)])
+        self.slopes = torch.cat([self.slopes, torch.zeros(grow)])
+
+    def fit(self, group_ids, cells, chosen_lengths, rejected_lengths) -> None:
+        """Unit sizes, the starting mixture and one length slope per group, from the training pairs."""
+        group_ids, cells = torch.as_tensor(group_ids, dtype=torch.long), torch.as_tensor(cells, dtype=torch.long)
+        units = torch.bincount(group_ids * 3 + cells, minlength=3 * len(self.group_names))
+        self.unit_sizes = units.reshape(-1, 3)
+        self.mix = unit_mixture(self.unit_sizes, self.weighting)
+        differences = torch.as_tensor(log_length_difference(chosen_lengths, rejected_lengths))
+        self.slopes = torch.tensor(
+            [fit_length_slope(differences[group_ids == g]) if (group_ids == g).any() else 0.0
+             for g in range(len(self.group_names))]
+        )
+
+    def pair_weights(self, group_ids: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """w_i = q_u * N / n_u; pairs of a unit without training pairs weigh 1."""
+        sizes = self.unit_sizes.to(group_ids.device)
+        unit_size = sizes[group_ids, cells].float()
+        weights = self.mix.to(group_ids.device)[group_ids, cells] * sizes.sum().float() / unit_size.clamp(min=1)
+        return torch.where(unit_size > 0, weights, torch.ones_like(weights))
+
+    def expert_logit(self, group_ids: torch.Tensor, response_lengths: torch.Tensor) -> torch.Tensor:
+        """length_expert * beta_g * dlog_len per pair: the length expert's vote for the chosen response."""
+        difference = log_length_difference(response_lengths[:, 0], response_lengths[:, 1])
+        return self.length_expert * self.slopes.to(difference.device)[group_ids] * difference
+
+    def dro_update(self, unit_loss_sum: torch.Tensor, unit_count: torch.Tensor) -> None:
+        """q_u <- q_u * exp(step * (mean loss_u + C / sqrt(n_u))) for the units seen in the step; renormalise.
+
+        Sagawa et al. 2020: C (`dro_adjustment`) favours small units, whose mean loss underestimates their risk.
+        """
+        seen = unit_count > 0
+        adjustment = self.dro_adjustment / self.unit_sizes.to(unit_count.device).float().clamp(min=1).sqrt()
+        mean_loss = unit_loss_sum / unit_count.clamp(min=1)
+        exponent = torch.where(seen, self.dro_step_size * (mean_loss + adjustment), torch.zeros_like(mean_loss))
+        updated = self.mix.to(exponent.device) * torch.exp(exponent)
+        self.mix = (updated / updated.sum()).cpu()
+
+    def unit_names(self) -> list[str]:
+        return [f"{group}/{cell}" for group in self.group_names for cell in LENGTH_CELLS]
+
+    def summary(self) -> dict:
+        """What the card and the log show: slopes per group, and weight per unit with training pairs."""
+        weights = self.mix * self.unit_sizes.sum() / self.unit_sizes.clamp(min=1)
+        units = {
+            name: {"pairs": int(n), "weight": round(float(w), 4)}
+            for name, n, w in zip(self.unit_names(), self.unit_sizes.flatten(), weights.flatten()) if n > 0
+        }
+        slopes = {name: round(float(s), 4) for name, s in zip(self.group_names, self.slopes)}
+        return {"length_slopes": slopes, "units": units}
+
+    def state_dict(self) -> dict:
+        return {"group_names": self.group_names, "unit_mix": self.mix.tolist(), "slopes": self.slopes.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mix = torch.tensor(state["unit_mix"])
+        self.slopes = torch.tensor(state["slopes"])
