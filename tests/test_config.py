@@ -30,9 +30,16 @@ def test_option_of_another_loss_is_rejected():
         make(loss_kwargs={"hinge_margin": 0.5})
 
 
-def test_unknown_balance_method():
-    with pytest.raises(ConfigError, match=r"method='group_dor' is not a balancing method \(did you mean 'group_dro'"):
-        make(loss_type="balanced", loss_kwargs={"method": "group_dor"})
+def test_unknown_balance_weighting():
+    with pytest.raises(ConfigError, match=r"weighting='cell' is not a weighting \(did you mean 'cells'\?\)\. "
+                       r"Choose one of: cells, groups, none\."):
+        make(loss_type="balanced", loss_kwargs={"weighting": "cell"})
+
+
+def test_old_balance_method_option_names_the_new_ones():
+    with pytest.raises(ConfigError, match=r"unknown option 'method' for loss 'balanced'.*Options of 'balanced': "
+                       r"weighting, group_dro, dro_step_size, dro_adjustment, length_expert\."):
+        make(loss_type="balanced", loss_kwargs={"method": "group_dro"})
 
 
 def test_negative_hinge_margin():
@@ -41,8 +48,8 @@ def test_negative_hinge_margin():
 
 
 def test_negative_dro_step_size():
-    with pytest.raises(ConfigError, match=r"dro_step_size must be >= 0"):
-        make(loss_type="balanced", loss_kwargs={"method": "group_dro", "dro_step_size": -0.1})
+    with pytest.raises(ConfigError, match=r"dro_step_size must be a number >= 0, got -0.1"):
+        make(loss_type="balanced", loss_kwargs={"group_dro": True, "dro_step_size": -0.1})
 
 
 def test_loss_kwargs_from_a_json_string():

@@ -56,7 +56,9 @@ def test_every_preference_format_tokenizes_to_full_sequences(row, tokenizer):
     assert tokenizer.decode(example["rejected_ids"]).rstrip("</s>").endswith("No.")
     if isinstance(row["chosen"], list):  # rendered with the chat template
         assert "<|assistant|>Sure, here.</s>" in chosen_text
-    assert example["group"] == "chosen_longer"  # no group_column: grouped by length relation
+    assert example["group"] == "all"  # no group_column: one group
+    chosen_length, rejected_length = example["response_lengths"]
+    assert length_relation(chosen_length, rejected_length) == "chosen_longer"  # "Sure, here." against "No."
 
 
 def test_pretokenized_pairs_pass_through(tokenizer):
@@ -72,7 +74,8 @@ def test_append_eos_token(tokenizer):
 
 def test_group_margin_and_weight_columns_are_kept(pairs, tokenizer):
     prepared, _ = prepare_dataset(pairs.add_column("weight", [2.0] * len(pairs)), tokenizer, config(group_column="source"))
-    assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight", "length"}
+    assert set(prepared.column_names) == {"chosen_ids", "rejected_ids", "group", "margin", "weight", "length",
+                                          "response_lengths"}
     assert sorted(set(prepared["group"])) == ["big", "small"]
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from hf_balanced_reward import LOSSES, balanced, bradley_terry, hinge
-from hf_balanced_reward.losses import group_dro_update, group_pair_weights
 
 
 def t(*values):
@@ -44,31 +43,3 @@ def test_larger_margin_never_lowers_the_loss(name):
     large = LOSSES[name](chosen, rejected, margin=torch.full((16,), 1.0))
     assert torch.all(large >= small)
     assert torch.any(large > small)
-
-
-def test_group_pair_weights_hand_values():
-    # n = [3, 1], N = 4, uniform q: w = q * N / n = [2/3, 2]; the dataset mean of w is 1
-    weights = group_pair_weights(torch.tensor([0, 0, 0, 1]), torch.tensor([3, 1]), t(0.5, 0.5))
-    assert weights.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
-    assert weights.mean().item() == pytest.approx(1.0)
-
-
-def test_balanced_weighting_gives_every_group_equal_weight():
-    group_ids = torch.tensor([0] * 6 + [1] * 2)
-    per_pair = t(1, 1, 1, 1, 1, 1, 3, 5)  # group means: 1 and 4
-    weights = group_pair_weights(group_ids, torch.tensor([6, 2]), t(0.5, 0.5))
-    assert (weights * per_pair).mean().item() == pytest.approx((1 + 4) / 2)
-
-
-def test_groups_missing_from_training_get_weight_one():
-    weights = group_pair_weights(torch.tensor([0, 1]), torch.tensor([4, 0]), t(1.0, 0.0))
-    assert weights.tolist() == pytest.approx([1.0, 1.0])
-
-
-def test_group_dro_update_moves_weight_to_the_worse_group():
-    # mean losses 1 and 3, step 0.5: q ∝ [0.5 e^0.5, 0.5 e^1.5]
-    mix = group_dro_update(t(0.5, 0.5), group_loss_sum=t(2.0, 3.0), group_count=t(2.0, 1.0), step_size=0.5)
-    expected = torch.tensor([math.exp(0.5), math.exp(1.5)])
-    assert mix.tolist() == pytest.approx((expected / expected.sum()).tolist(), abs=1e-6)
-    unseen = group_dro_update(t(0.5, 0.5), t(0.0, 3.0), t(0.0, 1.0), 0.0)
-    assert unseen.tolist() == pytest.approx([0.5, 0.5])

@@ -1,0 +1,131 @@
+"""Units, weights, fitted slopes, the length expert and group DRO of the balanced loss, on hand-worked inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward.balancing import (
+    LONGER, SAME, SHORTER, GroupBalance, fit_length_slope, length_cells, unit_mixture,
+)
+
+
+def test_length_cells():
+    assert length_cells([20, 10, 20, 10, 3], [10, 20, 19, 9, 3]).tolist() == [LONGER, SHORTER, SAME, SAME, SAME]
+
+
+def pair_weights_of(unit_sizes, weighting):
+    """Weight of one pair of each unit: q_u * N / n_u."""
+    sizes = torch.tensor(unit_sizes)
+    return unit_mixture(sizes, weighting) * sizes.sum() / sizes.clamp(min=1)
+
+
+def test_cell_weighting_splits_each_groups_share_equally_between_directions():
+    # group 0: 3 longer, 1 shorter; group 1: 2 longer, 2 shorter, 4 same-length. N = 12.
+    weights = pair_weights_of([[3, 1, 0], [2, 2, 4]], "cells")
+    # group 0 keeps 4/12 of the mass, 2/12 per direction: 2/12 * 12 / 3 and 2/12 * 12 / 1.
+    assert weights[0, :2].tolist() == pytest.approx([2 / 3, 2.0])
+    assert weights[1].tolist() == pytest.approx([1.0, 1.0, 1.0])  # already balanced; same-length keeps weight 1
+    # the total weight is still N, so the loss keeps its scale
+    assert float((weights * torch.tensor([[3, 1, 0], [2, 2, 4]])).sum()) == pytest.approx(12)
+
+
+def test_cell_weighting_leaves_a_group_with_one_direction_alone():
+    assert pair_weights_of([[5, 0, 1]], "cells")[0, [LONGER, SAME]].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_group_and_no_weighting():
+    groups = pair_weights_of([[3, 1, 0], [2, 2, 4]], "groups")
+    assert groups[0, :2].tolist() == pytest.approx([1.5, 1.5])  # (1/2) * 12 / 4
+    assert groups[1].tolist() == pytest.approx([0.75, 0.75, 0.75])  # (1/2) * 12 / 8
+    assert pair_weights_of([[3, 1, 0], [2, 2, 4]], "none")[1].tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_fitted_slope_hand_values():
+    # maximise 2 log s(b) + log s(-b): 2 (1 - s(b)) = s(b), s(b) = 2/3, b = log 2
+    assert fit_length_slope([1.0, 1.0, -1.0], ridge=0.0) == pytest.approx(math.log(2), abs=1e-9)
+    assert fit_length_slope([2.0, -2.0], ridge=0.0) == pytest.approx(0.0, abs=1e-12)
+    assert fit_length_slope([-1.0, -1.0, 1.0], ridge=0.0) == pytest.approx(-math.log(2), abs=1e-9)
+    one_sided = fit_length_slope([1.0, 2.0, 0.5])  # no pair against the direction: the ridge keeps beta finite
+    assert 3 < one_sided < 50
+
+
+def test_group_balance_fit_weights_expert_and_state():
+    balance = GroupBalance(weighting="cells", length_expert=0.5)
+    balance.add_groups(["a", "b"])
+    chosen = torch.tensor([3, 3, 0, 9, 1])
+    rejected = torch.tensor([0, 0, 3, 9, 7])  # log1p differences: log 4, log 4, -log 4, 0, log(2/8)
+    group_ids = torch.tensor([0, 0, 0, 1, 1])
+    balance.fit(group_ids, torch.as_tensor(length_cells(chosen, rejected)), chosen, rejected)
+    assert balance.unit_sizes.tolist() == [[2, 1, 0], [0, 1, 1]]
+    log4 = math.log(4)
+    assert balance.slopes[0].item() == pytest.approx(fit_length_slope([log4, log4, -log4]))
+    assert balance.slopes[0].item() == pytest.approx(math.log(2) / log4, abs=2e-3)  # the ridge moves it a little
+    assert balance.slopes[1].item() == pytest.approx(fit_length_slope([0.0, math.log(2 / 8)]))
+    # group a holds 3/5 of the mass, 1.5/5 per direction: w = q * N / n = 0.75 (longer, 2 pairs), 1.5 (shorter);
+    # group b has no chosen-longer pair, so its cells keep weight 1
+    weights = balance.pair_weights(group_ids, torch.as_tensor(length_cells(chosen, rejected)))
+    assert weights.tolist() == pytest.approx([0.75, 0.75, 1.5, 1.0, 1.0])
+    lengths = torch.stack([chosen, rejected], dim=1)
+    expected = 0.5 * balance.slopes[group_ids] * (torch.log1p(chosen.float()) - torch.log1p(rejected.float()))
+    torch.testing.assert_close(balance.expert_logit(group_ids, lengths), expected)
+    # a pair of a group seen only at evaluation weighs 1 and gets no expert vote
+    balance.add_groups(["new"])
+    assert balance.pair_weights(torch.tensor([2]), torch.tensor([LONGER])).tolist() == [1.0]
+    assert balance.expert_logit(torch.tensor([2]), torch.tensor([[5, 1]])).tolist() == [0.0]
+    restored = GroupBalance()
+    restored.load_state_dict(balance.state_dict())
+    assert torch.equal(restored.mix, balance.mix) and torch.equal(restored.slopes, balance.slopes)
+
+
+def test_dro_update_hand_values():
+    balance = GroupBalance(group_dro=True, dro_step_size=1.0, dro_adjustment=2.0)
+    balance.add_groups(["g"])
+    balance.unit_sizes = torch.tensor([[4, 1, 0]])
+    balance.mix = torch.tensor([[0.5, 0.5, 0.0]])
+    # mean losses 0.5 and 1.0; adjustments 2 / sqrt(4) = 1 and 2 / sqrt(1) = 2
+    balance.dro_update(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[4.0, 1.0, 0.0]]))
+    expected = torch.tensor([math.exp(1.5), math.exp(3.0)])
+    torch.testing.assert_close(balance.mix[0, :2], expected / expected.sum())
+    assert balance.mix[0, 2].item() == 0.0
+    balance.dro_adjustment, balance.unit_sizes = 0.0, torch.tensor([[4, 1, 0]])
+    before = balance.mix.clone()
+    balance.dro_update(torch.tensor([[0.0, 3.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]))  # unit 0 unseen: factor 1
+    ratio = (balance.mix[0, 1] / balance.mix[0, 0]) / (before[0, 1] / before[0, 0])
+    assert ratio.item() == pytest.approx(math.exp(3.0), rel=1e-5)
+
+
+def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(tmp_path, model_dir, pairs):
+    args = BalancedRewardConfig(
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=8, max_steps=2,
+        learning_rate=1e-2, save_strategy="no", seed=0, group_column="source", loss_type="balanced",
+        loss_kwargs={"weighting": "none", "length_expert": 2.0},
+    )
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    assert trainer.balance.slopes.abs().min() > 0.1  # chosen is the longer response in these pairs
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        chosen, rejected = trainer.score_pairs(trainer.model, batch)
+    lengths = batch["response_lengths"].float()
+    expert = 2.0 * trainer.balance.slopes[batch["group_id"]] * (lengths[:, 0].log1p() - lengths[:, 1].log1p())
+    by_hand = -F.logsigmoid(chosen - rejected - batch["margin"] + expert).mean()
+    torch.testing.assert_close(loss, by_hand)
+    assert (loss - (-F.logsigmoid(chosen - rejected - batch["margin"]).mean())).abs() > 1e-3
+
+    trainer.train()
+    trainer.save_model()
+    saved = AutoModelForSequenceClassification.from_pretrained(args.output_dir).eval()
+    trainer.model.eval()
+    eval_batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        chosen, rejected = trainer.score_pairs(trainer.model, eval_batch)
+        plain = trainer._plain_inputs([trainer.train_dataset[i] for i in range(4)], eval_batch)
+        logits = saved(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, 0]
+    # the saved model's own output is the reward: no length term, no extra weights
+    torch.testing.assert_close(logits, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)
+    assert set(saved.state_dict()) == set(trainer.model.state_dict())
