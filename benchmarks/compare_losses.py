@@ -30,8 +30,8 @@ RESULTS = os.path.join(HERE, "results", "compare_losses")
 ARMS = {
     "bradley_terry": ("bradley_terry", {}),
     "balanced_cells": ("balanced", {"weighting": "cells"}),
-    "length_expert_0.5": ("balanced", {"weighting": "none", "length_expert": 0.5}),
     "cells+expert_0.5": ("balanced", {"weighting": "cells", "length_expert": 0.5}),
+    "length_expert_0.5": ("balanced", {"weighting": "none", "length_expert": 0.5}),
     "cells+group_dro": ("balanced", {"weighting": "cells", "group_dro": True, "dro_step_size": 0.01,
                                      "dro_adjustment": 1.0}),
 }
