@@ -85,6 +85,11 @@ class EvaluateArguments:
         default="skip",
         metadata={"help": "skip (default: score what can be scored, count the rest in the report) or error."},
     )
+    length_calibration: bool = field(
+        default=True,
+        metadata={"help": "Also report accuracy after post-hoc length calibration: per group, a least-squares fit of "
+                  "reward on log(1 + response length), made without labels, is subtracted (Huang et al. 2024)."},
+    )
 
 
 class UsageError(Exception):
@@ -275,7 +280,7 @@ def evaluate(argv: list[str]) -> dict:
             raise UsageError(f"evaluate needs --{required}.")
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
-                            args.max_length, args.batch_size, args.on_bad_rows)
+                            args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration)
     low, high = report["accuracy_ci_low"], report["accuracy_ci_high"]
     lines = [f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
              f"ties {report['ties']}"]
@@ -287,6 +292,13 @@ def evaluate(argv: list[str]) -> dict:
                      f"reward-length correlation {report.get('reward_length_correlation', float('nan')):.3f}")
     lines.append(f"balanced accuracy {report['balanced_accuracy']:.4f}, worst group {report['worst_group_accuracy']:.4f}"
                  f", calibration error {report['calibration_error']:.4f}")
+    shortcut = [f"{label} {report[key]:.4f}" for label, key in (
+        ("length-balanced accuracy", "length_balanced_accuracy"),
+        ("length-conflicting accuracy", "length_conflicting_accuracy"),
+        ("within-group |reward-length rank correlation|", "within_group_length_correlation"),
+        ("length-calibrated accuracy", "calibrated_accuracy")) if key in report]
+    if shortcut:
+        lines.append(", ".join(shortcut))
     lines += [f"  {name}: {g['accuracy']:.4f} of {g['pairs']}" for name, g in report["groups"].items()]
     lines.append(f"Report and plots in {os.path.abspath(args.output_dir)}")
     print("\n".join(lines))

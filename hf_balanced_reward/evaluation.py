@@ -10,15 +10,20 @@ import os
 import numpy as np
 
 from . import plots
+from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
 from .metrics import calibration, metric_name, pair_metrics, wilson_interval
 
-PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png"}
+PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png",
+         "length_cells": "length_cell_accuracy.png"}
 
 
 def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
-                   max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip") -> dict:
-    """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots."""
+                   max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip",
+                   length_calibration: bool = True) -> dict:
+    """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots.
+
+    `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`)."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
     args = BalancedRewardConfig(
@@ -31,7 +36,8 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     output = trainer.predict(prepared, metric_key_prefix="eval")
     chosen, rejected, _ = output.predictions
     group_ids, lengths = output.label_ids
-    report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1])
+    report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
+                          length_calibration)
     report["model"], report["data"] = model, trainer.data_report.get("eval")
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
     paths = {name: os.path.join(output_dir, "plots", file) for name, file in PLOTS.items()}
@@ -39,18 +45,21 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     plots.calibration_curve(report["calibration"], report["calibration_error"], paths["calibration"])
     plots.group_accuracy_bars(report["groups"], report["accuracy"], report.get("length_baseline_accuracy"),
                               paths["groups"])
+    plots.length_cell_bars(report["length_cells"], report.get("length_balanced_accuracy"), paths["length_cells"])
     report["plots"] = {name: os.path.relpath(path, output_dir) for name, path in paths.items()}
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     return report
 
 
-def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths) -> dict:
-    """`pair_metrics` plus what a file can hold and a log line cannot: per-group details and calibration bins."""
+def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths,
+                 length_calibration: bool = True) -> dict:
+    """`pair_metrics` plus what a file can hold and a log line cannot: per-group and per-cell details, calibration
+    bins."""
     chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     group_ids = np.asarray(group_ids).reshape(-1)
     names = group_names or ["all"]
-    report = pair_metrics(chosen, rejected, group_ids, names, chosen_lengths, rejected_lengths)
+    report = pair_metrics(chosen, rejected, group_ids, names, chosen_lengths, rejected_lengths, length_calibration)
     correct = chosen > rejected
     report["groups"] = {}
     for group_id in np.unique(group_ids):
@@ -60,5 +69,16 @@ def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejec
             "pairs": int(members.sum()), "accuracy": report[f"accuracy_{metric_name(names[group_id])}"],
             "ci_low": low, "ci_high": high,
         }
+    cells = length_cells(chosen_lengths, rejected_lengths)
+    report["length_cells"] = {}
+    for group_id in np.unique(group_ids):
+        for cell, cell_name in enumerate(LENGTH_CELLS):
+            members = (group_ids == group_id) & (cells == cell)
+            if members.any():
+                low, high = wilson_interval(float(correct[members].sum()), int(members.sum()))
+                report["length_cells"][f"{names[group_id]} / {cell_name}"] = {
+                    "pairs": int(members.sum()), "accuracy": float(correct[members].mean()), "ci_low": low,
+                    "ci_high": high,
+                }
     report["calibration"] = calibration(chosen - rejected, correct)[1]
     return report

@@ -7,8 +7,12 @@ import math
 import re
 
 import numpy as np
+from scipy.stats import spearmanr
+
+from .balancing import LENGTH_CELLS, LONGER, SHORTER, length_cells
 
 CALIBRATION_BINS = 10
+MIN_CELL_PAIRS = 10  # a length cell enters the length-balanced mean only with at least this many pairs
 
 
 def metric_name(group: str) -> str:
@@ -49,10 +53,13 @@ def calibration(margins: np.ndarray, correct: np.ndarray, bins: int = CALIBRATIO
     return float(ece), table
 
 
-def pair_metrics(chosen, rejected, group_ids, group_names, chosen_lengths=None, rejected_lengths=None) -> dict:
+def pair_metrics(chosen, rejected, group_ids, group_names, chosen_lengths=None, rejected_lengths=None,
+                 calibrate: bool = False) -> dict:
     """Accuracy (with its 95% interval), ties, margin and reward statistics, per-group, balanced and worst-group
-    accuracy, calibration error and, given response lengths in tokens, the accuracy of always preferring the longer
-    response and the correlation of reward with length. A pair is correct when the chosen reward is strictly higher.
+    accuracy and calibration error. Given response lengths in tokens, also the length-shortcut metrics of
+    `length_metrics`, the accuracy of always preferring the longer response and the correlation of reward with
+    length; with `calibrate`, the same after post-hoc length calibration. A pair is correct when the chosen reward
+    is strictly higher.
     """
     chosen, rejected = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     group_ids = np.asarray(group_ids).astype(np.int64).reshape(-1)
@@ -90,4 +97,69 @@ def pair_metrics(chosen, rejected, group_ids, group_names, chosen_lengths=None, 
         lengths = np.concatenate([chosen_lengths, rejected_lengths])
         if rewards.std() > 0 and lengths.std() > 0:
             metrics["reward_length_correlation"] = float(np.corrcoef(rewards, lengths)[0, 1])
+        metrics.update(length_metrics(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths))
+        if calibrate:
+            calibrated = length_calibrated(chosen, rejected, group_ids, chosen_lengths, rejected_lengths)
+            metrics["calibrated_accuracy"] = float((calibrated[0] > calibrated[1]).mean())
+            shortcut = length_metrics(*calibrated, group_ids, group_names, chosen_lengths, rejected_lengths)
+            for key in ("length_balanced_accuracy", "length_conflicting_accuracy", "within_group_length_correlation"):
+                if key in shortcut:
+                    metrics[f"calibrated_{key}"] = shortcut[key]
     return metrics
+
+
+def length_metrics(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths) -> dict:
+    """Does the model rank by length? Accuracy per unit (group x length cell), and three summaries:
+
+    - `length_balanced_accuracy`: mean accuracy over the chosen-longer and chosen-shorter cells that hold at least
+      MIN_CELL_PAIRS pairs; a model that only follows length scores about 0.5 here;
+    - `length_conflicting_accuracy`: accuracy over the pairs whose length direction goes against their group's
+      majority (the pairs a length-biased model gets wrong), with `length_conflicting_pairs`;
+    - `within_group_length_correlation`: mean over groups of |Spearman rank correlation| of reward with response
+      length, over all responses of the group (the sign of the bias may differ by group, so it is not pooled).
+    """
+    cells = length_cells(chosen_lengths, rejected_lengths)
+    correct = chosen > rejected
+    metrics, balanced, conflicting, correlations = {}, [], np.zeros(len(correct), bool), []
+    for group_id in np.unique(group_ids):
+        in_group = group_ids == group_id
+        name = metric_name(group_names[group_id])
+        for cell, cell_name in enumerate(LENGTH_CELLS):
+            members = in_group & (cells == cell)
+            if members.any():
+                metrics[f"accuracy_{name}_{cell_name}"] = float(correct[members].mean())
+                if cell != 2 and members.sum() >= MIN_CELL_PAIRS:
+                    balanced.append(float(correct[members].mean()))
+        longer, shorter = (in_group & (cells == LONGER)).sum(), (in_group & (cells == SHORTER)).sum()
+        if longer != shorter:
+            conflicting |= in_group & (cells == (SHORTER if longer > shorter else LONGER))
+        rewards = np.concatenate([chosen[in_group], rejected[in_group]])
+        lengths = np.concatenate([chosen_lengths[in_group], rejected_lengths[in_group]])
+        if rewards.std() > 0 and lengths.std() > 0:
+            rho = float(spearmanr(rewards, lengths).statistic)
+            metrics[f"reward_length_spearman_{name}"] = rho
+            correlations.append(abs(rho))
+    if balanced:
+        metrics["length_balanced_accuracy"] = float(np.mean(balanced))
+    if conflicting.any():
+        metrics["length_conflicting_accuracy"] = float(correct[conflicting].mean())
+        metrics["length_conflicting_pairs"] = int(conflicting.sum())
+    if correlations:
+        metrics["within_group_length_correlation"] = float(np.mean(correlations))
+    return metrics
+
+
+def length_calibrated(chosen, rejected, group_ids, chosen_lengths, rejected_lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Post-hoc length calibration (Huang et al. 2024): per group, fit reward = a + b * log(1 + length) by least
+    squares over all the group's responses, labels unused, and subtract b * log(1 + length) from every reward."""
+    chosen, rejected = chosen.copy(), rejected.copy()
+    for group_id in np.unique(group_ids):
+        in_group = group_ids == group_id
+        log_lengths = np.log1p(np.concatenate([chosen_lengths[in_group], rejected_lengths[in_group]]))
+        rewards = np.concatenate([chosen[in_group], rejected[in_group]])
+        if log_lengths.std() == 0:
+            continue
+        slope = np.polyfit(log_lengths, rewards, 1)[0]
+        chosen[in_group] -= slope * np.log1p(chosen_lengths[in_group])
+        rejected[in_group] -= slope * np.log1p(rejected_lengths[in_group])
+    return chosen, rejected

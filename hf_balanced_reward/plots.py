@@ -1,4 +1,4 @@
-"""The three evaluation plots, as PNG files a person can read without the code."""
+"""The evaluation plots, as PNG files a person can read without the code."""
 
 import matplotlib
 
@@ -57,3 +57,23 @@ def group_accuracy_bars(groups: dict[str, dict], overall: float, length_baseline
     ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
     ax.set_ylim(0, 1)
     finish(fig, ax, "Accuracy per group", "group", "share of pairs ranked correctly", "lower right", path)
+
+
+def length_cell_bars(cells: dict[str, dict], length_balanced: float | None, path: str) -> None:
+    """Accuracy per group and length cell: a length-biased model is high in one direction and low in the other."""
+    names = list(cells)
+    accuracy = np.array([cells[n]["accuracy"] for n in names])
+    errors = np.maximum(np.array([[a - cells[n]["ci_low"], cells[n]["ci_high"] - a] for n, a in zip(names, accuracy)]).T, 0)
+    colours = ["tab:orange" if n.endswith("chosen_longer") else "tab:purple" if n.endswith("chosen_shorter")
+               else "tab:grey" for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 3), 4.8))
+    labels = [f"{n.replace(' / ', chr(10))}\n({cells[n]['pairs']} pairs)" for n in names]
+    ax.bar(labels, accuracy, yerr=errors, capsize=4, color=colours, alpha=0.8,
+           label="accuracy per cell (95% interval): orange chosen longer, purple chosen shorter")
+    if length_balanced is not None:
+        ax.axhline(length_balanced, color="tab:blue", label=f"length-balanced accuracy ({length_balanced:.3f})")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance (0.5)")
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelsize=7)
+    finish(fig, ax, "Accuracy per group and length cell", "group / which response is longer",
+           "share of pairs ranked correctly", "lower right", path)

@@ -55,8 +55,14 @@ def test_evaluate_command_writes_report_and_plots_and_agrees_with_the_trainer(tm
     for key in ("pairs", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ties", "margin", "chosen_reward_mean",
                 "chosen_reward_std", "rejected_reward_mean", "rejected_reward_std", "balanced_accuracy",
                 "worst_group_accuracy", "length_baseline_accuracy", "reward_length_correlation", "calibration_error",
-                "groups", "calibration", "plots"):
+                "groups", "calibration", "plots", "length_cells", "accuracy_big_chosen_longer",
+                "within_group_length_correlation", "calibrated_accuracy"):
         assert key in report, key
+    assert "length-calibrated accuracy" in printed
+    assert set(report["length_cells"]) <= {f"{g} / {c}" for g in ("big", "small")
+                                           for c in ("chosen_longer", "chosen_shorter", "same_length")}
+    assert sum(cell["pairs"] for cell in report["length_cells"].values()) == 24
+    assert len(report["plots"]) == 4
     assert report["pairs"] == 24 and set(report["groups"]) == {"big", "small"}
     for name in report["plots"].values():
         with Image.open(out / name) as image:
@@ -68,7 +74,8 @@ def test_evaluate_command_writes_report_and_plots_and_agrees_with_the_trainer(tm
     for key, value in report.items():
         if isinstance(value, (int, float)) and f"eval_{key}" in metrics:
             assert metrics[f"eval_{key}"] == pytest.approx(value, abs=1e-6), key
-    assert {"eval_accuracy", "eval_length_baseline_accuracy", "eval_calibration_error"} <= set(metrics)
+    assert {"eval_accuracy", "eval_length_baseline_accuracy", "eval_calibration_error", "eval_accuracy_big_chosen_longer",
+            "eval_within_group_length_correlation"} <= set(metrics)
 
 
 def test_evaluate_command_usage_errors(tmp_path, capsys, model_dir):
