@@ -92,6 +92,9 @@ def run_one(arm: str, seed: int, train, eval_sets) -> dict:
     start = time.time()
     trainer.train()
     seconds = time.time() - start
+    if trainer.state.global_step < trainer.state.max_steps:  # a stop signal: a part-trained model is no result
+        raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.state.global_step} of "
+                         f"{trainer.state.max_steps}; nothing written. Run again to redo it.")
     return {
         "arm": arm, "seed": seed, "loss_type": loss_type, "loss_kwargs": loss_kwargs, "settings": COMMON,
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
