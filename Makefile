@@ -25,8 +25,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Bradley-Terry and balanced on the same constructed data with a length shortcut, then per-cell accuracy side by side.
 quickstart: setup
-	$(VENV)/bin/hf-balanced-reward train --config recipes/quickstart.yaml
+	$(VENV)/bin/hf-balanced-reward train --config recipes/quickstart.yaml --loss_type bradley_terry --loss_kwargs '{}' \
+		--output_dir outputs/quickstart_bradley_terry
+	$(VENV)/bin/hf-balanced-reward train --config recipes/quickstart.yaml --output_dir outputs/quickstart_balanced
+	$(VENV)/bin/hf-balanced-reward compare outputs/quickstart_bradley_terry outputs/quickstart_balanced
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -2,11 +2,13 @@
 
     hf-balanced-reward train --config recipes/X.yaml [--any_option value ...]
     hf-balanced-reward evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column source] [--output_dir DIR]
+    hf-balanced-reward compare RUN_DIR RUN_DIR ...
 
 Precedence for `train`: the config's defaults, then the YAML recipe, then command-line flags.
 """
 
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -19,7 +21,10 @@ from .config import BalancedRewardConfig, ConfigError, did_you_mean
 from .data import DataError, check_columns, load_preference_dataset
 
 PROG = "hf-balanced-reward"
-COMMANDS = ("train", "evaluate")
+COMMANDS = ("train", "evaluate", "compare")
+# What `compare` shows first: the summaries that tell a length-biased model from one that is not.
+SHORTCUT_METRICS = ("accuracy", "length_balanced_accuracy", "length_conflicting_accuracy",
+                    "within_group_length_correlation", "balanced_accuracy", "worst_group_accuracy")
 
 
 @dataclass
@@ -305,11 +310,38 @@ def evaluate(argv: list[str]) -> dict:
     return report
 
 
+def compare(run_dirs: list[str]) -> str:
+    """Final evaluation metrics of finished `train` runs side by side: the shortcut summaries, then accuracy per
+    group and length cell. Reads each run's eval_results.json."""
+    if len(run_dirs) < 1:
+        raise UsageError("compare needs at least one run folder (the output_dir of a train run with an eval set).")
+    results = []
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "eval_results.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"'{run_dir}' has no eval_results.json: give the output_dir of a finished train run "
+                             "that had an eval set.")
+        with open(path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    cells = sorted({k for r in results for k in r if k.endswith(("_chosen_longer", "_chosen_shorter"))})
+    keys = [f"eval_{k}" for k in SHORTCUT_METRICS] + cells
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    width = max(12, *(len(n) + 2 for n in names))
+    rows = [f"{'metric':<44}" + "".join(f"{n:>{width}}" for n in names)]
+    rows.append("-" * len(rows[0]))
+    for key in keys:
+        if any(key in r for r in results):
+            rows.append(f"{key[len('eval_'):]:<44}" + "".join(
+                f"{r[key]:>{width}.4f}" if key in r else f"{'-':>{width}}" for r in results))
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {PROG} train [--config recipe.yaml] [--option value ...]\n"
-              f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]")
+              f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]\n"
+              f"       {PROG} compare RUN_DIR RUN_DIR ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -321,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "evaluate":
             evaluate(rest)
+        elif command == "compare":
+            print(compare(rest))
         else:
             script_args, config = parse_train_args(rest)
             train(script_args, config)

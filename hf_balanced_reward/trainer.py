@@ -16,8 +16,9 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import RewardDriftCallback, StopOnSignal
 from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints, write_json_atomically
-from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
+from .collator import PairCollator, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
+from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
 from .balancing import GroupBalance, length_cells
 from .losses import LOSSES
@@ -374,78 +375,26 @@ class BalancedRewardTrainer(Trainer):
 
     # --- forward and loss --------------------------------------------------------------------------------------
 
-    def _forward_with_head_output(self, model, **inputs) -> tuple:
-        """Run the model and also return what its reward head produced: every position's score for decoders."""
-        _, head = find_reward_head(self.accelerator.unwrap_model(model))
-        captured = []
-        handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
-        try:
-            outputs = model(**inputs)
-        finally:
-            handle.remove()
-        return outputs, captured[-1] if captured else None
-
     def score_pairs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass."""
         if "segment_ids" not in inputs:
-            return self._score_plain(model, inputs)
+            return score_plain(model, inputs)
         if not self._shared_prompt_checked:
+            self._shared_prompt_checked = True
             self._check_shared_prompt(model, inputs)
         if self.shared_prompt:
-            return self._score_shared_prompt(model, inputs)
-        return self._score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs))
-
-    def _score_plain(self, model, inputs):
-        outputs, head_output = self._forward_with_head_output(
-            model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
-        if head_output is not None and head_output.dim() == 3:
-            # Decoder heads score every position: read each sequence's real last token.
-            rows = torch.arange(head_output.shape[0], device=head_output.device)
-            rewards = head_output[rows, inputs["end_positions"], 0]
-        else:
-            rewards = outputs.logits[:, 0]  # encoder heads pool (e.g. [CLS]) themselves
-        return rewards.float().chunk(2)
-
-    def _score_shared_prompt(self, model, inputs):
-        segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
-        attention = self.accelerator.unwrap_model(model).config._attn_implementation
-        if attention == "flex_attention":
-            mask = flex_block_mask(segment_ids, branch_ids)
-        else:
-            mask = shared_prompt_mask(segment_ids, branch_ids)
-            if attention == "eager":  # eager attention adds the mask to its scores
-                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        _, head_output = self._forward_with_head_output(
-            model, input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"]
-        )
-        scores = head_output.reshape(-1)
-        return scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
+            return score_shared_prompt(model, inputs)
+        return score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs))
 
     def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:
-        plain = PairCollator(self.processing_class.pad_token_id).plain_batch(pairs)
-        return {**like, **{k: v.to(like["input_ids"].device) for k, v in plain.items()}}
+        return plain_inputs(pairs, like, self.processing_class.pad_token_id)
 
     def _check_shared_prompt(self, model, inputs) -> None:
-        """Once, on the first batch: the shared-prompt rewards of two pairs must equal the plain forward's.
-
-        Guards architectures whose attention ignores position ids or custom masks (ALiBi, sliding windows ...).
-        On a mismatch the run falls back to the plain layout, or stops when shared_prompt=true was asked for.
-        """
-        self._shared_prompt_checked = True
-        pairs = unpack_pairs(inputs)[:2]
-        collator = PairCollator(self.processing_class.pad_token_id, shared_prompt=True)
-        device = inputs["input_ids"].device
-        packed = {k: v.to(device) for k, v in collator.shared_prompt_batch(pairs).items()}
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            fast = torch.cat(self._score_shared_prompt(model, packed))
-            plain = torch.cat(self._score_plain(model, self._plain_inputs(pairs, {"input_ids": packed["input_ids"]})))
-        model.train(was_training)
+        """Fall back to the plain layout (or stop, when shared_prompt=true was asked for) if the first batch's
+        shared-prompt rewards differ from the plain forward's: guards attention that ignores the layout."""
         full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
-        tolerance = (1e-3 if full_precision else 5e-2) * (1 + plain.abs().max().item())
-        difference = (fast - plain).abs().max().item()
+        difference, tolerance = shared_prompt_difference(model, inputs, self.processing_class.pad_token_id,
+                                                         full_precision)
         if difference <= tolerance:
             logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
             return

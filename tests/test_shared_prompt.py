@@ -8,11 +8,13 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 import hf_balanced_reward.trainer as trainer_module
 from conftest import build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask, unpack_pairs
+from hf_balanced_reward.forward import score_plain
 
 TEXTS = [  # (prompt, chosen, rejected): shared prompts of several lengths, responses longer and shorter
     ("Question: what is the capital of France? Answer:", " Paris is the capital.", " The quick brown fox."),
@@ -154,19 +156,25 @@ def test_bf16_autocast_keeps_rewards_close(tmp_path):
 
 def test_first_training_steps_match_the_plain_layout(tmp_path, model_dir, pairs):
     def run(shared_prompt):
-        args = config(tmp_path, shared_prompt=shared_prompt, max_steps=4, group_column="source", loss_type="balanced")
+        # SGD, not Adam: Adam divides by a near-zero second moment early on, so a 1e-7 gradient difference can move
+        # a weight by up to the learning rate; SGD moves it by lr x that difference, which a tight bound can check.
+        args = config(tmp_path, shared_prompt=shared_prompt, max_steps=4, group_column="source", loss_type="balanced",
+                      optim="sgd", learning_rate=0.1)
         trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
         assert trainer.shared_prompt == shared_prompt
         trainer.train()
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         return losses, dict(trainer.model.named_parameters())
 
+    initial = dict(AutoModelForSequenceClassification.from_pretrained(model_dir).named_parameters())
     fast_losses, fast_params = run(True)
     plain_losses, plain_params = run(False)
     assert len(fast_losses) == 4
     assert fast_losses == pytest.approx(plain_losses, abs=1e-5)
+    moved = [name for name, value in plain_params.items() if not torch.equal(value, initial[name])]
+    assert "score.weight" in moved and len(moved) > 10
     for name, value in plain_params.items():
-        torch.testing.assert_close(fast_params[name], value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_params[name], value, atol=1e-6, rtol=1e-5)
 
 
 def test_encoders_use_the_plain_layout(tmp_path, tokenizer, pairs):
@@ -206,7 +214,7 @@ def test_a_model_that_breaks_the_layout_falls_back_to_plain(tmp_path, tokenizer,
     plain = trainer._plain_inputs(unpack_pairs(batch), batch)
     with torch.no_grad():
         torch.testing.assert_close(torch.cat(trainer.score_pairs(trainer.model, batch)),
-                                   torch.cat(trainer._score_plain(trainer.model, plain)))
+                                   torch.cat(score_plain(trainer.model, plain)))
 
     args = config(tmp_path, max_steps=2, shared_prompt=True)
     strict = BalancedRewardTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=pairs,

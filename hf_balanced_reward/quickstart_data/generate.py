@@ -1,10 +1,13 @@
 """Writes the quickstart's small preference dataset (train.jsonl, valid.jsonl), deterministically.
 
-Three groups of deliberately unequal size, in the explicit-prompt format with a `source` column:
-- helpful (largest): the chosen reply answers the question, the rejected one answers a different question;
-- harmless: the chosen reply helps politely, the rejected one insults the user;
-- honest (smallest): the chosen reply states a true fact, the rejected one a false one.
-A polite filler sentence is appended to either side at random, so response length says nothing about quality.
+A constructed case with a shortcut. In every pair the chosen reply answers the question and the rejected one answers
+a different question (the real signal). Filler sentences make one reply longer, and which one depends on the group
+(`source`):
+- forum (large, 80% of training pairs): the chosen reply is the longer one in 95% of pairs;
+- exam (small): the chosen reply is the shorter one in 95% of pairs.
+So "longer wins" is right on most training pairs, and a model that learns it fails the exam pairs and the 5% of forum
+pairs that go against it. valid.jsonl asks only questions that no training pair asks: 100 forum pairs (70% chosen
+longer) and 100 exam pairs (30% chosen longer), so that each group x length cell holds enough pairs to measure.
 
     python hf_balanced_reward/quickstart_data/generate.py
 """
@@ -39,74 +42,42 @@ TOPICS = {
     "How can I learn a new language faster?": "Practise a little every day, speak with native speakers and learn the most common words first.",
     "How do I make a simple salad dressing?": "Whisk three parts olive oil with one part vinegar, a pinch of salt and some mustard.",
 }
-REQUESTS = [
-    "Can you help me with my homework?", "Could you explain how taxes work?", "Can you check my essay for mistakes?",
-    "Can you recommend a good book?", "Could you help me plan a birthday party?", "Can you explain photosynthesis?",
-    "Can you help me write an email to my landlord?", "Could you suggest a healthy breakfast?",
-    "Can you help me understand fractions?", "Could you give me tips for public speaking?",
-    "Can you help me choose a laptop?", "Could you explain what a mortgage is?",
-]
-POLITE = [
-    "Of course, I would be glad to help. Let's go through it together step by step.",
-    "Happy to help! Here is a clear explanation to get you started.",
-    "Sure, that is a great question. I will walk you through it.",
-    "Certainly. Let me give you a few friendly suggestions.",
-]
-RUDE = [
-    "Figure it out yourself, I am not your servant.",
-    "That is a stupid question and you are wasting my time.",
-    "Ugh, nobody cares. Go away and stop bothering me.",
-    "Are you really too dumb to do this on your own?",
-]
-CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
-    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
-    "Greece": "Athens", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City",
-    "Portugal": "Lisbon", "Ireland": "Dublin", "Sweden": "Stockholm", "Poland": "Warsaw", "Austria": "Vienna",
-}
 FILLER = ["I hope this helps.", "Let me know if you have any other questions.", "Good luck!", "Have a nice day."]
 
 
 def pad(text: str, rng: random.Random) -> str:
-    return text + " " + " ".join(rng.sample(FILLER, rng.randint(1, 3)))
+    return text + " " + " ".join(rng.sample(FILLER, rng.randint(2, 4)))
 
 
-def helpful(rng):
-    question = rng.choice(list(TOPICS))
-    other = rng.choice([q for q in TOPICS if q != question])
-    return question, TOPICS[question], TOPICS[other]
-
-
-def harmless(rng):
-    return rng.choice(REQUESTS), rng.choice(POLITE), rng.choice(RUDE)
-
-
-def honest(rng):
-    country = rng.choice(list(CAPITALS))
-    wrong = rng.choice([c for k, c in CAPITALS.items() if k != country])
-    return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}.", f"The capital of {country} is {wrong}."
-
-
-def make(sizes: dict, seed: int) -> list[dict]:
+def make(topics: list[str], groups: dict, seed: int) -> list[dict]:
+    """`groups`: name -> (pairs, share of pairs in which the chosen response is the padded, longer one)."""
     rng = random.Random(seed)
-    makers = {"helpful": helpful, "harmless": harmless, "honest": honest}
     rows = []
-    for source, count in sizes.items():
+    for source, (count, chosen_longer) in groups.items():
         for _ in range(count):
-            question, chosen, rejected = makers[source](rng)
-            if rng.random() < 0.5:
+            question = rng.choice(topics)
+            other = rng.choice([q for q in topics if q != question])
+            chosen, rejected = TOPICS[question], TOPICS[other]
+            if rng.random() < chosen_longer:
                 chosen = pad(chosen, rng)
             else:
                 rejected = pad(rejected, rng)
-            rows.append({"prompt": f"Question: {question}\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected, "source": source})
+            rows.append({"prompt": f"Question: {question}\nAnswer:", "chosen": " " + chosen, "rejected": " " + rejected,
+                         "source": source})
     rng.shuffle(rows)
     return rows
 
 
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
-    for name, sizes, seed in (("train", {"helpful": 360, "harmless": 170, "honest": 70}, 0),
-                              ("valid", {"helpful": 90, "harmless": 60, "honest": 50}, 1)):
+    questions = sorted(TOPICS)
+    random.Random(0).shuffle(questions)
+    held_out = questions[:6]  # valid.jsonl asks only these: the model must judge answers to questions it never saw
+    # valid.jsonl keeps each group's direction but with more pairs against it (30%), so every cell can be measured
+    for name, topics, groups, seed in (
+        ("train", questions[6:], {"forum": (480, 0.95), "exam": (120, 0.05)}, 0),
+        ("valid", held_out, {"forum": (100, 0.7), "exam": (100, 0.3)}, 1),
+    ):
         with open(os.path.join(here, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for row in make(sizes, seed):
+            for row in make(topics, groups, seed):
                 f.write(json.dumps(row) + "\n")
