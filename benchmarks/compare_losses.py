@@ -31,6 +31,7 @@ ARMS = {
     "bradley_terry": ("bradley_terry", {}),
     "balanced_cells": ("balanced", {"weighting": "cells"}),
     "cells+expert_0.5": ("balanced", {"weighting": "cells", "length_expert": 0.5}),
+    "length_head_1": ("balanced", {"weighting": "none", "length_head": 1.0}),
     "length_expert_0.5": ("balanced", {"weighting": "none", "length_expert": 0.5}),
     "cells+group_dro": ("balanced", {"weighting": "cells", "group_dro": True, "dro_step_size": 0.01,
                                      "dro_adjustment": 1.0}),

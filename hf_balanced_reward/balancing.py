@@ -16,6 +16,10 @@ Group DRO starts from that q and moves it towards the units with the highest los
 The length expert (a known-bias product of experts) adds `length_expert * beta_g * dlog_len` to each training pair's
 logit, with beta_g fitted per group before training; the model then gains nothing from learning length itself. The
 term exists only in the loss: the saved model's rewards are its own.
+
+The length head (ODIN-style) is a second linear head on the features the reward head reads. Training pairs are
+scored by reward + length score; `length_head_penalty` pushes the length score to follow response length and the
+reward not to, within each group. Only the reward head is saved.
 """
 
 import numpy as np
@@ -83,12 +87,14 @@ class GroupBalance:
     """Per-unit sizes, the mixture q, fitted length slopes and the DRO update; saved with every checkpoint.
 
     Options (the `balanced` loss's `loss_kwargs`): `weighting`, `group_dro`, `dro_step_size`, `dro_adjustment`,
-    `length_expert`.
+    `length_expert`, `length_head`.
     """
 
-    def __init__(self, weighting="cells", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.0):
+    def __init__(self, weighting="cells", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.0,
+                 length_head=0.0):
         self.weighting, self.group_dro = weighting, group_dro
         self.dro_step_size, self.dro_adjustment, self.length_expert = dro_step_size, dro_adjustment, length_expert
+        self.length_head = length_head
         self.group_names: list[str] = []
         self.unit_sizes = torch.zeros(0, 3, dtype=torch.long)
         self.mix = torch.zeros(0, 3)
@@ -157,3 +163,27 @@ class GroupBalance:
     def load_state_dict(self, state: dict) -> None:
         self.mix = torch.tensor(state["unit_mix"])
         self.slopes = torch.tensor(state["slopes"])
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-8)
+
+
+def length_head_penalty(rewards: torch.Tensor, length_scores: torch.Tensor, log_lengths: torch.Tensor,
+                        group_ids: torch.Tensor) -> torch.Tensor:
+    """ODIN's decorrelation terms, per group: mean over groups of (1 - rho(L, length score)) + |rho(L, reward)|.
+
+    All arguments are per response (chosen and rejected together); rho is Pearson's correlation over a group's
+    responses in the batch, and L = log(1 + length). Within-group, because the direction of the length bias can
+    differ by group: a pooled correlation can be near 0 while every group's is large. Groups with fewer than 4
+    responses or a single length are left out (their correlation is undefined or noise).
+    """
+    terms = []
+    for group in group_ids.unique():
+        members = group_ids == group
+        if members.sum() < 4 or log_lengths[members].std() == 0:
+            continue
+        lengths = log_lengths[members]
+        terms.append(1 - pearson(lengths, length_scores[members]) + pearson(lengths, rewards[members]).abs())
+    return torch.stack(terms).mean() if terms else rewards.new_zeros(())

@@ -177,7 +177,8 @@ class BalancedRewardConfig(TrainingArguments):
             raise ConfigError(f"loss_kwargs group_dro must be true or false, got {options['group_dro']!r}.")
         for name, meaning in (("dro_step_size", "0 keeps the unit weights fixed"),
                               ("dro_adjustment", "0 turns the small-unit adjustment off"),
-                              ("length_expert", "0 turns the length expert off")):
+                              ("length_expert", "0 turns the length expert off"),
+                              ("length_head", "0 turns the length head off")):
             value = options.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"loss_kwargs {name} must be a number >= 0, got {value!r}; {meaning}.")

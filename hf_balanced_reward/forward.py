@@ -13,31 +13,37 @@ from .modeling import find_reward_head
 
 
 def forward_with_head_output(model, **inputs) -> tuple:
-    """Run the model and also return what its reward head produced: every position's score for decoders."""
+    """Run the model; also return what its reward head produced (every position's score for decoders) and the
+    features it read (its input), or None for both if the head was not called."""
     _, head = find_reward_head(extract_model_from_parallel(model))
     captured = []
-    handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
+    handle = head.register_forward_hook(lambda module, args, output: captured.append((output, args[0])))
     try:
         outputs = model(**inputs)
     finally:
         handle.remove()
-    return outputs, captured[-1] if captured else None
+    head_output, features = captured[-1] if captured else (None, None)
+    return outputs, head_output, features
 
 
-def score_plain(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    outputs, head_output = forward_with_head_output(
+def score_plain(model, inputs, with_features: bool = False) -> tuple:
+    """(chosen, rejected) rewards; with `with_features`, also the head's input features of each, (chosen, rejected)."""
+    outputs, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
     )
     if head_output is not None and head_output.dim() == 3:
         # Decoder heads score every position: read each sequence's real last token.
         rows = torch.arange(head_output.shape[0], device=head_output.device)
         rewards = head_output[rows, inputs["end_positions"], 0]
+        features = features[rows, inputs["end_positions"]]
     else:
         rewards = outputs.logits[:, 0]  # encoder heads pool (e.g. [CLS]) themselves
+    if with_features:
+        return rewards.float().chunk(2), features.chunk(2)
     return rewards.float().chunk(2)
 
 
-def score_shared_prompt(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
     segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
     attention = extract_model_from_parallel(model).config._attn_implementation
     if attention == "flex_attention":
@@ -46,11 +52,15 @@ def score_shared_prompt(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         mask = shared_prompt_mask(segment_ids, branch_ids)
         if attention == "eager":  # eager attention adds the mask to its scores
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    _, head_output = forward_with_head_output(
+    _, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"]
     )
     scores = head_output.reshape(-1)
-    return scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
+    rewards = scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
+    if with_features:
+        features = features.reshape(-1, features.shape[-1])
+        return rewards, (features[inputs["chosen_end"]], features[inputs["rejected_end"]])
+    return rewards
 
 
 def plain_inputs(pairs, like, pad_token_id) -> dict[str, torch.Tensor]:

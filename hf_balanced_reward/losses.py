@@ -27,7 +27,7 @@ def hinge(chosen_rewards, rejected_rewards, margin=None, hinge_margin=1.0):
 
 
 def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="cells", group_dro=False, dro_step_size=0.01,
-             dro_adjustment=0.0, length_expert=0.0):
+             dro_adjustment=0.0, length_expert=0.0, length_head=0.0):
     """Bradley-Terry per pair; the trainer weights the pairs and adds the length expert (see `balancing.py`).
 
     - `weighting`: "cells" (default) gives the chosen-longer and chosen-shorter pairs of each group equal weight, so
@@ -37,6 +37,9 @@ def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="cells", g
     - `length_expert`: lambda of a known-bias product of experts; training pairs get the logit
       r_c - r_r + lambda * beta_g * (log(1 + |c|) - log(1 + |r|)), beta_g fitted per group before training.
       Only the loss sees it: the saved model scores as usual.
+    - `length_head`: weight of an ODIN-style second head: training pairs are scored by reward + length score, and
+      `length_head` * [(1 - rho(L, length score)) + |rho(L, reward)|] (Pearson, within each group of the batch) is
+      added to the loss. The length head is not saved.
     """
     return bradley_terry(chosen_rewards, rejected_rewards, margin)
 

@@ -70,6 +70,10 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
     rows += [(name, source.get(key)) for name, key in (
         ("always prefer the longer response", "length_baseline_accuracy"),
         ("balanced accuracy (mean over groups)", "balanced_accuracy"),
+        ("length-balanced accuracy (mean over group x length cells)", "length_balanced_accuracy"),
+        ("length-conflicting accuracy (pairs against their group's length direction)", "length_conflicting_accuracy"),
+        ("within-group reward-length rank correlation (mean absolute)", "within_group_length_correlation"),
+        ("accuracy after post-hoc length calibration", "calibrated_accuracy"),
         ("worst-group accuracy", "worst_group_accuracy"),
         ("mean margin r(chosen) - r(rejected)", "margin"),
         ("reward-length correlation", "reward_length_correlation"),
@@ -86,8 +90,9 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
 
 
 def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,
-                     repo: str | None = None) -> str:
-    """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys)."""
+                     repo: str | None = None, balance: dict | None = None) -> str:
+    """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys);
+    `balance` is the balanced loss's summary (fitted length slopes, unit weights)."""
     report_path = os.path.join(output_dir, "eval_report.json")
     report = None
     if os.path.isfile(report_path):
@@ -100,7 +105,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         ("base model", base_model or "unknown"),
         ("loss", args.loss_type),
         ("loss options", json.dumps(args.loss_kwargs) if args.loss_kwargs else "defaults"),
-        ("groups from", args.group_column or "length relation of each pair"),
+        ("groups from", args.group_column or "none (one group)"),
         ("reward centring coefficient", args.center_rewards_coefficient or "off"),
         ("max_length", args.max_length),
         ("epochs", args.num_train_epochs),
@@ -109,6 +114,12 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         ("training pairs", train.get("pairs", "unknown")),
         ("rows skipped as bad", sum(train.get("skipped", {}).values()) if train else "unknown"),
     ]
+    if balance:
+        slopes = ", ".join(f"{group} {slope:+.3f}" for group, slope in balance["length_slopes"].items())
+        settings.append(("length slope per group, fitted before training (used by the length expert in training "
+                         "only; the model's rewards do not include it)", slopes))
+        weights = ", ".join(f"{unit} {u['weight']:.3f} ({u['pairs']} pairs)" for unit, u in balance["units"].items())
+        settings.append(("pair weight per group / length cell, at the end of training", weights))
     loss_line = f"loss `{args.loss_type}`" + (f" with {json.dumps(args.loss_kwargs)}" if args.loss_kwargs else "")
     text = TEMPLATE.format(
         metadata=card_metadata(base_model, args.loss_type).strip(),

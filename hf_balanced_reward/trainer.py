@@ -20,7 +20,7 @@ from .collator import PairCollator, unpack_pairs
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
-from .balancing import GroupBalance, length_cells
+from .balancing import GroupBalance, length_cells, length_head_penalty
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
@@ -161,6 +161,7 @@ class BalancedRewardTrainer(Trainer):
         self.label_names = []
         self._train_totals, self._group_totals, self._dro_totals = None, None, None
         self.skipped_batches, self._micro_batches = 0, 0
+        self.length_head = self._make_length_head(model) if self.uses_balance and self.balance.length_head else None
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
         if args.reward_drift_limit is not None:
@@ -179,6 +180,21 @@ class BalancedRewardTrainer(Trainer):
         ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
         shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
         return BalancedRewardConfig(**shared)
+
+    def _make_length_head(self, model) -> torch.nn.Linear:
+        """The second head of `length_head` (ODIN-style): on the reward head's input features, in fp32, trained with
+        the model (see `create_optimizer`) and never saved with it."""
+        head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(self.args.device)
+        if self.accelerator.num_processes > 1:  # it is outside the DDP-wrapped model: average its gradients here
+            for parameter in head.parameters():
+                parameter.register_hook(lambda grad: self.accelerator.reduce(grad, reduction="mean"))
+        return head
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.length_head is not None:
+            optimizer.add_param_group({"params": list(self.length_head.parameters()), "weight_decay": 0.0})
+        return optimizer
 
     @staticmethod
     def _use_shared_prompt(model, args) -> bool:
@@ -306,6 +322,8 @@ class BalancedRewardTrainer(Trainer):
             )
         if "balance" in state:  # absent in checkpoints of versions before length cells: start from the fitted q
             self.balance.load_state_dict(state["balance"])
+        if self.length_head is not None:
+            self.length_head.load_state_dict({k: torch.tensor(v) for k, v in state["length_head"].items()})
         self.skipped_batches = state["skipped_batches"]
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -320,6 +338,8 @@ class BalancedRewardTrainer(Trainer):
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             state = {"group_names": self.group_names, "balance": self.balance.state_dict(),
                      "skipped_batches": self.skipped_batches}
+            if self.length_head is not None:
+                state["length_head"] = {k: v.tolist() for k, v in self.length_head.state_dict().items()}
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -334,7 +354,7 @@ class BalancedRewardTrainer(Trainer):
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
-                                self.data_report, repo)
+                                self.data_report, repo, self.balance.summary() if self.uses_balance else None)
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():
@@ -375,16 +395,17 @@ class BalancedRewardTrainer(Trainer):
 
     # --- forward and loss --------------------------------------------------------------------------------------
 
-    def score_pairs(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass."""
+    def score_pairs(self, model, inputs, with_features: bool = False) -> tuple:
+        """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass; with `with_features`, also
+        the features the reward head read for each (see `forward.score_plain`)."""
         if "segment_ids" not in inputs:
-            return score_plain(model, inputs)
+            return score_plain(model, inputs, with_features)
         if not self._shared_prompt_checked:
             self._shared_prompt_checked = True
             self._check_shared_prompt(model, inputs)
         if self.shared_prompt:
-            return score_shared_prompt(model, inputs)
-        return score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs))
+            return score_shared_prompt(model, inputs, with_features)
+        return score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs), with_features)
 
     def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:
         return plain_inputs(pairs, like, self.processing_class.pad_token_id)
@@ -420,12 +441,16 @@ class BalancedRewardTrainer(Trainer):
         return torch.as_tensor(length_cells(lengths[:, 0].cpu(), lengths[:, 1].cpu()), device=lengths.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        chosen, rejected = self.score_pairs(model, inputs)
-        margin = inputs.get("margin")
-        if model.training and self.uses_balance and self.balance.length_expert:
-            # The length expert votes inside the training logit only: r_c - r_r - (m - expert).
-            expert = self.balance.expert_logit(inputs["group_id"], inputs["response_lengths"])
-            margin = -expert if margin is None else margin - expert
+        shortcut_terms = model.training and self.uses_balance
+        if shortcut_terms and self.length_head is not None:
+            (chosen, rejected), features = self.score_pairs(model, inputs, with_features=True)
+        else:
+            (chosen, rejected), features = self.score_pairs(model, inputs), None
+        margin, penalty = inputs.get("margin"), None
+        if shortcut_terms:
+            shift, penalty = self._training_only_terms(chosen, rejected, features, inputs)
+            if shift is not None:  # inside the training logit only: r_c - r_r + shift
+                margin = -shift if margin is None else margin - shift
         per_pair = self.loss_fn(chosen, rejected, margin=margin, **self.args.loss_kwargs)
         if per_pair.shape != chosen.shape:
             raise ValueError(
@@ -436,7 +461,7 @@ class BalancedRewardTrainer(Trainer):
             per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
         weights = self.pair_weights(inputs)
         weighted = per_pair if weights is None else weights * per_pair
-        loss = weighted.mean()
+        loss = weighted.mean() if penalty is None else weighted.mean() + penalty
         if model.training:
             self._micro_batches += 1
             if not self._all_finite(loss, chosen, rejected):
@@ -444,6 +469,21 @@ class BalancedRewardTrainer(Trainer):
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs)
         return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
+
+    def _training_only_terms(self, chosen, rejected, features, inputs) -> tuple:
+        """The balanced loss's terms that the saved model never sees: the length expert's vote and the length head's
+        score difference (added to the pair's logit), and the length head's decorrelation penalty."""
+        shift, penalty = None, None
+        if self.balance.length_expert:
+            shift = self.balance.expert_logit(inputs["group_id"], inputs["response_lengths"])
+        if features is not None:
+            length_scores = self.length_head(torch.cat(features).float()).squeeze(-1)
+            chosen_score, rejected_score = length_scores.chunk(2)
+            shift = chosen_score - rejected_score if shift is None else shift + chosen_score - rejected_score
+            log_lengths = torch.cat([inputs["response_lengths"][:, 0], inputs["response_lengths"][:, 1]]).float().log1p()
+            penalty = self.balance.length_head * length_head_penalty(
+                torch.cat([chosen, rejected]), length_scores, log_lengths, inputs["group_id"].repeat(2))
+        return shift, penalty
 
     def _all_finite(self, *tensors) -> bool:
         bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()

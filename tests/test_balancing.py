@@ -1,5 +1,6 @@
 """Units, weights, fitted slopes, the length expert and group DRO of the balanced loss, on hand-worked inputs."""
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 from hf_balanced_reward.balancing import (
-    LONGER, SAME, SHORTER, GroupBalance, fit_length_slope, length_cells, unit_mixture,
+    LONGER, SAME, SHORTER, GroupBalance, fit_length_slope, length_cells, length_head_penalty, unit_mixture,
 )
 
 
@@ -129,3 +130,33 @@ def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(t
     # the saved model's own output is the reward: no length term, no extra weights
     torch.testing.assert_close(logits, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)
     assert set(saved.state_dict()) == set(trainer.model.state_dict())
+
+
+def test_length_head_penalty_hand_values():
+    log_lengths = torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0, 6.0])
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1])  # group 1 has 2 responses: too few for a correlation, left out
+    rewards = torch.tensor([3.0, 2.0, 1.0, 0.0, 9.0, 1.0])  # rho(L, reward) = -1 in group 0
+    length_scores = 2 * log_lengths + 1  # rho(L, length score) = 1
+    penalty = length_head_penalty(rewards, length_scores, log_lengths, group_ids)
+    assert penalty.item() == pytest.approx((1 - 1) + 1)
+    uncorrelated = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0])  # rho(L, reward) = 0 on 0, 1, 2, 3
+    assert length_head_penalty(uncorrelated, length_scores, log_lengths, group_ids).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_length_head_trains_with_the_model_and_is_not_saved(tmp_path, model_dir, pairs):
+    args = BalancedRewardConfig(
+        output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=8, max_steps=3,
+        learning_rate=1e-2, save_strategy="steps", save_steps=3, seed=0, group_column="source", loss_type="balanced",
+        loss_kwargs={"length_head": 1.0},
+    )
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    before = trainer.length_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.length_head.weight)
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+    trainer.save_model()
+    saved = AutoModelForSequenceClassification.from_pretrained(args.output_dir)
+    assert set(saved.state_dict()) == set(trainer.model.state_dict())  # the length head stays behind
+    with open(tmp_path / "out" / "checkpoint-3" / "reward_state.json") as f:
+        state = json.load(f)
+    torch.testing.assert_close(torch.tensor(state["length_head"]["weight"]), trainer.length_head.weight.detach())

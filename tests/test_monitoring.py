@@ -83,6 +83,9 @@ def test_model_card_states_the_measured_numbers(trained, pairs_file, model_dir):
     assert f"| accuracy | {report['accuracy']:.4f} |" in text
     assert f"| always prefer the longer response | {report['length_baseline_accuracy']:.4f} |" in text
     assert "| loss | balanced |" in text and "| training pairs | 24 |" in text
+    slopes = trained.balance.summary()["length_slopes"]
+    assert f"big {slopes['big']:+.3f}, small {slopes['small']:+.3f}" in text  # the fitted length slopes
+    assert "| length-balanced accuracy (mean over group x length cells) | " in text
     for path in report["plots"].values():
         assert f"]({path})" in text
     assert 'pipeline("text-classification"' in text and "reward_funcs=" in text
