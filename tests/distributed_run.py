@@ -17,7 +17,9 @@ model_dir, data_file, output_dir, batch_size, report_dir = sys.argv[1:6]
 data = load_dataset("json", data_files=data_file, split="train")
 args = BalancedRewardConfig(
     output_dir=output_dir, report_to="none", per_device_train_batch_size=int(batch_size), per_device_eval_batch_size=3,
-    learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, group_column="source", max_steps=4,
+    # SGD: a weight moves by lr x its gradient, so an all-reduce's rounding stays at rounding size; Adam divides by a
+    # near-zero second moment in its first steps and can blow a 1e-7 gradient difference up to the learning rate.
+    optim="sgd", learning_rate=0.1, logging_steps=1, save_strategy="no", seed=0, group_column="source", max_steps=4,
     loss_type="balanced", loss_kwargs={"group_dro": True, "dro_step_size": 0.5}, use_cpu=True,
     ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,  # torchrun sets WORLD_SIZE
 )

@@ -48,6 +48,9 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, model_d
     assert double["eval"]["eval_pairs"] == 23  # odd count over 2 ranks: nothing duplicated or dropped
     assert double["files"] == single["files"]
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for name in one:
-        # not bitwise: the all-reduce sums gradients in another order (measured max difference 2e-6 after 4 steps)
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    initial = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert any(not torch.equal(one[name], initial[name]) for name in one)  # the weights did move
+    difference = max((two[name] - one[name]).abs().max().item() for name in one)
+    # not bitwise: the all-reduce sums gradients in another order. Under SGD a weight moves by lr x gradient, so
+    # fp32 rounding of gradients of order 1 (~1e-7) times lr 0.1 over 4 steps stays far below 1e-6.
+    assert difference < 1e-6, difference

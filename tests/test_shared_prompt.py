@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, MistralCon
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 from transformers import AutoModelForSequenceClassification
 
-import hf_balanced_reward.trainer as trainer_module
+import hf_balanced_reward.forward as forward_module
 from conftest import build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask, unpack_pairs
@@ -203,7 +203,7 @@ def test_a_model_that_breaks_the_layout_falls_back_to_plain(tmp_path, tokenizer,
         width = segment_ids.shape[1]
         return torch.ones(width, width, dtype=torch.bool).tril().expand(len(segment_ids), 1, width, width)
 
-    monkeypatch.setattr(trainer_module, "shared_prompt_mask", causal_only)
+    monkeypatch.setattr(forward_module, "shared_prompt_mask", causal_only)
     trainer = BalancedRewardTrainer(model=tiny_llama(tokenizer), args=config(tmp_path, max_steps=2),
                                     train_dataset=pairs, processing_class=tokenizer)
     with caplog.at_level("WARNING"):
