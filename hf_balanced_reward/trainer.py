@@ -17,10 +17,10 @@ from trl.trainer.utils import disable_dropout_in_model
 from .callbacks import RewardDriftCallback, StopOnSignal
 from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints, write_json_atomically
 from .collator import PairCollator, unpack_pairs
-from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
-from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
-from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
 from .balancing import GroupBalance, length_cells, length_head_penalty
+from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
+from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
+from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
@@ -431,12 +431,12 @@ class BalancedRewardTrainer(Trainer):
     def pair_weights(self, inputs) -> torch.Tensor | None:
         weights = inputs.get("weight")
         if self.uses_balance:
-            unit_weights = self.balance.pair_weights(inputs["group_id"], self.length_cells(inputs))
+            unit_weights = self.balance.pair_weights(inputs["group_id"], self._cells_of(inputs))
             weights = unit_weights if weights is None else weights * unit_weights
         return weights
 
     @staticmethod
-    def length_cells(inputs) -> torch.Tensor:
+    def _cells_of(inputs) -> torch.Tensor:
         lengths = inputs["response_lengths"]
         return torch.as_tensor(length_cells(lengths[:, 0].cpu(), lengths[:, 1].cpu()), device=lengths.device)
 
@@ -533,7 +533,7 @@ class BalancedRewardTrainer(Trainer):
         )
         self._group_totals = per_group if self._group_totals is None else pad_to(self._group_totals, num_groups) + per_group
         if self.uses_balance and self.balance.group_dro:
-            units = group_ids * 3 + self.length_cells(inputs)
+            units = group_ids * 3 + self._cells_of(inputs)
             size = 3 * num_groups
             per_unit = torch.stack([torch.bincount(units, minlength=size).float(),
                                     torch.bincount(units, weights=per_pair.detach(), minlength=size)])
