@@ -143,3 +143,18 @@ def test_recipes_and_configs_exist():
     assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
     fsdp = load_config_from_file(os.path.join(REPO, "accelerate_configs", "fsdp2.yaml"))
     assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_compare_prints_runs_side_by_side(tmp_path, capsys):
+    for name, shorter in (("bt", 0.8), ("balanced", 0.95)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_results.json").write_text(json.dumps(
+            {"eval_accuracy": 0.9, "eval_length_balanced_accuracy": 0.85, "eval_accuracy_a_chosen_longer": 1.0,
+             "eval_accuracy_a_chosen_shorter": shorter, "eval_accuracy_a_same_length": 0.5}))
+    assert main(["compare", str(tmp_path / "bt"), str(tmp_path / "balanced")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["metric", "bt", "balanced"]
+    assert "accuracy_a_chosen_shorter 0.8000 0.9500" in [" ".join(line.split()) for line in lines]
+    assert not any("same_length" in line for line in lines)  # the cells that show the shortcut, not the third
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert f"'{tmp_path / 'missing'}' has no eval_results.json" in capsys.readouterr().err
