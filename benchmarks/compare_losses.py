@@ -200,8 +200,9 @@ def table(arms) -> str:
         lines.append(f"| {arm} | {' '.join(str(r['seed']) for r in results)} | " + " | ".join(cells) + " |")
     if runs:
         for name, sets in baseline_metrics(next(iter(runs.values()))[0]).items():
-            cells = [f"{sets[which][key]:.3f}" if which in sets and key in sets[which] and "calibrated" not in key
-                     else "-" for _, which, key in COLUMNS]
+            # a rule's "reward" is its vote, so correlation and calibration say nothing about it
+            cells = [f"{sets[which][key]:.3f}" if which in sets and key in sets[which] and "accuracy" in key
+                     and "calibrated" not in key else "-" for _, which, key in COLUMNS]
             lines.append(f"| {name} (no training) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
