@@ -9,6 +9,7 @@ Precedence for `train`: the config's defaults, then the YAML recipe, then comman
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import sys
@@ -336,6 +337,18 @@ def compare(run_dirs: list[str]) -> str:
     return "\n".join(rows)
 
 
+def show_package_info() -> None:
+    """The CLI shows this package's info messages (fitted length slopes, layout chosen, resume point) on stderr;
+    as a library it leaves logging to the application."""
+    package = logging.getLogger("hf_balanced_reward")
+    if not any(getattr(h, "hf_balanced_reward_cli", False) for h in package.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.hf_balanced_reward_cli = True
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
               f"       {PROG} compare RUN_DIR RUN_DIR ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    show_package_info()
     if command not in COMMANDS:
         print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
               f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
