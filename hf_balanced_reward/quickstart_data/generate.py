@@ -1,8 +1,8 @@
 """Writes the quickstart's small preference dataset (train.jsonl, valid.jsonl), deterministically.
 
-A constructed case with a shortcut. In every pair the chosen reply answers the question and the rejected one answers
-a different question (the real signal). Filler sentences make one reply longer, and which one depends on the group
-(`source`):
+A constructed case with a shortcut. In every pair the chosen reply answers the question; the rejected one starts
+like it and ends with the second half of the answer to a different question (the real signal, not trivial to see).
+Filler sentences make one reply longer, and which one depends on the group (`source`):
 - forum (large, 80% of training pairs): the chosen reply is the longer one in 95% of pairs;
 - exam (small): the chosen reply is the shorter one in 95% of pairs.
 So "longer wins" is right on most training pairs, and a model that learns it fails the exam pairs and the 5% of forum
@@ -57,7 +57,9 @@ def make(topics: list[str], groups: dict, seed: int) -> list[dict]:
         for _ in range(count):
             question = rng.choice(topics)
             other = rng.choice([q for q in topics if q != question])
-            chosen, rejected = TOPICS[question], TOPICS[other]
+            right, wrong = TOPICS[question].split(), TOPICS[other].split()
+            # Both replies start alike; only the rejected one drifts into another question's answer halfway.
+            chosen, rejected = TOPICS[question], " ".join(right[: len(right) // 2] + wrong[len(wrong) // 2 :])
             if rng.random() < chosen_longer:
                 chosen = pad(chosen, rng)
             else:
