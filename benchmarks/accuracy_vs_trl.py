@@ -71,7 +71,7 @@ def run(name, seed, max_length, train, valid):
 
         metrics = score(model, tokenizer, valid, max_length, seed, tokenized_by=trl_text)
     else:
-        loss_kwargs = {"method": "group_dro", "dro_step_size": 0.05} if name == "balanced_dro" else {}
+        loss_kwargs = {"group_dro": True, "dro_step_size": 0.05} if name == "balanced_dro" else {}
         args = BalancedRewardConfig(output_dir=f"/tmp/accuracy_vs_trl_{name}", max_length=max_length, seed=seed,
                                     loss_type="balanced" if name.startswith("balanced") else name,
                                     loss_kwargs=loss_kwargs, group_column="source", on_bad_rows="skip", **COMMON)
@@ -85,7 +85,7 @@ def run(name, seed, max_length, train, valid):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["trl", "bradley_terry", "balanced"],
-                        help="trl, bradley_terry, hinge, balanced (inverse frequency) or balanced_dro")
+                        help="trl, bradley_terry, hinge, balanced (cells) or balanced_dro (group DRO over group x length cells)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--train_pairs", type=int, default=None, help="use only the first N training pairs")
