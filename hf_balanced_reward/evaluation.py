@@ -12,7 +12,7 @@ import numpy as np
 from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
-from .metrics import calibration, metric_name, pair_metrics, wilson_interval
+from .metrics import calibration, pair_metrics, wilson_interval
 
 PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png",
          "length_cells": "length_cell_accuracy.png"}
@@ -52,6 +52,11 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     return report
 
 
+def accuracy_with_interval(correct: np.ndarray) -> dict:
+    low, high = wilson_interval(float(correct.sum()), len(correct))
+    return {"pairs": len(correct), "accuracy": float(correct.mean()), "ci_low": low, "ci_high": high}
+
+
 def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejected_lengths,
                  length_calibration: bool = True) -> dict:
     """`pair_metrics` plus what a file can hold and a log line cannot: per-group and per-cell details, calibration
@@ -61,24 +66,14 @@ def build_report(chosen, rejected, group_ids, group_names, chosen_lengths, rejec
     names = group_names or ["all"]
     report = pair_metrics(chosen, rejected, group_ids, names, chosen_lengths, rejected_lengths, length_calibration)
     correct = chosen > rejected
-    report["groups"] = {}
-    for group_id in np.unique(group_ids):
-        members = group_ids == group_id
-        low, high = wilson_interval(float(correct[members].sum()), int(members.sum()))
-        report["groups"][names[group_id]] = {
-            "pairs": int(members.sum()), "accuracy": report[f"accuracy_{metric_name(names[group_id])}"],
-            "ci_low": low, "ci_high": high,
-        }
     cells = length_cells(chosen_lengths, rejected_lengths)
-    report["length_cells"] = {}
+    report["groups"], report["length_cells"] = {}, {}
     for group_id in np.unique(group_ids):
+        in_group = group_ids == group_id
+        report["groups"][names[group_id]] = accuracy_with_interval(correct[in_group])
         for cell, cell_name in enumerate(LENGTH_CELLS):
-            members = (group_ids == group_id) & (cells == cell)
-            if members.any():
-                low, high = wilson_interval(float(correct[members].sum()), int(members.sum()))
-                report["length_cells"][f"{names[group_id]} / {cell_name}"] = {
-                    "pairs": int(members.sum()), "accuracy": float(correct[members].mean()), "ci_low": low,
-                    "ci_high": high,
-                }
+            if (in_group & (cells == cell)).any():
+                report["length_cells"][f"{names[group_id]} / {cell_name}"] = accuracy_with_interval(
+                    correct[in_group & (cells == cell)])
     report["calibration"] = calibration(chosen - rejected, correct)[1]
     return report
