@@ -60,6 +60,9 @@ def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
                     f"dataset file '{name_or_path}' has extension '{extension}'; "
                     f"use one of {', '.join(FILE_BUILDERS)}."
                 )
+            with open(name_or_path, "rb") as f:
+                if not f.read(4096).strip():  # `datasets` fails on an empty file with a bare StopIteration
+                    raise DataError(f"dataset file '{name_or_path}' is empty: it has no rows.")
             return load_dataset(FILE_BUILDERS[extension], data_files=name_or_path, split="train")
         if os.path.isdir(name_or_path):
             saved = any(os.path.exists(os.path.join(name_or_path, f)) for f in ("dataset_dict.json", "state.json"))

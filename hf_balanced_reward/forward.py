@@ -74,7 +74,8 @@ def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) 
     tolerance it must stay within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
     pairs = unpack_pairs(inputs)[:2]
     device = inputs["input_ids"].device
-    packed = {k: v.to(device) for k, v in PairCollator(pad_token_id, shared_prompt=True).shared_prompt_batch(pairs).items()}
+    packed = PairCollator(pad_token_id, shared_prompt=True).shared_prompt_batch(pairs)
+    packed = {k: v.to(device) for k, v in packed.items()}
     was_training = model.training
     model.eval()
     with torch.no_grad():

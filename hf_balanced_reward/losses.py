@@ -2,8 +2,9 @@
 
 A loss is a plain function `(chosen_rewards, rejected_rewards, margin=None, **options) -> per-pair loss [B]`.
 The trainer calls it in fp32 and then does one weighted reduction, `sum(w_i * loss_i) / B`, where `w_i` multiplies
-the unit weight (balanced loss only, see `balancing.py`) and the pair's own `weight` column. Add a loss by adding an entry to `LOSSES`
-or by passing `loss_fn=` to the trainer; options of a loss are its keyword parameters, set with `loss_kwargs`.
+the unit weight (balanced loss only, see `balancing.py`) and the pair's own `weight` column. Add a loss by adding an
+entry to `LOSSES` or by passing `loss_fn=` to the trainer; options of a loss are its keyword parameters, set with
+`loss_kwargs`.
 """
 
 import torch.nn.functional as F

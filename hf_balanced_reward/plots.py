@@ -63,7 +63,8 @@ def length_cell_bars(cells: dict[str, dict], length_balanced: float | None, path
     """Accuracy per group and length cell: a length-biased model is high in one direction and low in the other."""
     names = list(cells)
     accuracy = np.array([cells[n]["accuracy"] for n in names])
-    errors = np.maximum(np.array([[a - cells[n]["ci_low"], cells[n]["ci_high"] - a] for n, a in zip(names, accuracy)]).T, 0)
+    errors = np.array([[a - cells[n]["ci_low"], cells[n]["ci_high"] - a] for n, a in zip(names, accuracy)]).T
+    errors = np.maximum(errors, 0)
     colours = ["tab:orange" if n.endswith("chosen_longer") else "tab:purple" if n.endswith("chosen_shorter")
                else "tab:grey" for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 3), 4.8))

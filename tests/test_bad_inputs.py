@@ -168,6 +168,7 @@ BAD_FILES = [
     ("missing-file", None, "./nowhere/pairs.jsonl", r"dataset './nowhere/pairs.jsonl' does not exist"),
     ("wrong-extension", "pairs.txt", None, r"has extension '.txt'; use one of .jsonl, .json, .parquet, .csv"),
     ("broken-jsonl", "pairs.jsonl", None, r"could not load dataset '.*pairs.jsonl'"),
+    ("empty-file", "empty.jsonl", None, r"dataset file '.*empty.jsonl' is empty: it has no rows\."),
 ]
 
 
@@ -175,7 +176,8 @@ BAD_FILES = [
 def test_bad_dataset_files(tmp_path, filename, path, message):
     if filename:
         path = tmp_path / filename
-        path.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rej\n')
+        broken = '{"chosen": "a", "rejected": "b"}\n{"chosen": "a", "rej\n'
+        path.write_text("\n" if filename.startswith("empty") else broken)
     with pytest.raises(DataError, match=message):
         load_preference_dataset(str(path))
 

@@ -31,7 +31,8 @@ LOSS_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS, ids=["bt", "hinge", "balanced", "group_dro", "length_expert", "length_head"])
+@pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS,
+                         ids=["bt", "hinge", "balanced", "group_dro", "length_expert", "length_head"])
 def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_type, loss_kwargs):
     args = config(tmp_path, loss_type=loss_type, loss_kwargs=loss_kwargs, max_steps=3)
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
