@@ -32,11 +32,13 @@ SAME_LENGTH_TOLERANCE = 0.1
 WEIGHTINGS = ("cells", "groups", "none")
 
 
-def length_cells(chosen_lengths, rejected_lengths) -> np.ndarray:
-    """Cell index per pair (LONGER, SHORTER or SAME) from the two responses' lengths in tokens."""
-    chosen, rejected = np.asarray(chosen_lengths, dtype=np.float64), np.asarray(rejected_lengths, dtype=np.float64)
-    cells = np.where(chosen > rejected, LONGER, SHORTER)
-    return np.where(np.abs(chosen - rejected) <= SAME_LENGTH_TOLERANCE * np.maximum(chosen, rejected), SAME, cells)
+def length_cells(chosen_lengths, rejected_lengths):
+    """Cell index per pair (LONGER, SHORTER or SAME) from the two responses' lengths in tokens. Tensors stay on
+    their device (the training step calls this per batch); anything else gives a numpy array."""
+    xp = torch if isinstance(chosen_lengths, torch.Tensor) else np
+    chosen, rejected = xp.asarray(chosen_lengths) * 1.0, xp.asarray(rejected_lengths) * 1.0
+    cells = xp.where(chosen > rejected, LONGER, SHORTER)
+    return xp.where(xp.abs(chosen - rejected) <= SAME_LENGTH_TOLERANCE * xp.maximum(chosen, rejected), SAME, cells)
 
 
 def log_length_difference(chosen_lengths, rejected_lengths):

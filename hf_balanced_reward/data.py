@@ -19,8 +19,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
 
-from . import balancing, collator
-from .balancing import LENGTH_CELLS, length_cells
+from . import collator
 from .collator import shared_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ def _code_version() -> str:
     module-level function by its name, not its body: without this, results cached by an older version of this
     package would be reused after an upgrade."""
     digest = hashlib.sha256()
-    for path in (__file__, collator.__file__, balancing.__file__):
+    for path in (__file__, collator.__file__):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
@@ -138,10 +137,6 @@ def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
         rejected_ids[: cut.start] + rejected_ids[cut.stop :],
         "truncated",
     )
-
-
-def length_relation(chosen_length: int, rejected_length: int) -> str:
-    return LENGTH_CELLS[int(length_cells(chosen_length, rejected_length))]
 
 
 def text_problem(value, allow_empty: bool = False) -> str | None:

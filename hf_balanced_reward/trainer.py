@@ -111,15 +111,16 @@ class BalancedRewardTrainer(Trainer):
             logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
             self.max_length = positions
 
-        balance_options = args.loss_kwargs if args.loss_type == "balanced" and loss_fn is None else {}
-        self.balance = GroupBalance(**balance_options)  # group names for every loss; weights for `balanced`
+        # The built-in balanced loss's options are read here, by the reduction; a user's loss_fn gets them itself.
+        self.uses_balance = args.loss_type == "balanced" and loss_fn is None
+        self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, skipped per reason
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if train_dataset is not None and "response_lengths" in train_dataset.column_names:
             lengths = torch.as_tensor(train_dataset["response_lengths"])
             group_ids = torch.as_tensor(train_dataset["group_id"])
             self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
-            if args.loss_type == "balanced" and loss_fn is None:
+            if self.uses_balance:
                 logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
@@ -266,10 +267,6 @@ class BalancedRewardTrainer(Trainer):
     @property
     def group_names(self) -> list[str]:
         return self.balance.group_names
-
-    @property
-    def uses_balance(self) -> bool:
-        return self.args.loss_type == "balanced" and self.loss_fn is LOSSES["balanced"]
 
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
@@ -437,8 +434,7 @@ class BalancedRewardTrainer(Trainer):
 
     @staticmethod
     def _cells_of(inputs) -> torch.Tensor:
-        lengths = inputs["response_lengths"]
-        return torch.as_tensor(length_cells(lengths[:, 0].cpu(), lengths[:, 1].cpu()), device=lengths.device)
+        return length_cells(inputs["response_lengths"][:, 0], inputs["response_lengths"][:, 1])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         shortcut_terms = model.training and self.uses_balance

@@ -2,7 +2,8 @@ import pytest
 from datasets import Dataset
 
 from hf_balanced_reward import BalancedRewardConfig, DataError, load_preference_dataset, prepare_dataset
-from hf_balanced_reward.data import length_relation, truncate_pair
+from hf_balanced_reward.balancing import LONGER, length_cells
+from hf_balanced_reward.data import truncate_pair
 
 
 def config(**kwargs):
@@ -25,10 +26,11 @@ def test_pair_whose_response_alone_is_too_long_is_dropped():
     assert truncate_pair([1, 2], [1, 3], max_length=4, special_ids={1})[2] == "kept"
 
 
-def test_length_relation():
-    assert length_relation(20, 10) == "chosen_longer"
-    assert length_relation(10, 20) == "chosen_shorter"
-    assert length_relation(20, 19) == "same_length"
+def test_length_cells_on_arrays_and_tensors():
+    import torch
+
+    assert length_cells([20, 10, 20], [10, 20, 19]).tolist() == [0, 1, 2]  # longer, shorter, same within 10%
+    assert length_cells(torch.tensor([20, 10, 20]), torch.tensor([10, 20, 19])).tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_every_preference_format_tokenizes_to_full_sequences(row, tokenizer):
         assert "<|assistant|>Sure, here.</s>" in chosen_text
     assert example["group"] == "all"  # no group_column: one group
     chosen_length, rejected_length = example["response_lengths"]
-    assert length_relation(chosen_length, rejected_length) == "chosen_longer"  # "Sure, here." against "No."
+    assert length_cells(chosen_length, rejected_length) == LONGER  # "Sure, here." against "No."
 
 
 def test_pretokenized_pairs_pass_through(tokenizer):
