@@ -255,7 +255,7 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     if peft_config is not None:
         trainer.save_merged_model(os.path.join(config.output_dir, "merged"))
     for name, report in trainer.data_report.items():
-        result.metrics[f"{name}_skipped_rows"] = sum(report["skipped"].values())
+        result.metrics[f"{name}_dropped_rows"] = sum(report["dropped"].values())
     trainer.save_metrics("train", result.metrics)
     after = None
     if eval_dataset is not None:
@@ -290,9 +290,9 @@ def evaluate(argv: list[str]) -> dict:
     low, high = report["accuracy_ci_low"], report["accuracy_ci_high"]
     lines = [f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
              f"ties {report['ties']}"]
-    skipped = report["data"]["skipped"]
-    if skipped:
-        lines.append(f"{sum(skipped.values())} rows not scored: " + "; ".join(f"{n} x {r}" for r, n in skipped.items()))
+    dropped = report["data"]["dropped"]
+    if dropped:
+        lines.append(f"{sum(dropped.values())} rows not scored: " + "; ".join(f"{n} x {r}" for r, n in dropped.items()))
     if "length_baseline_accuracy" in report:
         lines.append(f"always prefer the longer response: {report['length_baseline_accuracy']:.4f}; "
                      f"reward-length correlation {report.get('reward_length_correlation', float('nan')):.3f}")

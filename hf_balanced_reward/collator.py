@@ -24,6 +24,16 @@ def shared_prefix_length(chosen_ids, rejected_ids) -> int:
     return min(common_prefix_length(chosen_ids, rejected_ids), len(chosen_ids) - 1, len(rejected_ids) - 1)
 
 
+def scored_index(ids, pad_token_id: int) -> int:
+    """Index of the token the reward is read at: the last one that is not the pad token. This is the token that
+    `*ForSequenceClassification` pools (so `pipeline`, trl and plain transformers read the same one), also when
+    pad == eos and a text ends in eos; a causal model's output there does not depend on the eos tokens after it."""
+    for index in range(len(ids) - 1, 0, -1):
+        if ids[index] != pad_token_id:
+            return index
+    return 0
+
+
 def pack_rows(lengths: list[int], max_width: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
     """Pack sequences of `lengths` into rows of one width, wasting as few padded cells as possible.
 
@@ -93,8 +103,8 @@ def flex_block_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
 class PairCollator:
     """Collates tokenised pairs (`chosen_ids`, `rejected_ids`, optional `margin`, `weight`, `group_id`).
 
-    Plain layout: `input_ids`, `attention_mask` and `end_positions`, the index of each row's last real token (the
-    scored token), so the model's own "last non-pad token" guess (wrong when pad == eos) is never used.
+    Plain layout: `input_ids`, `attention_mask` and `end_positions`, the index of each row's scored token (see
+    `scored_index`), given explicitly so that rows padded on either side, or packed, are read right.
     With `shared_prompt=True`: `input_ids`, `position_ids`, `segment_ids`, `branch_ids`, and `chosen_end` /
     `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
     `max_row_tokens` wide unless a single pair needs more. Both layouts add `response_lengths` [B, 2]: tokens of
@@ -130,7 +140,7 @@ class PairCollator:
         return {
             "input_ids": input_ids,
             "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
-            "end_positions": lengths - 1,
+            "end_positions": torch.tensor([scored_index(s, self.pad_token_id) for s in sequences]),
         }
 
     def shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -163,8 +173,15 @@ class PairCollator:
                 batch["segment_ids"][r, cells] = pair
                 batch["branch_ids"][r, cells] = torch.tensor(branches)
                 chosen_length = len(tokens) - branches.count(REJECTED)
-                chosen_end[pair] = r * width + start + chosen_length - 1
-                rejected_end[pair] = r * width + start + len(tokens) - 1
+                # Segment offsets of the scored tokens: chosen index i is offset i; rejected index i >= the shared
+                # prompt follows the chosen response (one inside the prompt is the same offset as in chosen).
+                chosen_scored = scored_index(tokens[:chosen_length], self.pad_token_id)
+                rejected_scored = scored_index(examples[pair]["rejected_ids"], self.pad_token_id)
+                shared = prompts[pair]
+                if rejected_scored >= shared:
+                    rejected_scored += chosen_length - shared
+                chosen_end[pair] = r * width + start + chosen_scored
+                rejected_end[pair] = r * width + start + rejected_scored
                 start += len(tokens)
         batch["chosen_end"], batch["rejected_end"] = torch.tensor(chosen_end), torch.tensor(rejected_end)
         return batch

@@ -11,7 +11,7 @@ from .balancing import WEIGHTINGS
 from .losses import LOSSES
 
 
-ON_BAD_ROWS = ("error", "skip")
+ON_BAD_ROWS = ("auto", "skip", "error")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -101,7 +101,7 @@ class BalancedRewardConfig(TrainingArguments):
         default=1024,
         metadata={
             "help": "Most tokens per sequence (prompt + response). Longer pairs lose prompt tokens from the left; "
-            "the response end is never cut; a pair whose response alone is too long is a bad row (see on_bad_rows). "
+            "the response end is never cut; a pair whose response alone is too long is dropped (see on_bad_rows). "
             "Capped by the model's own position limit."
         },
     )
@@ -116,12 +116,13 @@ class BalancedRewardConfig(TrainingArguments):
         },
     )
     on_bad_rows: str = field(
-        default="error",
+        default="auto",
         metadata={
-            "help": "What to do with unusable rows (null/empty texts, malformed messages, chosen == rejected, NaN "
-            "margin or weight, no group, a response longer than max_length): 'error' stops before the model is "
-            "loaded, naming rows and problems; 'skip' drops them and counts each reason in the log and "
-            "data_report.json."
+            "help": "'auto' (as trl): drop pairs with nothing to learn (a response longer than max_length, chosen "
+            "== rejected), keep empty responses, and stop only on rows that cannot be read (null or non-text "
+            "fields, malformed messages, NaN/infinite margin or weight, negative weight, no group); 'skip': drop "
+            "those too; 'error': stop on any of them, empty responses included. Stops happen before the model is "
+            "loaded and name rows and problems; drops are counted per reason in the log and data_report.json."
         },
     )
     nan_policy: str = field(

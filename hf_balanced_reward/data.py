@@ -105,13 +105,23 @@ def render_texts(example: dict, tokenizer, append_eos: bool) -> tuple[str, str, 
     """(prompt, prompt + chosen, prompt + rejected) as plain text; conversations go through the chat template."""
     pair = {key: example[key] for key in ("prompt", "chosen", "rejected") if key in example}
     pair = maybe_extract_prompt(pair)  # conversations with an implicit prompt: split off the shared messages
+    conversational = not isinstance(pair["chosen"], str)
     pair = maybe_apply_chat_template(pair, tokenizer)
+    if conversational and adds_bos(tokenizer):
+        # A template that renders {{ bos_token }} would get a second BOS from the tokenizer: keep one, as trl does.
+        pair = {k: v[len(tokenizer.bos_token):] if v.startswith(tokenizer.bos_token) else v for k, v in pair.items()}
     prompt = pair.get("prompt", "")
     chosen, rejected = prompt + pair["chosen"], prompt + pair["rejected"]
     if append_eos and tokenizer.eos_token:
         chosen = chosen if chosen.endswith(tokenizer.eos_token) else chosen + tokenizer.eos_token
         rejected = rejected if rejected.endswith(tokenizer.eos_token) else rejected + tokenizer.eos_token
     return prompt, chosen, rejected
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of a plain text by itself (Llama's do, Qwen's and GPT-2's do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
 def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
@@ -159,7 +169,19 @@ def text_problem(value, allow_empty: bool = False) -> str | None:
     return f"is {type(value).__name__}, not text or a list of messages"
 
 
-def row_problem(example: dict, group_column: str | None) -> str | None:
+IDENTICAL = "chosen is identical to rejected (no preference to learn)"
+
+
+def too_long(max_length) -> str:
+    return f"a response alone is longer than max_length={max_length} tokens"
+
+
+def droppable(problem: str) -> bool:
+    """Rows that are well-formed but carry no usable pair: dropped and counted by default, as trl drops them."""
+    return problem == IDENTICAL or problem.startswith("a response alone is longer")
+
+
+def row_problem(example: dict, group_column: str | None, allow_empty_response: bool = True) -> str | None:
     """The first thing that makes a row unusable, as "column 'x' <problem>", or None for a good row."""
     if "chosen_ids" in example and "rejected_ids" in example:
         for column in ("chosen_ids", "rejected_ids"):
@@ -167,14 +189,17 @@ def row_problem(example: dict, group_column: str | None) -> str | None:
                 return f"column '{column}' is empty"
     else:
         texts = [c for c in ("prompt", "chosen", "rejected") if c in example]
+        # With an explicit prompt an empty response is a real answer (usually the rejected one); without one, an
+        # empty "chosen" is no text at all.
+        empty_ok = {"prompt"} | ({"chosen", "rejected"} if allow_empty_response and "prompt" in example else set())
         for column in texts:
-            problem = text_problem(example[column], allow_empty=column == "prompt")
+            problem = text_problem(example[column], allow_empty=column in empty_ok)
             if problem:
                 return f"column '{column}' {problem}"
         if len({isinstance(example[c], str) for c in texts}) > 1:
             return f"columns {', '.join(texts)} mix plain text and message lists"
         if example["chosen"] == example["rejected"]:
-            return "column 'chosen' is identical to 'rejected'"
+            return IDENTICAL
     for column in ("margin", "weight"):
         value = example.get(column, 0.0)
         if value is None:
@@ -188,8 +213,14 @@ def row_problem(example: dict, group_column: str | None) -> str | None:
     return None
 
 
-def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids, code_version=None):
-    problem = row_problem(example, group_column)
+def has_empty_response(example: dict) -> bool:
+    return "prompt" in example and any(isinstance(example.get(c), str) and not example[c].strip()
+                                       for c in ("chosen", "rejected"))
+
+
+def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids, allow_empty_response,
+                     code_version=None):
+    problem = row_problem(example, group_column, allow_empty_response)
     if problem:
         return {"chosen_ids": [], "rejected_ids": [], "group": "", "response_lengths": [0, 0], "fit": "bad",
                 "length": 0, "problem": problem}
@@ -202,7 +233,9 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
         rejected_ids = tokenizer(rejected_text)["input_ids"]
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
     if status == "dropped":
-        problem = f"a response alone is longer than max_length={max_length} tokens"
+        problem = too_long(max_length)
+    elif has_empty_response(example):
+        status = "empty response"
     group = str(example[group_column]) if group_column else "all"
     prompt = shared_prefix_length(chosen_ids, rejected_ids)
     # Response tokens after the shared prompt, as the collator counts them: length cells and the length expert.
@@ -216,9 +249,11 @@ def prepare_dataset(
 ) -> tuple[Dataset, dict]:
     """Validate, tokenise, truncate and label the groups of a preference dataset, in one pass.
 
-    Returns the prepared pairs (`chosen_ids`, `rejected_ids`, `group`, `response_lengths`, `length`, and `margin` / `weight` when
-    present) and a report: pairs kept, prompts truncated, and bad rows skipped per reason. Bad rows stop the run
-    (`on_bad_rows="error"`, naming rows, columns and problems) or are dropped and counted (`"skip"`).
+    Returns the prepared pairs (`chosen_ids`, `rejected_ids`, `group`, `response_lengths`, `length`, and `margin` /
+    `weight` when present) and a report: pairs kept, prompts truncated, pairs with an empty response, and rows
+    dropped per reason. `on_bad_rows` decides which rows stop the run (naming rows, columns and problems): "auto"
+    drops pairs with no usable signal (too long, chosen == rejected) and stops on unreadable ones; "skip" drops
+    every bad row; "error" stops on any.
     """
     check_columns(dataset, args.group_column, name)
     keep = [c for c in ("margin", "weight") if c in dataset.column_names]
@@ -238,32 +273,40 @@ def prepare_dataset(
             "append_eos": args.append_eos_token,
             "group_column": args.group_column,
             "special_ids": set(tokenizer.all_special_ids),
+            "allow_empty_response": args.on_bad_rows != "error",
             "code_version": CODE_VERSION,  # only part of the cache key
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         num_proc=args.dataset_num_proc,
         desc=f"Checking and tokenizing {name} pairs",
     )
-    bad = [(row, problem) for row, problem in enumerate(tokenized["problem"]) if problem]
-    if bad and args.on_bad_rows == "error":
+    problems = [(row, problem) for row, problem in enumerate(tokenized["problem"]) if problem]
+    # "auto" stops only on rows that cannot be read; "skip" drops those too; "error" stops on anything.
+    stop_on = {"error": lambda p: True, "skip": lambda p: False, "auto": lambda p: not droppable(p)}[args.on_bad_rows]
+    bad = [(row, problem) for row, problem in problems if stop_on(problem)]
+    if bad:
         shown = "; ".join(f"row {row}: {problem}" for row, problem in bad[:MAX_SHOWN])
         more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
         raise DataError(
             f"{name} dataset has {len(bad)} bad row(s) of {len(dataset)}: {shown}{more}. Fix them, or set "
             "on_bad_rows: skip to drop them (they are counted in the log and in data_report.json)."
         )
-    skipped = dict(Counter(problem for _, problem in bad).most_common())
-    truncated = tokenized["fit"].count("truncated")
-    if truncated:
-        logger.warning(f"{name}: {truncated} of {len(dataset)} pairs had their prompt cut from the left to fit "
-                       f"max_length={max_length}.")
-    if bad:
-        reasons = "; ".join(f"{count} x {problem}" for problem, count in skipped.items())
-        logger.warning(f"{name}: skipped {len(bad)} bad row(s) of {len(dataset)} (on_bad_rows=skip): {reasons}.")
+    dropped = dict(Counter(problem for _, problem in problems).most_common())
+    fits = Counter(tokenized["fit"])
+    notes = ["dropped " + ", ".join(f"{count} x {problem}" for problem, count in dropped.items())] if dropped else []
+    if fits["empty response"]:
+        notes.append(f"kept {fits['empty response']} with an empty response")
+    if fits["truncated"]:
+        notes.append(f"prompt cut from the left to fit max_length={max_length} in {fits['truncated']}")
+    if notes:
+        logger.warning(f"{name}: {len(dataset) - len(problems)} of {len(dataset)} pairs used; " + "; ".join(notes)
+                       + f" (on_bad_rows={args.on_bad_rows}).")
+    if problems:
         tokenized = tokenized.filter(lambda problem: not problem, input_columns="problem")
     if len(tokenized) == 0:
-        raise DataError(f"{name} dataset has no usable pairs left: all {len(dataset)} rows were bad.")
-    report = {"rows": len(dataset), "pairs": len(tokenized), "truncated": truncated, "skipped": skipped}
+        raise DataError(f"{name} dataset has no usable pairs left: all {len(dataset)} rows were dropped.")
+    report = {"rows": len(dataset), "pairs": len(tokenized), "truncated": fits["truncated"],
+              "empty_responses": fits["empty response"], "dropped": dropped}
     return tokenized.remove_columns(["fit", "problem"]), report
 
 

@@ -112,7 +112,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         ("learning rate", args.learning_rate),
         ("batch size per device", args.per_device_train_batch_size),
         ("training pairs", train.get("pairs", "unknown")),
-        ("rows skipped as bad", sum(train.get("skipped", {}).values()) if train else "unknown"),
+        ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
     if balance:
         slopes = ", ".join(f"{group} {slope:+.3f}" for group, slope in balance["length_slopes"].items())

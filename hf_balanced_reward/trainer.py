@@ -114,7 +114,7 @@ class BalancedRewardTrainer(Trainer):
         # The built-in balanced loss's options are read here, by the reduction; a user's loss_fn gets them itself.
         self.uses_balance = args.loss_type == "balanced" and loss_fn is None
         self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
-        self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, skipped per reason
+        self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
         if train_dataset is not None and "response_lengths" in train_dataset.column_names:
             lengths = torch.as_tensor(train_dataset["response_lengths"])

@@ -26,8 +26,9 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer that puts <s> (BOS) in front of every text, like Llama's."""
+def build_tokenizer(pad_is_eos: bool = False, adds_bos: bool = True, chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer that puts <s> (BOS) in front of every text, like Llama's (`adds_bos=False`: like
+    Qwen's or GPT-2's, which add nothing)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -36,14 +37,15 @@ def build_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
         vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="</s>" if pad_is_eos else "<pad>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

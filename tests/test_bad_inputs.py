@@ -39,10 +39,12 @@ def conversation_rows(bad_chosen):
 # (id, rows, config options, expected message); rows are loaded with Dataset.from_list.
 BAD_DATA = [
     ("chosen-null", with_row(chosen=None), {}, r"row 3: column 'chosen' is null"),
-    ("rejected-empty", with_row(rejected=""), {}, r"row 3: column 'rejected' is empty"),
-    ("chosen-whitespace", with_row(chosen="  \n"), {}, r"row 3: column 'chosen' is empty"),
+    ("rejected-empty-strict", with_row(rejected=""), {"on_bad_rows": "error"}, r"row 3: column 'rejected' is empty"),
+    ("chosen-whitespace-strict", with_row(chosen="  \n"), {"on_bad_rows": "error"}, r"row 3: column 'chosen' is empty"),
+    ("implicit-prompt-empty", [{"chosen": "", "rejected": "b"}], {}, r"row 0: column 'chosen' is empty"),
     ("prompt-null", with_row(prompt=None), {}, r"row 3: column 'prompt' is null"),
-    ("identical", with_row(chosen=" Same.", rejected=" Same."), {}, r"row 3: column 'chosen' is identical to 'rejected'"),
+    ("identical-strict", with_row(chosen=" Same.", rejected=" Same."), {"on_bad_rows": "error"},
+     r"row 3: chosen is identical to rejected \(no preference to learn\)"),
     ("margin-nan", with_row(margin=math.nan), {}, r"row 3: column 'margin' is NaN"),
     ("margin-null", with_row(margin=None), {}, r"row 3: column 'margin' is null"),
     ("weight-negative", with_row(weight=-1.0), {}, r"row 3: column 'weight' is negative \(-1.0\)"),
@@ -50,7 +52,7 @@ BAD_DATA = [
     ("group-null", with_row(source=None), {"group_column": "source"},
      r"row 3: column 'source' is empty: the pair has no group"),
     ("group-blank", with_row(source=" "), {"group_column": "source"}, r"row 3: column 'source' is empty"),
-    ("response-too-long", with_row(chosen=" hello" * 40), {"max_length": 24},
+    ("response-too-long-strict", with_row(chosen=" hello" * 40), {"max_length": 24, "on_bad_rows": "error"},
      r"row 3: a response alone is longer than max_length=24 tokens"),
     ("message-without-content", conversation_rows([{"role": "assistant", "content": None}]), {},
      r"row 3: column 'chosen' message 0 has no text 'content'"),
@@ -73,7 +75,9 @@ BAD_DATA = [
      r"group_column='sorce' is not a column of the train dataset"),
     ("empty-dataset", [], {}, r"train dataset is empty: it has no rows"),
     ("every-row-bad", [{"chosen": "", "rejected": "b"}], {"on_bad_rows": "skip"},
-     r"train dataset has no usable pairs left: all 1 rows were bad"),
+     r"train dataset has no usable pairs left: all 1 rows were dropped"),
+    ("every-row-identical", [{"prompt": "a", "chosen": "b", "rejected": "b"}], {},
+     r"train dataset has no usable pairs left: all 1 rows were dropped"),
 ]
 
 
@@ -111,7 +115,7 @@ BAD_CONFIG = [
     ("group-dro-not-bool", {"loss_type": "balanced", "loss_kwargs": {"group_dro": "yes"}},
      r"group_dro must be true or false, got 'yes'"),
     ("on-bad-rows-typo", {"on_bad_rows": "skp"},
-     r"on_bad_rows='skp' is not an option \(did you mean 'skip'\?\); choose one of: error, skip"),
+     r"on_bad_rows='skp' is not an option \(did you mean 'skip'\?\); choose one of: auto, skip, error"),
     ("nan-policy-unknown", {"nan_policy": "ignore"}, r"nan_policy='ignore' is not an option; choose one of: stop, skip"),
     ("max-length-too-small", {"max_length": 1}, r"max_length must be at least 2"),
     ("negative-centering", {"center_rewards_coefficient": -0.1}, r"center_rewards_coefficient must be >= 0"),
@@ -136,32 +140,56 @@ def test_shared_prompt_with_an_encoder_fails_before_the_weights_load(tmp_path, t
 
 
 def test_error_names_the_first_rows_and_counts_all(tmp_path, model_dir, no_model_load):
-    rows = good_rows(2) + [{**good_rows(1)[0], "chosen": ""} for _ in range(8)]
+    rows = good_rows(2) + [{**good_rows(1)[0], "chosen": None} for _ in range(8)]
     args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
     with pytest.raises(DataError) as error:
         BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
     message = str(error.value)
-    assert message.startswith("train dataset has 8 bad row(s) of 10: row 2: column 'chosen' is empty; row 3:")
-    assert "row 6: column 'chosen' is empty (and 3 more). Fix them, or set on_bad_rows: skip" in message
+    assert message.startswith("train dataset has 8 bad row(s) of 10: row 2: column 'chosen' is null; row 3:")
+    assert "row 6: column 'chosen' is null (and 3 more). Fix them, or set on_bad_rows: skip" in message
     assert "row 7" not in message
 
 
 def test_skip_drops_bad_rows_and_reports_counts_per_reason(tmp_path, model_dir, caplog):
     rows = good_rows(4) + [
-        {**good_rows(1)[0], "chosen": ""}, {**good_rows(1)[0], "chosen": ""},
+        {**good_rows(1)[0], "chosen": None}, {**good_rows(1)[0], "weight": -1.0},
         {**good_rows(1)[0], "margin": math.nan}, {**good_rows(1)[0], "rejected": None},
     ]
     args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", on_bad_rows="skip", max_steps=1,
                                 per_device_train_batch_size=2, save_strategy="no")
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
     assert len(trainer.train_dataset) == 4
-    expected = {"column 'chosen' is empty": 2, "column 'margin' is NaN": 1, "column 'rejected' is null": 1}
-    assert trainer.data_report["train"] == {"rows": 8, "pairs": 4, "truncated": 0, "skipped": expected}
-    assert ("train: skipped 4 bad row(s) of 8 (on_bad_rows=skip): 2 x column 'chosen' is empty; "
-            "1 x column 'margin' is NaN; 1 x column 'rejected' is null.") in caplog.text
+    expected = {"column 'chosen' is null": 1, "column 'weight' is negative (-1.0)": 1, "column 'margin' is NaN": 1,
+                "column 'rejected' is null": 1}
+    assert trainer.data_report["train"] == {"rows": 8, "pairs": 4, "truncated": 0, "empty_responses": 0,
+                                            "dropped": expected}
+    assert ("train: 4 of 8 pairs used; dropped 1 x column 'chosen' is null, 1 x column 'weight' is negative (-1.0), "
+            "1 x column 'margin' is NaN, 1 x column 'rejected' is null (on_bad_rows=skip).") in caplog.text
     trainer.train()
     with open(tmp_path / "out" / "data_report.json") as f:
-        assert json.load(f)["train"]["skipped"] == expected
+        assert json.load(f)["train"]["dropped"] == expected
+
+
+def test_by_default_pairs_without_signal_are_dropped_and_empty_responses_kept(tmp_path, model_dir, caplog):
+    rows = good_rows(4) + [
+        {**good_rows(1)[0], "chosen": " hello" * 80},  # too long for max_length
+        {**good_rows(1)[0], "chosen": " Same.", "rejected": " Same."},
+        {**good_rows(1)[0], "rejected": ""},  # an empty answer: a real (rejected) response
+    ]
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=48, max_steps=1,
+                                per_device_train_batch_size=2, save_strategy="no")
+    assert args.on_bad_rows == "auto"
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    dropped = {"a response alone is longer than max_length=48 tokens": 1,
+               "chosen is identical to rejected (no preference to learn)": 1}
+    assert trainer.data_report["train"] == {"rows": 7, "pairs": 5, "truncated": 0, "empty_responses": 1,
+                                            "dropped": dropped}
+    assert ("train: 5 of 7 pairs used; dropped 1 x a response alone is longer than max_length=48 tokens, 1 x chosen "
+            "is identical to rejected (no preference to learn); kept 1 with an empty response (on_bad_rows=auto).") \
+        in caplog.text
+    # a row that cannot be read still stops the run, before the model loads
+    with pytest.raises(DataError, match=r"row 7: column 'chosen' is null"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows + with_row(chosen=None)[3:]))
 
 
 BAD_FILES = [

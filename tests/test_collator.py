@@ -17,11 +17,24 @@ def test_pairs_become_chosen_rows_then_rejected_rows():
     assert torch.equal(batch["group_id"], torch.tensor([1, 0]))
 
 
-def test_end_positions_do_not_depend_on_the_pad_token():
-    # pad == eos (SmolLM2): the sequences end in token 9, which is also the pad token
+def test_the_scored_token_is_the_last_one_that_is_not_pad():
+    # pad == eos (SmolLM2) and texts that end in eos: the reward is read where every client's pooling reads it, the
+    # last token that is not the pad token (a causal model's output there ignores the eos after it)
     batch = PairCollator(pad_token_id=9, pad_to_multiple_of=4)([{"chosen_ids": [1, 9], "rejected_ids": [2, 3, 9]}])
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 9, 9, 9], [2, 3, 9, 9]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))
-    assert torch.equal(batch["end_positions"], torch.tensor([1, 2]))
+    assert torch.equal(batch["end_positions"], torch.tensor([0, 1]))
     assert torch.equal(batch["response_lengths"], torch.tensor([[2, 3]]))  # no shared prompt: whole sequences
     assert set(batch) == {"input_ids", "attention_mask", "end_positions", "response_lengths"}
+
+
+def test_shared_prompt_layout_reads_the_same_tokens():
+    # segment: prompt [5, 6], chosen [7, 9, 9], rejected [9]; the rejected response is all pad, so its scored token
+    # is the prompt's last one, as in the plain layout
+    pair = {"chosen_ids": [5, 6, 7, 9, 9], "rejected_ids": [5, 6, 9]}
+    batch = PairCollator(pad_token_id=9, shared_prompt=True)([pair])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 9, 9]]
+    assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 1, 2]]
+    assert batch["chosen_end"].tolist() == [2] and batch["rejected_end"].tolist() == [1]
+    plain = PairCollator(pad_token_id=9)([pair])
+    assert plain["end_positions"].tolist() == [2, 1]

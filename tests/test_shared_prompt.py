@@ -36,12 +36,11 @@ def tokenized_pairs(tokenizer, texts=TEXTS):
 
 
 def plain_rewards(model, tokenizer, examples, device="cpu"):
-    """Each sequence on its own, no padding, no packing: the reference."""
+    """Each sequence on its own, no padding, no packing, read where the model's own pooling reads: the reference."""
     rewards = []
     for key in ("chosen_ids", "rejected_ids"):
         for example in examples:
-            hidden = model.model(torch.tensor([example[key]], device=device)).last_hidden_state
-            rewards.append(model.score(hidden[0, -1]).item())
+            rewards.append(model(torch.tensor([example[key]], device=device)).logits[0, 0].item())
     return torch.tensor(rewards)
 
 

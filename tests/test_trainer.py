@@ -1,15 +1,12 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from conftest import build_tokenizer, tiny_bert, tiny_llama
-from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
+from conftest import tiny_bert, tiny_llama
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
 
 
 def config(tmp_path, **kwargs):
@@ -92,24 +89,6 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, model_dir, pair
     assert small_log["loss"] == pytest.approx(large_log["loss"], rel=1e-5)
 
 
-def test_reward_is_read_at_the_real_last_token_when_pad_is_eos(tmp_path):
-    tokenizer = build_tokenizer(pad_is_eos=True)
-    model = tiny_llama(tokenizer)
-    rows = [{"prompt": "Hello", "chosen": " world, how are you", "rejected": " fox"}]
-    args = config(tmp_path, append_eos_token=True, group_column=None)
-    trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                    processing_class=tokenizer)
-    example = trainer.train_dataset[0]
-    assert example["rejected_ids"][-1] == tokenizer.pad_token_id  # ends in eos == pad: "last non-pad" would miss it
-    batch = PairCollator(tokenizer.pad_token_id)([example])
-    model.eval()
-    chosen, rejected = trainer.score_pairs(model, batch)
-    with torch.no_grad():
-        for reward, ids in ((chosen, example["chosen_ids"]), (rejected, example["rejected_ids"])):
-            hidden = model.model(torch.tensor([ids])).last_hidden_state
-            assert reward.item() == pytest.approx(model.score(hidden[0, -1]).item(), abs=1e-6)
-
-
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_bradley_terry_equals_trl_reward_trainer(tmp_path, tokenizer, center):
     model = tiny_llama(tokenizer, seed=3)
@@ -182,24 +161,6 @@ def test_loss_kwargs_are_checked_against_a_custom_loss(tmp_path, model_dir, pair
     with pytest.raises(ConfigError, match=r"unknown option 'hinge_margin' for loss 'scaled'"):
         args = config(tmp_path, loss_type="hinge", loss_kwargs={"hinge_margin": 1.0})
         BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, loss_fn=scaled)
-
-
-def test_saved_model_loads_with_plain_transformers(tmp_path, model_dir, pairs):
-    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=2), train_dataset=pairs)
-    trainer.train()
-    out = str(tmp_path / "saved")
-    trainer.save_model(out)
-    assert os.path.exists(os.path.join(out, "model.safetensors"))
-    model = AutoModelForSequenceClassification.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
-    example = trainer.train_dataset[0]
-    trainer.model.eval()
-    with torch.no_grad():
-        chosen, _ = trainer.score_pairs(trainer.model, trainer.data_collator([example]))
-    text = tokenizer.decode(example["chosen_ids"], skip_special_tokens=True)
-    scorer = pipeline("text-classification", model=out, function_to_apply="none")
-    assert scorer(text)[0]["score"] == pytest.approx(chosen.item(), abs=1e-5)
 
 
 def test_trl_reward_config_is_accepted(tmp_path, model_dir, pairs):

@@ -1,0 +1,89 @@
+"""The scoring contract: a saved model scores a text in every client exactly as training scored it.
+
+Training reads the reward at the token `*ForSequenceClassification` pools: the last one that is not the pad token.
+Each tokenizer shape below once broke that (pad == eos with texts ending in eos; templates rendering BOS); the test
+trains, saves, and scores the same texts through the trainer (both layouts), `pipeline`, and plain
+`AutoModelForSequenceClassification` with right and left padding.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from conftest import CHAT_TEMPLATE, build_tokenizer, tiny_bert, tiny_llama
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, PairCollator
+from hf_balanced_reward.data import render_texts
+
+
+def plain_rows(n=8):
+    return [{"prompt": f"Question {i}: please help me", "chosen": " Sure, here is a short email." + " Hello" * (i % 3),
+             "rejected": " No." + " world" * (i % 2)} for i in range(n)]
+
+
+def chat_rows(n=8):
+    return [{"prompt": [{"role": "user", "content": f"Question {i}: please help me"}],
+             "chosen": [{"role": "assistant", "content": "Sure, here is a short email." + " Hello" * (i % 3)}],
+             "rejected": [{"role": "assistant", "content": "No." + " world" * (i % 2)}]} for i in range(n)]
+
+
+SHAPES = {  # name: (tokenizer options, model builder, rows, append_eos_token)
+    "pad_separate": ({}, tiny_llama, plain_rows, False),
+    "pad_is_eos_append_eos": ({"pad_is_eos": True}, tiny_llama, plain_rows, True),
+    "pad_is_eos_template_ends_in_eos": ({"pad_is_eos": True}, tiny_llama, chat_rows, False),
+    "template_renders_bos": ({"chat_template": "{{ bos_token }}" + CHAT_TEMPLATE}, tiny_llama, chat_rows, False),
+    "tokenizer_adds_no_bos": ({"adds_bos": False}, tiny_llama, plain_rows, False),
+    "encoder": ({}, tiny_bert, plain_rows, False),
+}
+
+
+def client_rewards(out, texts, padding_side):
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.padding_side = padding_side
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_saved_model_scores_as_training_did(tmp_path, shape):
+    tokenizer_options, build_model, make_rows, append_eos = SHAPES[shape]
+    tokenizer = build_tokenizer(**tokenizer_options)
+    rows = make_rows()
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+                                learning_rate=1e-2, max_steps=2, save_strategy="no", seed=0,
+                                append_eos_token=append_eos)
+    trainer = BalancedRewardTrainer(model=build_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    out = args.output_dir
+
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    texts = [render_texts(row, tokenizer, append_eos)[1:] for row in rows]
+    texts = [chosen for chosen, _ in texts] + [rejected for _, rejected in texts]
+    ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    assert [tokenizer(t)["input_ids"] for t in texts] == ids  # clients tokenise the text as training did
+    if "pad_is_eos" in shape:  # the case that once broke: the text ends in the pad token
+        assert all(sequence[-1] == tokenizer.pad_token_id for sequence in ids)
+    if shape == "template_renders_bos":
+        assert all(sequence.count(tokenizer.bos_token_id) == 1 for sequence in ids)
+
+    trainer.model.eval()
+    layouts = {"plain": PairCollator(tokenizer.pad_token_id), "trainer's layout": trainer.data_collator}
+    expected = None
+    for name, collate in layouts.items():
+        with torch.no_grad():
+            rewards = torch.cat(trainer.score_pairs(trainer.model, trainer._prepare_inputs(collate(examples))))
+        if expected is None:
+            expected = rewards
+        # fp32 forwards of the same tokens; only the reduction order over padding or packing differs
+        torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+    scorer = pipeline("text-classification", model=out, function_to_apply="none")
+    clients = {"pipeline": torch.tensor([r["score"] for r in scorer(texts, batch_size=4)]),
+               "right padding": client_rewards(out, texts, "right")}
+    if build_model is tiny_llama:  # an encoder with absolute positions is never left-padded by its tokenizer
+        clients["left padding"] = client_rewards(out, texts, "left")
+    for client, rewards in clients.items():
+        torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=1e-5, msg=client)
