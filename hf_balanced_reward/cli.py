@@ -147,6 +147,36 @@ def read_recipe(path: str, valid_keys: list[str]) -> dict:
     return values
 
 
+TYPE_NAMES = {"float": "a number", "int": "an integer", "string_to_bool": "true or false", "str": "text"}
+
+
+def checked_recipe_values(parser, values: dict, path: str) -> dict:
+    """Recipe values converted to the option's type. argparse applies `type` only to defaults given as strings, so a
+    YAML list or mapping where a number belongs would otherwise reach the config unchecked."""
+    checked = {}
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        convert = getattr(action, "type", None)
+        # Mapping options (loss_kwargs, model_init_kwargs, ...) parse as text on the command line and are checked
+        # by the config itself.
+        if action is None or convert is None or value is None or (isinstance(value, dict) and convert is str):
+            checked[key] = value
+            continue
+        expected = TYPE_NAMES.get(getattr(convert, "__name__", ""), getattr(convert, "__name__", "a value"))
+        many = action.nargs in ("+", "*")
+        try:
+            if many != isinstance(value, list) or isinstance(value, dict):
+                raise TypeError
+            checked[key] = [convert(v) for v in value] if many else convert(value)
+        except (TypeError, ValueError):
+            shape = f"a list of {expected}" if many else expected
+            raise UsageError(f"config '{path}': {key} must be {shape}, got {value!r}.") from None
+        if action.choices and not set(checked[key] if many else [checked[key]]) <= set(action.choices):
+            raise UsageError(f"config '{path}': {key}={value!r} is not one of: "
+                             f"{', '.join(map(str, action.choices))}.")
+    return checked
+
+
 def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardConfig]:
     parser = HfArgumentParser((ScriptArguments, BalancedRewardConfig), prog=f"{PROG} train")
     valid_keys = [f.name for dc in (ScriptArguments, BalancedRewardConfig) for f in fields(dc) if f.init]
@@ -157,7 +187,12 @@ def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardCo
         elif arg.startswith("--config="):
             config_path = arg.split("=", 1)[1]
     if config_path:
-        parser.set_defaults(**read_recipe(config_path, valid_keys))
+        parser.set_defaults(**checked_recipe_values(parser, read_recipe(config_path, valid_keys), config_path))
+
+    def usage_error(message):  # argparse would print its whole usage text, then the message
+        raise UsageError(message)
+
+    parser.error = usage_error
     try:
         script_args, config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ConfigError:
@@ -201,7 +236,10 @@ def load_datasets(script_args: ScriptArguments, seed: int):
     train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
     if script_args.eval_dataset_name:
         return train, load_preference_dataset(script_args.eval_dataset_name, script_args.dataset_eval_split)
-    if script_args.eval_split_ratio:
+    if script_args.eval_split_ratio is not None:
+        if not 0 < script_args.eval_split_ratio < 1:
+            raise UsageError(f"eval_split_ratio must be between 0 and 1 (the share of pairs held out for evaluation), "
+                             f"got {script_args.eval_split_ratio}.")
         check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
         try:
             split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
@@ -341,12 +379,15 @@ def show_package_info() -> None:
     """The CLI shows this package's info messages (fitted length slopes, layout chosen, resume point) on stderr;
     as a library it leaves logging to the application."""
     package = logging.getLogger("hf_balanced_reward")
-    if not any(getattr(h, "hf_balanced_reward_cli", False) for h in package.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.hf_balanced_reward_cli = True
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
+    ours = [h for h in package.handlers if getattr(h, "hf_balanced_reward_cli", False)]
+    if ours:
+        ours[0].stream = sys.stderr  # main() called again in one process (tests): today's stderr (the old may be closed)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.hf_balanced_reward_cli = True
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 import difflib
 import inspect
 import json
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -163,6 +164,12 @@ class BalancedRewardConfig(TrainingArguments):
                 setattr(self, name, {})
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}.")
+        # Before TrainingArguments' own checks, whose messages for these are about something else.
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both set; choose one: bf16 on GPUs that support it (Ampere or newer), "
+                              "fp16 on older ones.")
+        if self.output_dir and os.path.isfile(self.output_dir):
+            raise ConfigError(f"output_dir '{self.output_dir}' is a file; give the path of a folder to write to.")
         super().__post_init__()
         self.validate_reward_options()
 

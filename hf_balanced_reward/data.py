@@ -9,6 +9,7 @@ Optional columns: `margin` (float, for margin-aware losses), `weight` (float, pe
 `group_column` named in the config.
 """
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -62,7 +63,13 @@ def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
             with open(name_or_path, "rb") as f:
                 if not f.read(4096).strip():  # `datasets` fails on an empty file with a bare StopIteration
                     raise DataError(f"dataset file '{name_or_path}' is empty: it has no rows.")
-            return load_dataset(FILE_BUILDERS[extension], data_files=name_or_path, split="train")
+            try:
+                with quiet_datasets_log():
+                    return load_dataset(FILE_BUILDERS[extension], data_files=name_or_path, split="train")
+            except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
+                raise DataError(f"could not read dataset file '{name_or_path}' as {extension[1:]}: "
+                                f"{str(err.__cause__ or err).rstrip('.')}. Check that its content is the format its extension "
+                                "says.") from err
         if os.path.isdir(name_or_path):
             saved = any(os.path.exists(os.path.join(name_or_path, f)) for f in ("dataset_dict.json", "state.json"))
             if saved:
@@ -77,6 +84,17 @@ def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
         cause = err.__cause__ or err
         raise DataError(f"could not load dataset '{name_or_path}' (split '{split}'): {cause}") from err
+
+
+@contextlib.contextmanager
+def quiet_datasets_log():
+    """`datasets` logs its own error line before raising; the CLI says it once, in one line."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def select_split(dataset_dict: DatasetDict, split: str, name: str) -> Dataset:
@@ -264,6 +282,12 @@ def prepare_dataset(
             raise DataError(f"{name} dataset column '{column}' must be numeric, got {dataset.features[column]}.")
     if len(dataset) == 0:
         raise DataError(f"{name} dataset is empty: it has no rows.")
+    if "chosen" in dataset.column_names and isinstance(dataset[0]["chosen"], list) and not tokenizer.chat_template:
+        raise DataError(
+            f"{name} dataset holds conversations (message lists) but the tokenizer has no chat template; use a "
+            "tokenizer that has one (often the model's -Instruct version), set tokenizer.chat_template, or give the "
+            "texts as plain strings."
+        )
     max_length = max_length if max_length is not None else args.max_length
     tokenized = dataset.map(
         tokenize_example,

@@ -66,17 +66,29 @@ def skeleton_model(config, args: BalancedRewardConfig) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code, **options)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
+
+
 def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
     set_seed(args.seed)  # the reward head is freshly initialised: make it reproducible
     # safetensors only, unless asked: a pickled checkpoint (.bin) can run code when it is loaded.
     init_kwargs = {"dtype": torch.float32, "use_safetensors": True, **args.model_init_kwargs}
+    files = os.listdir(model_id) if os.path.isdir(model_id) else None
+    if files is not None and not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+        raise ConfigError(f"model folder '{model_id}' has no weights file (model.safetensors or pytorch_model.bin); "
+                          "save the model with save_pretrained, or download it again.")
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
         )
     except (OSError, ValueError) as err:
         hint = ""
-        if init_kwargs["use_safetensors"] and "safetensors" in str(err):
+        if init_kwargs["use_safetensors"] and files is not None and any(f.endswith(".bin") for f in files):
             hint = (" It has no safetensors weights; if you trust its pickled weights, set "
                     "model_init_kwargs: {use_safetensors: false}.")
         raise ConfigError(f"could not load model '{model_id}': {err}{hint}") from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(f"the weights of model '{model_id}' cannot be read ({err}): the file is corrupt or was cut "
+                          "short; save or download it again.") from err

@@ -19,7 +19,7 @@ from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints,
 from .collator import PairCollator, unpack_pairs
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
-from .data import MODEL_COLUMNS, add_group_ids, check_columns, prepare_dataset
+from .data import MODEL_COLUMNS, DataError, add_group_ids, check_columns, prepare_dataset
 from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
@@ -116,6 +116,12 @@ class BalancedRewardTrainer(Trainer):
         self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
         train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        if self.uses_balance and args.group_column and len(self.group_names) == 1:
+            raise DataError(
+                f"group_column='{args.group_column}' has one value ('{self.group_names[0]}') in the train dataset, so "
+                "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
+                "length directions over all pairs."
+            )
         if train_dataset is not None and "response_lengths" in train_dataset.column_names:
             lengths = torch.as_tensor(train_dataset["response_lengths"])
             group_ids = torch.as_tensor(train_dataset["group_id"])
@@ -309,7 +315,25 @@ class BalancedRewardTrainer(Trainer):
             )
         return resume
 
+    def _check_same_model(self, checkpoint: str) -> None:
+        """A checkpoint of another model fails deep inside weight or optimizer loading; name the mismatch instead."""
+        path = os.path.join(checkpoint, "config.json")
+        if not os.path.isfile(path):
+            return  # adapter checkpoints (PEFT) carry no config.json
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        ours = self.accelerator.unwrap_model(self.model).config.to_dict()
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+        theirs = {k: saved.get(k) for k in keys if k in ours}
+        mine = {k: ours[k] for k in theirs}
+        if theirs != mine:
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' holds a different model ({theirs}) from the one this run trains ({mine}); "
+                "resume with the model it was trained from, or start the new model in another output_dir."
+            )
+
     def _load_reward_state(self, checkpoint: str) -> None:
+        self._check_same_model(checkpoint)
         with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
             state = json.load(f)
         if state["group_names"] != self.group_names:

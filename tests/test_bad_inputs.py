@@ -195,7 +195,7 @@ def test_by_default_pairs_without_signal_are_dropped_and_empty_responses_kept(tm
 BAD_FILES = [
     ("missing-file", None, "./nowhere/pairs.jsonl", r"dataset './nowhere/pairs.jsonl' does not exist"),
     ("wrong-extension", "pairs.txt", None, r"has extension '.txt'; use one of .jsonl, .json, .parquet, .csv"),
-    ("broken-jsonl", "pairs.jsonl", None, r"could not load dataset '.*pairs.jsonl'"),
+    ("broken-jsonl", "pairs.jsonl", None, r"could not read dataset file '.*pairs.jsonl' as jsonl: "),
     ("empty-file", "empty.jsonl", None, r"dataset file '.*empty.jsonl' is empty: it has no rows\."),
 ]
 
@@ -210,23 +210,117 @@ def test_bad_dataset_files(tmp_path, filename, path, message):
         load_preference_dataset(str(path))
 
 
-@pytest.mark.parametrize(
-    "recipe,flags,message",
-    [
-        ("loss_typ: hinge\n", [], r"config '.*' has unknown key 'loss_typ' \(did you mean 'loss_type'\?\)"),
-        ("loss_type: [hinge\n", [], r"config '.*' is not valid YAML: expected ',' or '\]', but got '<stream end>' at "
-                                    r"line 5, column 1\.$"),
-        ("", ["--los_type", "hinge"], r"unknown option '--los_type' \(did you mean 'loss_type'\?\)"),
-        ("", ["--model_name_or_path", "./no/such/model"], r"model './no/such/model' does not exist: no such folder"),
-    ],
-    ids=["yaml-unknown-key", "yaml-syntax", "unknown-flag", "missing-model"],
-)
-def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys, pairs_file, model_dir, recipe, flags, message):
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def conversations(tmp_path):
+    row = {"prompt": messages(("user", "hi")), "chosen": messages(("assistant", "yes")),
+           "rejected": messages(("assistant", "no"))}
+    return write(tmp_path / "chat.jsonl", (json.dumps(row) + "\n") * 4)
+
+
+def model_without(tmp_path, model_dir, what):
+    """A copy of the tiny model folder without a chat template, without weights, or with corrupt weights."""
+    import shutil
+
+    path = tmp_path / f"model-{what}"
+    shutil.copytree(model_dir, path)
+    if what == "template":
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+        for extra in path.glob("chat_template.*"):
+            extra.unlink()
+    elif what == "weights":
+        (path / "model.safetensors").unlink()
+    else:
+        (path / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    return str(path)
+
+
+def checkpoint_of_another_model(tmp_path, pairs_file, tokenizer):
+    """A run of the tiny Llama leaves a checkpoint in run/; the mistake is resuming it with a BERT model."""
+    from conftest import tiny_llama
+
+    llama, bert = tmp_path / "llama", tmp_path / "bert"
+    for model, path in ((tiny_llama(tokenizer), llama), (tiny_bert(tokenizer), bert)):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    assert main(["train", "--model_name_or_path", str(llama), "--dataset_name", pairs_file, "--output_dir",
+                 str(tmp_path / "run"), "--max_steps", "1", "--save_steps", "1", "--report_to", "none"]) == 0
+    return str(bert)
+
+
+# The mistakes users make, each with its one-line message: (id, setup(tmp_path, model_dir, pairs_file, tokenizer)
+# -> (recipe lines, model, dataset), flags, message). Every one exits with status 2 and writes nothing but the line.
+USER_MISTAKES = [
+    ("yaml-unknown-key", lambda t, m, d, k: ("loss_typ: hinge", m, d), [],
+     r"config '.*' has unknown key 'loss_typ' \(did you mean 'loss_type'\?\)"),
+    ("yaml-syntax", lambda t, m, d, k: ("loss_type: [hinge", m, d), [],
+     r"config '.*' is not valid YAML: expected ',' or '\]', but got '<stream end>' at line 6, column 1\.$"),
+    ("yaml-wrong-type", lambda t, m, d, k: ("learning_rate: fast", m, d), [],
+     r"config .TMP/recipe.yaml.: learning_rate must be a number, got 'fast'\.$"),
+    ("yaml-list-for-a-number", lambda t, m, d, k: ("num_train_epochs: [1, 2]", m, d), [],
+     r"config '.*recipe.yaml': num_train_epochs must be a number, got \[1, 2\]\.$"),
+    ("flag-wrong-type", lambda t, m, d, k: ("", m, d), ["--max_steps", "ten"],
+     r"argument --max_steps/--max-steps: invalid int value: 'ten'$"),
+    ("unknown-flag", lambda t, m, d, k: ("", m, d), ["--los_type", "hinge"],
+     r"unknown option '--los_type' \(did you mean 'loss_type'\?\)"),
+    ("missing-model", lambda t, m, d, k: ("", "./no/such/model", d), [],
+     r"model './no/such/model' does not exist: no such folder"),
+    ("model-without-weights", lambda t, m, d, k: ("", model_without(t, m, "weights"), d), [],
+     r"model folder '.*model-weights' has no weights file \(model.safetensors or pytorch_model.bin\); save the "
+     r"model with save_pretrained, or download it again\.$"),
+    ("corrupt-weights", lambda t, m, d, k: ("", model_without(t, m, "corrupt"), d), [],
+     r"the weights of model '.*model-corrupt' cannot be read \(.*\): the file is corrupt or was cut short"),
+    ("empty-data-file", lambda t, m, d, k: ("", m, write(t / "empty.jsonl", "\n")), [],
+     r"dataset file '.*empty.jsonl' is empty: it has no rows\.$"),
+    ("folder-without-data", lambda t, m, d, k: ("", m, str((t / "nothing").mkdir() or t / "nothing")), [],
+     r"could not load dataset '.*nothing' \(split 'train'\): The directory at .*nothing doesn't contain any data"),
+    ("content-not-its-extension", lambda t, m, d, k: ("", m, write(t / "pairs.parquet", "{}\n")), [],
+     r"could not read dataset file '.*pairs.parquet' as parquet: .*\. Check that its content is the format its "
+     r"extension says\.$"),
+    ("csv-in-a-jsonl-file", lambda t, m, d, k: ("", m, write(t / "pairs.jsonl", "chosen,rejected\na,b\n")), [],
+     r"could not read dataset file '.*pairs.jsonl' as jsonl: JSON parse error"),
+    ("conversations-without-chat-template", lambda t, m, d, k: ("", model_without(t, m, "template"),
+                                                                conversations(t)), [],
+     r"train dataset holds conversations \(message lists\) but the tokenizer has no chat template"),
+    ("eval-split-ratio-above-1", lambda t, m, d, k: ("eval_split_ratio: 1.5", m, d), [],
+     r"eval_split_ratio must be between 0 and 1 \(the share of pairs held out for evaluation\), got 1.5\.$"),
+    ("eval-split-ratio-0", lambda t, m, d, k: ("eval_split_ratio: 0", m, d), [],
+     r"eval_split_ratio must be between 0 and 1 .*got 0.0\.$"),
+    ("bf16-and-fp16", lambda t, m, d, k: ("bf16: true\nfp16: true", m, d), [],
+     r"bf16 and fp16 are both set; choose one"),
+    ("output-dir-is-a-file", lambda t, m, d, k: ("", m, d), ["--output_dir", __file__],
+     r"output_dir '.*test_bad_inputs.py' is a file; give the path of a folder to write to\.$"),
+    ("group-column-missing", lambda t, m, d, k: ("loss_type: balanced\ngroup_column: sorce", m, d), [],
+     r"group_column='sorce' is not a column of the train dataset"),
+    ("group-column-with-one-group", lambda t, m, d, k: ("loss_type: balanced\ngroup_column: prompt", m,
+                                                        write(t / "one.jsonl", json.dumps({"prompt": "p", "chosen": "a",
+                                                              "rejected": "b"}) + "\n")), [],
+     r"group_column='prompt' has one value \('p'\) in the train dataset, so the balanced loss has no groups to "
+     r"balance"),
+    ("resume-another-models-checkpoint", lambda t, m, d, k: ("resume_from_checkpoint: 'true'",
+                                                             checkpoint_of_another_model(t, d, k), d), [],
+     r"checkpoint '.*checkpoint-1' holds a different model \(\{'model_type': 'llama'.*\) from the one this run trains "
+     r"\(\{'model_type': 'bert'"),
+]
+
+
+@pytest.mark.parametrize("setup,flags,message", [c[1:] for c in USER_MISTAKES], ids=[c[0] for c in USER_MISTAKES])
+def test_cli_user_errors_are_one_line_with_status_2(tmp_path, capsys, pairs_file, model_dir, tokenizer, setup, flags,
+                                                    message):
+    recipe, model, dataset = setup(tmp_path, model_dir, pairs_file, tokenizer)
+    capsys.readouterr()  # only what the failing command writes
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {pairs_file}\noutput_dir: {tmp_path}\n{recipe}")
+    path.write_text(f"model_name_or_path: {model}\ndataset_name: {dataset}\noutput_dir: {tmp_path / 'run'}\n"
+                    f"report_to: none\n{recipe}\n")
     assert main(["train", "--config", str(path), *flags]) == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    # the temporary folder's name holds the test's name, which says "errors"
+    errors = [line for line in err.replace(str(tmp_path), "TMP").splitlines() if "error" in line.lower()]
     assert "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith("hf-balanced-reward: error: ")
     assert re.search(message, errors[0]), err

@@ -45,7 +45,7 @@ def test_train_end_to_end(recipe, tmp_path, capsys):
 def test_python_module_entry_point_and_flag_precedence(recipe, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "hf_balanced_reward", "train", "--config", recipe(max_steps=3), "--max_steps", "1",
-         "--eval_split_ratio", "0"],
+         "--eval_split_ratio", "0.5"],
         capture_output=True, text=True, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
