@@ -5,6 +5,7 @@ from .config import BalancedRewardConfig, ConfigError
 from .data import DataError, load_preference_dataset, prepare_dataset
 from .losses import LOSSES, balanced, bradley_terry, hinge
 from .metrics import pair_metrics
+from .scoring import reward_function, score_file
 from .trainer import BalancedRewardTrainer
 
 __version__ = "0.1.0"
@@ -22,4 +23,6 @@ __all__ = [
     "load_preference_dataset",
     "pair_metrics",
     "prepare_dataset",
+    "reward_function",
+    "score_file",
 ]

@@ -20,9 +20,10 @@ from transformers import HfArgumentParser
 
 from .config import BalancedRewardConfig, ConfigError, did_you_mean
 from .data import DataError, check_columns, load_preference_dataset
+from .scoring import score_main
 
 PROG = "hf-balanced-reward"
-COMMANDS = ("train", "evaluate", "compare")
+COMMANDS = ("train", "evaluate", "score", "compare")
 # What `compare` shows first: the summaries that tell a length-biased model from one that is not.
 SHORTCUT_METRICS = ("accuracy", "length_balanced_accuracy", "length_conflicting_accuracy",
                     "within_group_length_correlation", "balanced_accuracy", "worst_group_accuracy")
@@ -85,7 +86,9 @@ class EvaluateArguments:
     split: str = field(default="train", metadata={"help": "Split of a hub or folder dataset."})
     group_column: str | None = field(default=None, metadata={"help": "Column naming each pair's group (e.g. source)."})
     output_dir: str = field(default="eval_report", metadata={"help": "Where eval_report.json and plots/ go."})
-    max_length: int | None = field(default=None, metadata={"help": "Most tokens per sequence (default: the model's)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Most tokens per sequence (default: the max_length the model was trained with, saved in its config; "
+        "else the model's position limit)."})
     batch_size: int = field(default=32, metadata={"help": "Pairs scored per batch."})
     on_bad_rows: str = field(
         default="skip",
@@ -395,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: {PROG} train [--config recipe.yaml] [--option value ...]\n"
               f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]\n"
+              f"       {PROG} score --model PATH --dataset FILE --output OUT.jsonl [--max_length N]\n"
               f"       {PROG} compare RUN_DIR RUN_DIR ...")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
@@ -408,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "evaluate":
             evaluate(rest)
+        elif command == "score":  # `package:` model names resolve here, as for train and evaluate
+            return score_main([resolve_model_path(a) if a.startswith("package:") else a for a in rest])
         elif command == "compare":
             print(compare(rest))
         else:

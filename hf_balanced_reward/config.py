@@ -76,6 +76,16 @@ class BalancedRewardConfig(TrainingArguments):
         default=None,
         metadata={"help": "If set, adds coefficient * mean((r_chosen + r_rejected)^2) to keep rewards centred at 0."},
     )
+    normalize_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, measure the mean and std of rewards on the eval set (or on up to 1,000 training "
+            "pairs without one) and fold (reward - mean) / std into the reward head, so the saved model gives "
+            "standardised rewards (for RL) through plain transformers. The scale always folds; the shift needs a head "
+            "with a bias (encoders have one; most decoders' `score` has none: there, train with "
+            "center_rewards_coefficient to keep the mean near 0). Both are saved in config.json."
+        },
+    )
     group_column: str | None = field(
         default=None,
         metadata={

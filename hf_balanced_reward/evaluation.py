@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+from transformers import AutoConfig
 
 from . import plots
 from .balancing import LENGTH_CELLS, length_cells
@@ -26,6 +27,8 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`)."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
+    if max_length is None:  # the max_length the model was trained with, so the numbers match its card
+        max_length = getattr(AutoConfig.from_pretrained(model), "reward_max_length", None)
     args = BalancedRewardConfig(
         output_dir=output_dir, per_device_eval_batch_size=batch_size, group_column=group_column,
         max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
@@ -38,7 +41,7 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     group_ids, lengths = output.label_ids
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
                           length_calibration)
-    report["model"], report["data"] = model, trainer.data_report.get("eval")
+    report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
     paths = {name: os.path.join(output_dir, "plots", file) for name, file in PLOTS.items()}
     plots.margin_histogram(np.asarray(chosen) - np.asarray(rejected), paths["margins"])

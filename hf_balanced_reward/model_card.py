@@ -34,19 +34,32 @@ reward = pipeline("text-classification", model="{repo}", function_to_apply="none
 print(reward("{example}")[0]["score"])  # higher: preferred
 ```
 
-As the reward function of trl's GRPO (it loads a one-label sequence classifier and scores each completion):
+As the reward of trl's GRPO, scoring each completion exactly as training did:
 
 ```python
+from hf_balanced_reward import reward_function
 from trl import GRPOConfig, GRPOTrainer
 
-trainer = GRPOTrainer(model=policy, reward_funcs="{repo}", args=GRPOConfig(...), train_dataset=prompts)
+trainer = GRPOTrainer(model=policy, reward_funcs=reward_function("{repo}"), args=GRPOConfig(...),
+                      train_dataset=prompts)
 ```
+
+(`reward_funcs="{repo}"` also works, but trl tokenizes without special tokens: for a tokenizer that adds BOS its
+rewards differ from training's.) To rerank or filter: `hf-balanced-reward score --model {repo} --dataset D --output
+OUT.jsonl`.
 
 As the reward model of trl's PPO: `AutoModelForSequenceClassification.from_pretrained("{repo}", num_labels=1)`.
 The model scores the text's last token; texts are scored as rendered{eos_note}.
 """
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """A hub id as it is; a local path as its folder's name, so that a pushed card publishes no local paths."""
+    if not name_or_path or (HUB_ID.match(name_or_path) and not os.path.exists(name_or_path)):
+        return name_or_path
+    return os.path.basename(os.path.normpath(name_or_path))
 
 
 def card_metadata(base_model: str | None, loss_type: str) -> str:
@@ -90,9 +103,10 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
 
 
 def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,
-                     repo: str | None = None, balance: dict | None = None) -> str:
+                     repo: str | None = None, balance: dict | None = None, normalization: dict | None = None) -> str:
     """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys);
-    `balance` is the balanced loss's summary (fitted length slopes, unit weights)."""
+    `balance` is the balanced loss's summary (fitted length slopes, unit weights); `normalization` the reward
+    standardisation folded into the head (`normalize_rewards`)."""
     report_path = os.path.join(output_dir, "eval_report.json")
     report = None
     if os.path.isfile(report_path):
@@ -102,7 +116,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
              if os.path.isfile(os.path.join(output_dir, path))}
     train = data_report.get("train", {})
     settings = [
-        ("base model", base_model or "unknown"),
+        ("base model", public_name(base_model) or "unknown"),
         ("loss", args.loss_type),
         ("loss options", json.dumps(args.loss_kwargs) if args.loss_kwargs else "defaults"),
         ("groups from", args.group_column or "none (one group)"),
@@ -114,6 +128,10 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         ("training pairs", train.get("pairs", "unknown")),
         ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
+    if normalization:
+        settings.append(("rewards standardised after training (folded into the head)",
+                         f"mean {normalization['mean']:.4f}, std {normalization['std']:.4f} on {normalization['pairs']} "
+                         "pairs" + ("" if normalization["shift_folded"] else "; scale only: the head has no bias")))
     if balance:
         slopes = ", ".join(f"{group} {slope:+.3f}" for group, slope in balance["length_slopes"].items())
         settings.append(("length slope per group, fitted before training (used by the length expert in training "
@@ -127,7 +145,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         loss_line=loss_line,
         training_rows="\n".join(f"| {name} | {value} |" for name, value in settings),
         evaluation=evaluation_section(metrics, report, plots),
-        repo=repo or os.path.abspath(output_dir),
+        repo=repo or public_name(os.path.abspath(output_dir)),
         example="Question: how do I boil an egg? Answer: Put it in boiling water for eight minutes.",
         eos_note=", with the eos token appended" if args.append_eos_token else " (no eos token appended)",
     )

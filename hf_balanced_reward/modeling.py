@@ -66,6 +66,19 @@ def skeleton_model(config, args: BalancedRewardConfig) -> PreTrainedModel:
         return AutoModelForSequenceClassification.from_config(config, trust_remote_code=args.trust_remote_code, **options)
 
 
+def fold_affine_into_head(model: torch.nn.Module, mean: float, std: float) -> bool:
+    """Make the reward head output (reward - mean) / std: divide its weight by std and, where it has a bias, take
+    mean from the bias first. Returns whether the shift was folded (False for a head without a bias)."""
+    _, head = find_reward_head(model)
+    head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head  # PEFT's trained copy
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is None:
+            return False
+        head.bias.sub_(mean).div_(std)
+    return True
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
@@ -26,6 +27,7 @@ from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
 from .modeling import (
     find_reward_head,
+    fold_affine_into_head,
     load_config_and_tokenizer,
     load_model,
     shared_prompt_blocker,
@@ -136,6 +138,9 @@ class BalancedRewardTrainer(Trainer):
         if model_id:
             model = load_model(model_id, args)
         model.config.pad_token_id = processing_class.pad_token_id  # lets pipeline() batch the saved model
+        # Saved with the model: `evaluate`, `score` and `reward_function` render and cut texts as training did.
+        model.config.reward_max_length = self.max_length
+        model.config.reward_append_eos_token = args.append_eos_token
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # no generation here; a cache only costs memory
         if args.disable_dropout:
@@ -288,7 +293,31 @@ class BalancedRewardTrainer(Trainer):
         if self.args.should_save and self.data_report:
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        if self.args.normalize_rewards:
+            self.normalize_rewards()
+        return result
+
+    def normalize_rewards(self, dataset: Dataset | None = None) -> dict:
+        """Fold the standardisation of rewards on `dataset` (default: the eval set, else up to 1,000 training pairs)
+        into the reward head, and record it in the model's config as `reward_normalization`."""
+        if dataset is None:
+            dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+            dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
+            dataset = dataset.select(range(min(len(dataset), 1000)))
+        chosen, rejected, _ = self.predict(dataset, metric_key_prefix="normalize").predictions
+        rewards = np.concatenate([chosen, rejected]).astype(np.float64)
+        mean, std = float(rewards.mean()), float(rewards.std())
+        if not std > 0:
+            raise TrainingStopped(f"normalize_rewards: the rewards on {len(dataset)} pairs all equal {mean}; there is "
+                                  "no scale to normalise.")
+        model = self.accelerator.unwrap_model(self.model)
+        shift_folded = fold_affine_into_head(model, mean, std)
+        record = {"mean": mean, "std": std, "pairs": len(dataset), "shift_folded": shift_folded}
+        model.config.reward_normalization = record
+        logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {len(dataset)} pairs folded into the head"
+                    + ("." if shift_folded else f"; the head has no bias, so the mean stays at {mean / std:.4f} std."))
+        return record
 
     def _resolve_checkpoint(self, resume) -> str | None:
         """A checkpoint folder to resume from: the last complete one for True/"true"/"last", or the one named."""
@@ -375,7 +404,8 @@ class BalancedRewardTrainer(Trainer):
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
-                                self.data_report, repo, self.balance.summary() if self.uses_balance else None)
+                                self.data_report, repo, self.balance.summary() if self.uses_balance else None,
+                                getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None))
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():

@@ -78,6 +78,22 @@ def test_evaluate_command_writes_report_and_plots_and_agrees_with_the_trainer(tm
             "eval_within_group_length_correlation"} <= set(metrics)
 
 
+def test_evaluate_uses_the_max_length_the_model_was_trained_with(tmp_path, model_dir, pairs_file, capsys):
+    import shutil
+
+    saved = tmp_path / "model"
+    shutil.copytree(model_dir, saved)
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "reward_max_length": 32}))
+    for flags, expected in (([], 32), (["--max_length", "64"], 64)):
+        out = tmp_path / f"report{expected}"
+        assert main(["evaluate", "--model", str(saved), "--dataset", pairs_file, "--output_dir", str(out), *flags]) == 0
+        report = json.loads((out / "eval_report.json").read_text())
+        assert report["max_length"] == expected
+    assert report["data"]["truncated"] == 0 and json.loads((tmp_path / "report32" / "eval_report.json").read_text())[
+        "data"]["truncated"] > 0
+
+
 def test_evaluate_command_usage_errors(tmp_path, capsys, model_dir):
     assert main(["evaluate", "--model", model_dir, "--dataset", str(tmp_path / "none.jsonl")]) == 2
     assert "dataset" in capsys.readouterr().err

@@ -87,3 +87,41 @@ def test_saved_model_scores_as_training_did(tmp_path, shape):
         clients["left padding"] = client_rewards(out, texts, "left")
     for client, rewards in clients.items():
         torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=1e-5, msg=client)
+
+
+def normalised_run(tmp_path, model, tokenizer):
+    rows = plain_rows(12)
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+                                learning_rate=1e-2, max_steps=2, save_strategy="no", seed=0, normalize_rewards=True,
+                                max_length=100)
+    trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                    eval_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    texts = [text for row in rows for text in render_texts(row, tokenizer, False)[1:]]
+    scorer = pipeline("text-classification", model=args.output_dir, function_to_apply="none")
+    return trainer, torch.tensor([r["score"] for r in scorer(texts, batch_size=8)], dtype=torch.float64)
+
+
+def test_normalized_rewards_have_mean_0_and_std_1_through_pipeline(tmp_path):
+    tokenizer = build_tokenizer()
+    trainer, rewards = normalised_run(tmp_path, tiny_bert(tokenizer), tokenizer)  # a head with a bias
+    record = trainer.model.config.reward_normalization
+    assert record["shift_folded"] and record["pairs"] == 12 and record["std"] != pytest.approx(1.0, abs=1e-3)
+    # fp32 forwards of the measured texts: the mean and std hold to float32 rounding of the rewards
+    assert rewards.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    saved = AutoModelForSequenceClassification.from_pretrained(trainer.args.output_dir).config
+    assert saved.reward_normalization == record and saved.reward_max_length == 100
+    card = open(f"{trainer.args.output_dir}/README.md", encoding="utf-8").read()
+    assert "rewards standardised after training" in card
+    assert str(tmp_path) not in card  # a pushed card publishes no local path
+
+
+def test_normalized_rewards_of_a_head_without_bias_fold_the_scale(tmp_path):
+    tokenizer = build_tokenizer()
+    trainer, rewards = normalised_run(tmp_path, tiny_llama(tokenizer), tokenizer)  # Llama's score has no bias
+    record = trainer.model.config.reward_normalization
+    assert not record["shift_folded"]
+    assert rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert rewards.mean().item() == pytest.approx(record["mean"] / record["std"], abs=1e-5)

@@ -1,0 +1,286 @@
+"""Score texts with a saved reward model exactly as training did: `reward_function` (the reward of an RL run, e.g.
+trl's `GRPOTrainer(reward_funcs=...)`) and `score_file` / `score_main` (the `score` command: filtering, best-of-n).
+
+One contract for every client: a (prompt, completion) is rendered as training renders a pair (`data.render_texts`:
+plain concatenation, or the chat template for conversations), tokenised with the tokenizer's own special tokens
+(as training does; trl's built-in reward-model path does not), its prompt cut from the left after the leading
+special tokens when it is longer than `max_length` (`data.truncate_pair`), and the reward is the model's own output
+`model(**batch).logits[:, 0]` on right-padded batches, in fp32, under `no_grad`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from trl.data_utils import common_prefix_length
+
+from .config import ConfigError
+from .data import MAX_SHOWN, DataError, load_preference_dataset, render_texts, text_problem, truncate_pair
+
+logger = logging.getLogger(__name__)
+
+# Keys of the saved model's config that hold training's text settings; absent in models saved before they existed.
+SAVED_MAX_LENGTH = "reward_max_length"
+SAVED_APPEND_EOS = "reward_append_eos_token"
+DEFAULT_BATCH_SIZE = 32
+
+
+def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
+    """(model, tokenizer): a folder or hub id is loaded in fp32 on `device` (default: this process's
+    accelerator, as `accelerate` picks it, i.e. the policy's device under `accelerate launch`); a model object is
+    moved only when `device` is given."""
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        name = str(model_dir_or_model)
+        try:
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
+            # fp32 and safetensors, as training loads; a pickled checkpoint can run code when it is loaded.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=1, dtype=torch.float32, use_safetensors=True
+            )
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not load reward model '{name}': {err}") from err
+        model.to(device if device is not None else PartialState().device)
+    else:
+        model = model_dir_or_model
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if device is not None:
+            model.to(device)
+    if model.config.num_labels != 1:
+        raise ConfigError(
+            f"a reward model has one output, this model has num_labels={model.config.num_labels}; load it with "
+            "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+        )
+    text_config = model.config.get_text_config()
+    if text_config.pad_token_id is None:  # batches need one; the model pools the last token that is not it
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        text_config.pad_token_id = pad
+    return model, tokenizer
+
+
+def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int | None:
+    """`max_length`, else the one the model was trained with (saved in its config), else the tokenizer's limit;
+    capped, as in training, by the model's position limit."""
+    if max_length is None:
+        max_length = getattr(model.config, SAVED_MAX_LENGTH, None)
+    if max_length is None and tokenizer.model_max_length < VERY_LARGE_INTEGER:  # "unset" is 1e30
+        max_length = tokenizer.model_max_length
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions and (max_length is None or max_length > positions):
+        if max_length is not None:
+            logger.warning(f"max_length={max_length} is more than the model's {positions} positions; "
+                           f"using {positions}.")
+        max_length = positions
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 (or None for no limit), got {max_length}.")
+    return max_length
+
+
+def tokenize_texts(prompts, completions, tokenizer, max_length, append_eos: bool) -> list[list[int]]:
+    """Token ids of each prompt + completion, rendered, tokenised and truncated as training does."""
+    rendered = [render_texts({"prompt": p, "chosen": c, "rejected": c}, tokenizer, append_eos)[:2]
+                for p, c in zip(prompts, completions, strict=True)]
+    all_ids = tokenizer([text for _, text in rendered])["input_ids"]  # the tokenizer's own BOS/CLS, as in training
+    special_ids = set(tokenizer.all_special_ids)
+    truncated, response_cut = 0, 0
+    for i, ids in enumerate(all_ids):
+        if not ids:
+            raise DataError(f"text {i} has no tokens: its prompt and response are both empty.")
+        if max_length is None or len(ids) <= max_length:
+            continue
+        fitted, _, status = truncate_pair(ids, ids, max_length, special_ids)
+        if status == "dropped":
+            raise ConfigError(f"max_length={max_length} leaves no room for a response after the leading special "
+                              "tokens; use a larger max_length.")
+        truncated += 1
+        # Training drops a pair whose response alone is too long; one text has no partner, so its end is kept.
+        lead = next((k for k, token in enumerate(ids) if token not in special_ids), len(ids))
+        prompt_length = common_prefix_length(tokenizer(rendered[i][0])["input_ids"], ids)
+        response_cut += len(ids) - max_length > prompt_length - lead
+        all_ids[i] = fitted
+    if truncated:
+        logger.warning(
+            f"{truncated} of {len(all_ids)} texts are longer than max_length={max_length}: their prompts were cut "
+            "from the left, as in training"
+            + (f"; in {response_cut} the response alone is longer (training drops such pairs), so its "
+               "first tokens were cut too" if response_cut else "") + "."
+        )
+    return all_ids
+
+
+def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+    """The model's own reward of each token sequence, in batches of similar length, longest first (a batch that
+    does not fit in memory fails at once), right-padded with the model's pad id so its pooling finds each end."""
+    pad_id = model.config.get_text_config().pad_token_id
+    device = next(model.parameters()).device
+    order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
+    rewards = [0.0] * len(all_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(all_ids), desc="Scoring", unit="text", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                input_ids = torch.full((len(rows), len(all_ids[rows[0]])), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros_like(input_ids)
+                for row, i in enumerate(rows):
+                    input_ids[row, : len(all_ids[i])] = torch.tensor(all_ids[i])
+                    attention_mask[row, : len(all_ids[i])] = 1
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                for i, reward in zip(rows, logits[:, 0].float().tolist()):
+                    rewards[i] = reward
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+    return rewards
+
+
+def reward_function(model_dir_or_model, tokenizer=None, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                    max_length: int | None = None, append_eos: bool | None = None):
+    """A reward for RL: `reward(prompts, completions, **kwargs) -> list[float]`, the signature trl's `GRPOTrainer`
+    calls in `reward_funcs` (it also passes `completion_ids` and the dataset's other columns, which are ignored).
+
+    Prompts and completions are plain strings, or message lists for conversations (rendered with the reward
+    tokenizer's chat template). Rewards are what training scored for the same text (see the module docstring).
+    `max_length` and `append_eos` default to the values saved with the model (`reward_max_length`,
+    `reward_append_eos_token` in its config), else the tokenizer's limit and False. The returned function carries
+    `model`, `tokenizer`, `max_length` and `append_eos` as attributes.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    model, tokenizer = load_reward_model(model_dir_or_model, tokenizer, device)
+    max_length = resolve_max_length(model, tokenizer, max_length)
+    if append_eos is None:
+        append_eos = bool(getattr(model.config, SAVED_APPEND_EOS, False))
+
+    def reward(prompts, completions, **kwargs) -> list[float]:
+        return score_ids(model, tokenize_texts(prompts, completions, tokenizer, max_length, append_eos), batch_size)
+
+    # trl logs each reward as rewards/<__name__>/mean: name it after the model, as trl names a model it loads.
+    name = str(model_dir_or_model) if isinstance(model_dir_or_model, (str, os.PathLike)) else model.config._name_or_path
+    reward.__name__ = reward.__qualname__ = os.path.basename(name.rstrip("/")) or "reward_model"
+    reward.model, reward.tokenizer, reward.max_length, reward.append_eos = model, tokenizer, max_length, append_eos
+    return reward
+
+
+# --- the score command ----------------------------------------------------------------------------------------------
+
+
+def check_score_rows(dataset: Dataset, name: str) -> str:
+    """The column holding the responses ('response', or 'completions' lists); DataError naming what is wrong."""
+    columns = dataset.column_names
+    found = [c for c in ("response", "completions") if c in columns]
+    if "prompt" not in columns or len(found) != 1:
+        problem = ("has no 'prompt' column" if "prompt" not in columns else
+                   "has both 'response' and 'completions'" if found else "has no 'response' or 'completions' column")
+        raise DataError(
+            f"dataset '{name}' {problem}; its columns are {columns}. Scoring needs 'prompt' (use '' to score whole "
+            "texts) and either 'response' (one text or message list per row) or 'completions' (a list of them)."
+        )
+    if len(dataset) == 0:
+        raise DataError(f"dataset '{name}' is empty: it has no rows.")
+    column = found[0]
+    bad = [f"row {row}: {problem}" for row, (prompt, responses) in enumerate(zip(dataset["prompt"], dataset[column]))
+           if (problem := score_row_problem(prompt, responses, column))]
+    if bad:
+        more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
+        raise DataError(f"dataset '{name}' has {len(bad)} bad row(s) of {len(dataset)}: "
+                        f"{'; '.join(bad[:MAX_SHOWN])}{more}. Fix or remove them.")
+    return column
+
+
+def score_row_problem(prompt, responses, column: str) -> str | None:
+    """What makes a row unscorable, or None. Empty responses are scored (a reranker needs every candidate's score)."""
+    if problem := text_problem(prompt, allow_empty=True):
+        return f"column 'prompt' {problem}"
+    if column == "response":
+        responses = [responses]
+    elif not isinstance(responses, list) or not responses:
+        return "column 'completions' is not a non-empty list of responses"
+    for k, response in enumerate(responses):
+        where = "response" if column == "response" else f"completions[{k}]"
+        if problem := text_problem(response, allow_empty=True):
+            return f"column '{where}' {problem}"
+        if isinstance(prompt, str) != isinstance(response, str):
+            return f"columns 'prompt' and '{where}' mix plain text and message lists"
+    return None
+
+
+def ranks(rewards: list[float]) -> list[int]:
+    """1 = best; equal rewards share the better rank (1, 1, 3)."""
+    return [1 + sum(other > reward for other in rewards) for reward in rewards]
+
+
+def score_file(model, dataset, output: str, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+               split: str = "train", tokenizer=None) -> dict:
+    """Score every response of `dataset` (a .jsonl/.json/.parquet/.csv file, a saved or data-file folder, a hub id,
+    or a `Dataset`) with the reward model `model` (a folder, hub id or model object); write `output` as JSON lines.
+
+    Each output line is the input row plus `reward`; rows with a `completions` list also get `rewards` (one per
+    completion), `rank` (1 = best within the row's prompt) and `reward` is their best. Returns counts.
+    """
+    name = dataset if isinstance(dataset, str) else "(in memory)"
+    if isinstance(dataset, str):
+        dataset = load_preference_dataset(dataset, split)
+    column = check_score_rows(dataset, name)  # before the (slow) model load
+    reward = reward_function(model, tokenizer, batch_size, max_length=max_length)
+    owners, prompts, responses = [], [], []
+    for row, (prompt, row_responses) in enumerate(zip(dataset["prompt"], dataset[column])):
+        for response in row_responses if column == "completions" else [row_responses]:
+            owners.append(row)
+            prompts.append(prompt)
+            responses.append(response)
+    all_ids = tokenize_texts(prompts, responses, reward.tokenizer, reward.max_length, reward.append_eos)
+    rewards = score_ids(reward.model, all_ids, batch_size, progress=True)
+    per_row = [[] for _ in range(len(dataset))]
+    for row, value in zip(owners, rewards):
+        per_row[row].append(value)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = f"{output}.partial"  # a run stopped halfway leaves no file that looks finished
+    with open(partial, "w", encoding="utf-8") as f:
+        for example, values in zip(dataset, per_row):
+            scored = {"reward": max(values)}
+            if column == "completions":
+                scored.update(rewards=values, rank=ranks(values))
+            f.write(json.dumps({**example, **scored}, ensure_ascii=False, default=str) + "\n")
+    os.replace(partial, output)
+    return {"rows": len(dataset), "texts": len(rewards), "max_length": reward.max_length, "output": output}
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    """`hf-balanced-reward score --model M --dataset D --output OUT.jsonl [--batch_size N] [--max_length N]`."""
+    parser = argparse.ArgumentParser(
+        prog="hf-balanced-reward score",
+        description="Score prompt + response rows (or prompt + completions lists, best-of-n) with a reward model, "
+        "exactly as training scored; write the rows plus 'reward' (and 'rewards', 'rank' for lists) as JSON lines.",
+    )
+    parser.add_argument("--model", required=True, help="Reward model: a folder or hub id (one-output classifier).")
+    parser.add_argument("--dataset", required=True, help="A .jsonl/.json/.parquet/.csv file, a folder or a hub id.")
+    parser.add_argument("--output", required=True, help="Where the scored rows go (JSON lines).")
+    parser.add_argument("--split", default="train", help="Split of a hub or folder dataset.")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Texts scored per batch.")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="Most tokens per text; default: the one the model was trained with, if saved with it, "
+                        "else the tokenizer's limit, capped by the model's positions.")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        counts = score_file(args.model, args.dataset, args.output, args.max_length, args.batch_size, args.split)
+    except (DataError, ConfigError) as err:
+        print(f"hf-balanced-reward: error: {err}", file=sys.stderr)
+        return 2
+    print(f"Scored {counts['texts']} texts of {counts['rows']} rows (max_length={counts['max_length']}): "
+          f"{os.path.abspath(args.output)}")
+    return 0
