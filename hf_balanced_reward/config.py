@@ -161,6 +161,37 @@ class BalancedRewardConfig(TrainingArguments):
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad batch sequence length to a multiple of this (e.g. 8 for tensor cores)."}
     )
+    # --- the rest of trl.RewardConfig's options: a RewardConfig passed as `args` keeps every one of them ---
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Set the tokenizer's chat template before any conversation is rendered: a .jinja / .j2 file, or a "
+            "tokenizer folder or hub id whose template is copied with its added tokens and eos token (the model's "
+            "embeddings grow to match; new embeddings are trained with LoRA too), as trl.RewardConfig does."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Make this token (it must be in the tokenizer's vocabulary) the tokenizer's eos token, and the "
+            "model config's: what a chat template renders as {{ eos_token }}, what append_eos_token appends, and the "
+            "pad token when the tokenizer has none."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pad with this token (it must be in the tokenizer's vocabulary) instead of the tokenizer's own pad "
+            "token (or its eos token when it has none). trl deprecates it: setting tokenizer.pad_token does the same."
+        },
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Move activations saved for the backward pass to CPU memory during each training step (trl's "
+            "offloading context), trading transfer time for accelerator memory. Needs a GPU or other accelerator."
+        },
+    )
 
     def __post_init__(self):
         for name in ("loss_kwargs", "model_init_kwargs"):

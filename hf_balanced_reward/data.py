@@ -18,9 +18,11 @@ from collections import Counter
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers import AutoTokenizer
 from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
 
 from . import collator
+from .config import ConfigError
 from .collator import shared_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,46 @@ def check_columns(dataset: Dataset, group_column: str | None, name: str) -> None
         raise DataError(
             f"group_column='{group_column}' is not a column of the {name} dataset; its columns are {columns}."
         )
+
+
+def require_token(tokenizer, token: str, option: str) -> None:
+    if token not in tokenizer.get_vocab():
+        raise ConfigError(f"{option}={token!r} is not in the tokenizer's vocabulary; name one of its tokens (e.g. its "
+                          f"eos token {tokenizer.eos_token!r}), or add the token to the tokenizer first.")
+
+
+def copy_chat_template(tokenizer, path: str) -> list[int]:
+    """Give `tokenizer` the chat template at `path`: a .jinja / .j2 file, or a tokenizer (folder or hub id) whose
+    template, added tokens and eos token are copied, as trl's `clone_chat_template` does. Returns the ids of the
+    tokens added (the model's embeddings must grow to hold them)."""
+    if os.path.isfile(path) and path.endswith((".jinja", ".j2")):
+        with open(path, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+        return []
+    try:
+        source = AutoTokenizer.from_pretrained(path)
+        template = source.get_chat_template()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"chat_template_path={path!r} is neither a .jinja / .j2 file nor a tokenizer with a chat "
+                          f"template ({str(err).splitlines()[0]}); give one of those.") from err
+    tokenizer.chat_template = template
+    added = [t for t in source.added_tokens_decoder.values() if t.content not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(added)
+    tokenizer.eos_token = source.eos_token
+    return tokenizer.convert_tokens_to_ids([t.content for t in added])
+
+
+def apply_token_options(tokenizer, args) -> list[int]:
+    """The config's `eos_token`, `chat_template_path` and `pad_token`, in that order (trl's); returns the ids of
+    tokens a copied chat template added."""
+    if args.eos_token is not None:
+        require_token(tokenizer, args.eos_token, "eos_token")
+        tokenizer.eos_token = args.eos_token
+    added = copy_chat_template(tokenizer, args.chat_template_path) if args.chat_template_path is not None else []
+    if args.pad_token is not None:
+        require_token(tokenizer, args.pad_token, "pad_token")
+        tokenizer.pad_token = args.pad_token
+    return added
 
 
 def render_texts(example: dict, tokenizer, append_eos: bool) -> tuple[str, str, str]:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
+from huggingface_hub import ModelCard
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from trl.models import get_act_offloading_ctx_manager
 from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import RewardDriftCallback, StopOnSignal
@@ -20,7 +22,7 @@ from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints,
 from .collator import PairCollator, unpack_pairs
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
-from .data import MODEL_COLUMNS, DataError, add_group_ids, check_columns, prepare_dataset
+from .data import MODEL_COLUMNS, DataError, add_group_ids, apply_token_options, check_columns, prepare_dataset
 from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
@@ -63,6 +65,8 @@ class BalancedRewardTrainer(Trainer):
 
     # compute_loss returns a per-batch mean, so Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
+    # Model tags (Hub): trl.RewardTrainer's, so a model trained here is found as a trl reward model is, plus ours.
+    _tag_names = ["trl", "reward-trainer", "hf_balanced_reward"]
 
     def __init__(
         self,
@@ -98,6 +102,13 @@ class BalancedRewardTrainer(Trainer):
         else:
             model_config = model.config
             processing_class = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
+        # trl.RewardConfig's token options, in trl's order: eos_token, chat_template_path, pad_token.
+        added_tokens = apply_token_options(processing_class, args)
+        if args.activation_offloading and args.device.type == "cpu":
+            raise ConfigError(
+                "activation_offloading=true moves activations from accelerator memory to CPU memory, and this run is on "
+                "the CPU; unset it here (it applies on a GPU), or use gradient_checkpointing to save memory."
+            )
         if model_config.num_labels != 1:
             raise ConfigError(
                 f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
@@ -137,6 +148,7 @@ class BalancedRewardTrainer(Trainer):
 
         if model_id:
             model = load_model(model_id, args)
+        self._match_model_to_tokenizer(model, processing_class, args, added_tokens)
         model.config.pad_token_id = processing_class.pad_token_id  # lets pipeline() batch the saved model
         # Saved with the model: `evaluate`, `score` and `reward_function` render and cut texts as training did.
         model.config.reward_max_length = self.max_length
@@ -148,7 +160,7 @@ class BalancedRewardTrainer(Trainer):
         self.shared_prompt = self._use_shared_prompt(model, args)
         self._shared_prompt_checked = False
         if peft_config is not None:
-            model = self._wrap_peft(model, peft_config, args)
+            model = self._wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
 
         if eval_dataset is not None and args.eval_strategy == "no":
@@ -178,20 +190,45 @@ class BalancedRewardTrainer(Trainer):
         self.add_callback(self.signal_stop)
         if args.reward_drift_limit is not None:
             self.add_callback(RewardDriftCallback(args.reward_drift_limit))
+        self.offload_activations = get_act_offloading_ctx_manager(model=self.model) if args.activation_offloading else None
+        self.model.add_model_tags(self._tag_names)  # what a trl-trained reward model carries on the Hub
 
     # --- setup -------------------------------------------------------------------------------------------------
 
     @staticmethod
     def _as_config(args, model) -> BalancedRewardConfig:
+        """`args` as a BalancedRewardConfig. A trl.RewardConfig (or TrainingArguments, or another trl config) keeps
+        every option: BalancedRewardConfig has a field for each of RewardConfig's. An option it has no field for is
+        refused by name when it is set to anything but its default, never dropped."""
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             return BalancedRewardConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-reward")
         if isinstance(args, BalancedRewardConfig):
             return args
-        # A trl.RewardConfig or plain TrainingArguments: keep every option this config shares with it.
         ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
-        shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in ours}
-        return BalancedRewardConfig(**shared)
+        kept = {}
+        for f in dataclasses.fields(args):
+            if not f.init:
+                continue
+            value = getattr(args, f.name)
+            if f.name in ours:
+                kept[f.name] = value
+            elif value != (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+                raise ConfigError(
+                    f"{type(args).__name__} option {f.name}={value!r} has no counterpart in BalancedRewardConfig, so "
+                    f"this trainer cannot honour it; leave it at its default ({f.default!r}) or train with "
+                    f"{type(args).__name__}'s own trainer."
+                )
+        return BalancedRewardConfig(**kept)
+
+    @staticmethod
+    def _match_model_to_tokenizer(model, tokenizer, args, added_tokens: list[int]) -> None:
+        """After eos_token / chat_template_path changed the tokenizer: the model's eos id, and embeddings for the
+        tokens a copied chat template added (as trl's clone_chat_template does)."""
+        if args.eos_token is not None or args.chat_template_path is not None:
+            model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        if added_tokens and len(tokenizer.get_vocab()) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer.get_vocab()))
 
     def _make_length_head(self, model) -> torch.nn.Linear:
         """The second head of `length_head` (ODIN-style): on the reward head's input features, in fp32, trained with
@@ -228,13 +265,16 @@ class BalancedRewardTrainer(Trainer):
         )
 
     @staticmethod
-    def _wrap_peft(model, peft_config, args):
+    def _wrap_peft(model, peft_config, args, added_tokens=()):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         head_name, _ = find_reward_head(model)
         modules_to_save = list(peft_config.modules_to_save or [])
         if head_name not in modules_to_save:
             peft_config.modules_to_save = modules_to_save + [head_name]  # the head is new: it must be trained and saved
+        if added_tokens and not isinstance(peft_config.trainable_token_indices, dict):
+            # Tokens a copied chat template added have untrained embeddings: train them too (a dict names its own).
+            peft_config.trainable_token_indices = list(peft_config.trainable_token_indices or []) + list(added_tokens)
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):  # QLoRA
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
         elif args.gradient_checkpointing:
@@ -403,9 +443,15 @@ class BalancedRewardTrainer(Trainer):
 
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
-        return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
+        path = write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
                                 self.data_report, repo, self.balance.summary() if self.uses_balance else None,
                                 getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None))
+        # The model's tags (trl's and any a user added with model.add_model_tags) go on the card, as Trainer does.
+        card = ModelCard.load(path)
+        tags = list(card.data.tags or [])
+        card.data.tags = tags + [t for t in (getattr(self.model, "model_tags", None) or []) if t not in tags]
+        card.save(path)
+        return path
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():
@@ -445,6 +491,12 @@ class BalancedRewardTrainer(Trainer):
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # --- forward and loss --------------------------------------------------------------------------------------
+
+    def training_step(self, *args, **kwargs):
+        if self.offload_activations is None:
+            return super().training_step(*args, **kwargs)
+        with self.offload_activations:
+            return super().training_step(*args, **kwargs)
 
     def score_pairs(self, model, inputs, with_features: bool = False) -> tuple:
         """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass; with `with_features`, also

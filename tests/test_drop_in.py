@@ -1,0 +1,230 @@
+"""Switching from trl.RewardTrainer by changing one import: every RewardConfig option is honoured or refused by
+name, chat-template options and tool-call data render as `apply_chat_template` renders them, trl's old column names
+and its Hub tags."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+from trl import RewardConfig
+
+from conftest import CHAT_TEMPLATE, build_tokenizer, tiny_bert, tiny_llama
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+
+TRL_FIELDS = [f.name for f in dataclasses.fields(RewardConfig) if f.init]
+TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+TRL_OWN_FIELDS = [name for name in TRL_FIELDS if name not in TRAINING_ARGUMENT_FIELDS]
+
+
+def trl_config(tmp_path, **kwargs) -> RewardConfig:
+    defaults = dict(output_dir=str(tmp_path / "out"), report_to="none", bf16=False, gradient_checkpointing=False,
+                    max_steps=1, per_device_train_batch_size=4, save_strategy="no")
+    return RewardConfig(**{**defaults, **kwargs})
+
+
+def conversations(n: int = 4) -> Dataset:
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": f"Question {i}: hello?"}],
+         "chosen": [{"role": "assistant", "content": "Sure, here is a short and polite email."}],
+         "rejected": [{"role": "assistant", "content": "No." + " world" * i}]}
+        for i in range(n)
+    ])
+
+
+def model_folder(tmp_path, tokenizer, name="model") -> str:
+    path = tmp_path / name
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# --- every RewardConfig field -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TRL_FIELDS)
+def test_every_reward_config_field_has_a_counterpart(name):
+    """Fails for a field a future trl adds until someone maps it here (or decides to refuse it)."""
+    assert name in BalancedRewardConfig.__dataclass_fields__, (
+        f"trl.RewardConfig has a field '{name}' that BalancedRewardConfig does not: honour it (add the field) or make "
+        "a non-default value of it an error, and add its behaviour test to TRL_OWN_BEHAVIOUR below."
+    )
+
+
+def test_converted_config_keeps_every_value(tmp_path):
+    trl_args = trl_config(tmp_path, eos_token="</s>", pad_token="<pad>", chat_template_path="t.jinja", max_length=77,
+                          pad_to_multiple_of=8, center_rewards_coefficient=0.1, learning_rate=3e-3,
+                          activation_offloading=True, disable_dropout=False, dataset_num_proc=2,
+                          trust_remote_code=True, model_init_kwargs={"dtype": "float32"}, seed=7)
+    ours = BalancedRewardTrainer._as_config(trl_args, "unused")
+    assert isinstance(ours, BalancedRewardConfig)
+    for name in TRL_FIELDS:
+        assert getattr(ours, name) == getattr(trl_args, name), name
+    defaults = BalancedRewardTrainer._as_config(trl_config(tmp_path), "unused")
+    assert defaults.model_init_kwargs == {}  # None in trl: the same meaning
+
+
+def test_a_set_option_without_a_counterpart_is_refused_by_name(tmp_path):
+    @dataclasses.dataclass
+    class FutureRewardConfig(RewardConfig):
+        new_option: int = 0
+
+    assert BalancedRewardTrainer._as_config(FutureRewardConfig(**_plain(tmp_path)), "m").max_steps == 1  # default: fine
+    with pytest.raises(ConfigError, match=r"FutureRewardConfig option new_option=3 has no counterpart in "
+                       r"BalancedRewardConfig.*leave it at its default \(0\)"):
+        BalancedRewardTrainer._as_config(FutureRewardConfig(**_plain(tmp_path), new_option=3), "m")
+
+
+def _plain(tmp_path) -> dict:
+    return dict(output_dir=str(tmp_path / "out"), report_to="none", bf16=False, max_steps=1)
+
+
+def check_model_init_kwargs(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, model_init_kwargs={"dtype": torch.bfloat16}),
+                                    train_dataset=pairs)
+    assert trainer.model.dtype == torch.bfloat16  # the default here is fp32
+
+
+def check_trust_remote_code(tmp_path, model_dir, pairs):
+    # Nothing here runs remote code; what matters is that the choice reaches the loaders, which read args.
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, trust_remote_code=True), train_dataset=pairs)
+    assert trainer.args.trust_remote_code is True
+
+
+def check_disable_dropout(tmp_path, model_dir, pairs):
+    tokenizer = build_tokenizer()
+    for disable in (True, False):
+        model = tiny_bert(tokenizer)  # BERT has dropout 0.1
+        trainer = BalancedRewardTrainer(model, trl_config(tmp_path, disable_dropout=disable), train_dataset=pairs,
+                                        processing_class=tokenizer)
+        rates = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates == ({0.0} if disable else {0.1})
+
+
+def check_dataset_num_proc(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, dataset_num_proc=2), train_dataset=pairs)
+    assert trainer.args.dataset_num_proc == 2 and len(trainer.train_dataset) == len(pairs)
+
+
+def check_max_length(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, max_length=24), train_dataset=pairs)
+    lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in trainer.train_dataset]
+    assert max(lengths) == 24 and trainer.data_report["train"]["truncated"] > 0  # prompts cut from the left to fit
+
+
+def check_pad_to_multiple_of(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, pad_to_multiple_of=8),
+                                    train_dataset=pairs)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] % 8 == 0
+
+
+def check_center_rewards_coefficient(tmp_path, model_dir, pairs):
+    losses = {}
+    for coefficient in (None, 0.5):
+        trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, center_rewards_coefficient=coefficient),
+                                        train_dataset=pairs)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            losses[coefficient], rewards = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    expected = losses[None] + 0.5 * ((rewards["chosen"] + rewards["rejected"]) ** 2).mean()
+    torch.testing.assert_close(losses[0.5], expected)
+
+
+def check_chat_template_path(tmp_path, model_dir, pairs):
+    plain = build_tokenizer(chat_template=None)
+    folder = model_folder(tmp_path, plain, "no-template")
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(CHAT_TEMPLATE)
+    # Without the option, conversations cannot be rendered; with it (a .jinja file), they render with that template.
+    with pytest.raises(ValueError, match=r"no chat template"):
+        BalancedRewardTrainer(folder, trl_config(tmp_path), train_dataset=conversations())
+    trainer = BalancedRewardTrainer(folder, trl_config(tmp_path, chat_template_path=str(template_file)),
+                                    train_dataset=conversations())
+    reference = build_tokenizer()  # the same tokenizer with CHAT_TEMPLATE
+    row = conversations()[0]
+    expected = reference.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+    assert trainer.train_dataset[0]["chosen_ids"] == reference(expected)["input_ids"]
+    trainer.train()
+
+    # A tokenizer folder: its template, its added tokens (the model's embeddings grow to hold them) and its eos.
+    source = build_tokenizer()
+    source.add_tokens(["<|tool|>"])
+    source.eos_token = "<|assistant|>"
+    source.save_pretrained(tmp_path / "source")
+    trainer = BalancedRewardTrainer(folder, trl_config(tmp_path, chat_template_path=str(tmp_path / "source")),
+                                    train_dataset=conversations())
+    tokenizer = trainer.processing_class
+    assert tokenizer.chat_template == CHAT_TEMPLATE and "<|tool|>" in tokenizer.get_vocab()
+    assert trainer.model.get_input_embeddings().num_embeddings == len(tokenizer.get_vocab()) == len(plain) + 1
+    assert trainer.model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    trainer.train()
+
+    with pytest.raises(ConfigError, match=r"chat_template_path='.*missing' is neither a \.jinja / \.j2 file nor a "
+                       r"tokenizer with a chat template"):
+        BalancedRewardTrainer(folder, trl_config(tmp_path, chat_template_path=str(tmp_path / "missing")),
+                              train_dataset=conversations())
+
+
+def check_eos_token(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, eos_token="<|user|>"), train_dataset=pairs)
+    eos_id = trainer.processing_class.convert_tokens_to_ids("<|user|>")
+    assert trainer.processing_class.eos_token_id == eos_id and trainer.model.config.eos_token_id == eos_id
+    # It is what append_eos_token appends, and the pad token of a tokenizer without one.
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "o"), report_to="none", eos_token="<|user|>",
+                                append_eos_token=True)
+    tokenizer = build_tokenizer()
+    tokenizer.pad_token = None
+    trainer = BalancedRewardTrainer(tiny_llama(build_tokenizer()), args, train_dataset=pairs, processing_class=tokenizer)
+    assert all(e["chosen_ids"][-1] == eos_id for e in trainer.train_dataset)
+    assert trainer.processing_class.pad_token == "<|user|>" and trainer.model.config.pad_token_id == eos_id
+    with pytest.raises(ConfigError, match=r"eos_token='<eot>' is not in the tokenizer's vocabulary"):
+        BalancedRewardTrainer(model_dir, trl_config(tmp_path, eos_token="<eot>"), train_dataset=pairs)
+
+
+def check_pad_token(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, pad_token="<|user|>"), train_dataset=pairs)
+    pad_id = trainer.processing_class.convert_tokens_to_ids("<|user|>")
+    assert trainer.model.config.pad_token_id == pad_id
+    batch = trainer.data_collator.plain_batch([trainer.train_dataset[i] for i in range(4)])
+    assert trainer.data_collator.pad_token_id == pad_id and (batch["input_ids"] == pad_id).any()  # padded with it
+    with pytest.raises(ConfigError, match=r"pad_token='<nothing>' is not in the tokenizer's vocabulary"):
+        BalancedRewardTrainer(model_dir, trl_config(tmp_path, pad_token="<nothing>"), train_dataset=pairs)
+
+
+def check_activation_offloading(tmp_path, model_dir, pairs):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"activation_offloading=true moves activations .* this run is on the CPU"):
+            BalancedRewardTrainer(model_dir, trl_config(tmp_path, activation_offloading=True), train_dataset=pairs)
+        return
+    losses = []
+    for offload in (False, True):
+        trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, activation_offloading=offload, max_steps=2,
+                                                              logging_steps=1), train_dataset=pairs)
+        trainer.train()
+        losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+TRL_OWN_BEHAVIOUR = {
+    "model_init_kwargs": check_model_init_kwargs,
+    "trust_remote_code": check_trust_remote_code,
+    "chat_template_path": check_chat_template_path,
+    "disable_dropout": check_disable_dropout,
+    "dataset_num_proc": check_dataset_num_proc,
+    "eos_token": check_eos_token,
+    "max_length": check_max_length,
+    "pad_to_multiple_of": check_pad_to_multiple_of,
+    "center_rewards_coefficient": check_center_rewards_coefficient,
+    "activation_offloading": check_activation_offloading,
+    "pad_token": check_pad_token,
+}
+
+
+@pytest.mark.parametrize("name", TRL_OWN_FIELDS)
+def test_each_option_of_reward_config_is_honoured(name, tmp_path, model_dir, pairs):
+    """One behaviour test per option RewardConfig adds to TrainingArguments; a new one fails until it has its own."""
+    assert name in TRL_OWN_BEHAVIOUR, f"no drop-in test for trl.RewardConfig.{name}: add one to TRL_OWN_BEHAVIOUR"
+    TRL_OWN_BEHAVIOUR[name](tmp_path, model_dir, pairs)
