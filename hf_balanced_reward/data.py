@@ -11,9 +11,11 @@ Optional columns: `margin` (float, for margin-aware losses), `weight` (float, pe
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
+import warnings
 from collections import Counter
 
 import datasets
@@ -105,10 +107,24 @@ def select_split(dataset_dict: DatasetDict, split: str, name: str) -> Dataset:
     return dataset_dict[split]
 
 
+# trl's older names of the tokenised columns: still accepted, with a FutureWarning, as trl does.
+LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
+
+
+def rename_legacy_columns(dataset, name: str):
+    """`chosen_input_ids` / `rejected_input_ids` renamed to `chosen_ids` / `rejected_ids`, with a FutureWarning."""
+    columns = set(dataset.column_names or [])
+    if not set(LEGACY_COLUMNS) <= columns or columns & set(LEGACY_COLUMNS.values()):
+        return dataset
+    warnings.warn(f"{name} dataset: the columns 'chosen_input_ids' / 'rejected_input_ids' are deprecated (in trl too); "
+                  "rename them 'chosen_ids' / 'rejected_ids'.", FutureWarning, stacklevel=3)
+    return dataset.rename_columns(LEGACY_COLUMNS)
+
+
 def check_columns(dataset: Dataset, group_column: str | None, name: str) -> None:
     """Fail early, naming the column, when a dataset cannot be preference data."""
     columns = dataset.column_names
-    tokenized = {"chosen_ids", "rejected_ids"} <= set(columns)
+    tokenized = {"chosen_ids", "rejected_ids"} <= set(columns) or set(LEGACY_COLUMNS) <= set(columns)
     for column in ("chosen", "rejected"):
         if column not in columns and not tokenized:
             raise DataError(
@@ -161,12 +177,36 @@ def apply_token_options(tokenizer, args) -> list[int]:
     return added
 
 
+def drop_nulls(value):
+    """`value` without the null entries of its mappings, at any depth. Arrow stores mappings as structs with one set
+    of keys per column, filling the keys a row, message, tool call or tool schema lacks with null (every message
+    gets a 'tool_calls': null, a call's arguments get the other calls' argument names); without them, each renders
+    as the mapping that was written."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def template_options(example: dict) -> dict:
+    """Per-row arguments of the chat template: the `tools` column (a list of tool schemas, or one JSON string of
+    them, taken as written) as `tools=`, and the `chat_template_kwargs` column's entries, nulls left out (see
+    `drop_nulls`)."""
+    tools = example.get("tools")
+    tools = (json.loads(tools) if tools.strip() else None) if isinstance(tools, str) else drop_nulls(tools)
+    return {"tools": tools or None, **drop_nulls(example.get("chat_template_kwargs") or {})}
+
+
 def render_texts(example: dict, tokenizer, append_eos: bool) -> tuple[str, str, str]:
-    """(prompt, prompt + chosen, prompt + rejected) as plain text; conversations go through the chat template."""
-    pair = {key: example[key] for key in ("prompt", "chosen", "rejected") if key in example}
+    """(prompt, prompt + chosen, prompt + rejected) as plain text; conversations go through the chat template, with
+    the row's `tools` and `chat_template_kwargs`, so that prompt + chosen is exactly what
+    `tokenizer.apply_chat_template(prompt_messages + chosen_messages, tools=..., **kwargs, tokenize=False)` gives."""
+    pair = {key: example[key] if isinstance(example[key], str) else drop_nulls(example[key])
+            for key in ("prompt", "chosen", "rejected") if key in example}
     pair = maybe_extract_prompt(pair)  # conversations with an implicit prompt: split off the shared messages
     conversational = not isinstance(pair["chosen"], str)
-    pair = maybe_apply_chat_template(pair, tokenizer)
+    pair = maybe_apply_chat_template(pair, tokenizer, **template_options(example))
     if conversational and adds_bos(tokenizer):
         # A template that renders {{ bos_token }} would get a second BOS from the tokenizer: keep one, as trl does.
         pair = {k: v[len(tokenizer.bos_token):] if v.startswith(tokenizer.bos_token) else v for k, v in pair.items()}
@@ -210,7 +250,8 @@ def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
 
 
 def text_problem(value, allow_empty: bool = False) -> str | None:
-    """What is wrong with one text field (a string or a list of messages), or None."""
+    """What is wrong with one text field (a string or a list of messages), or None. An assistant message may carry
+    `tool_calls` instead of text `content`."""
     if value is None:
         return "is null"
     if isinstance(value, str):
@@ -223,8 +264,16 @@ def text_problem(value, allow_empty: bool = False) -> str | None:
                 return f"message {i} is not a {{'role': ..., 'content': ...}} mapping"
             if message.get("role") not in ROLES:
                 return f"message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}"
-            if not isinstance(message.get("content"), str):
-                return f"message {i} has no text 'content'"
+            if isinstance(message.get("content"), str):
+                continue
+            if message["role"] == "assistant" and message.get("tool_calls"):
+                if message.get("content") is not None:
+                    return f"message {i} has 'tool_calls' and a 'content' that is not text"
+                if not isinstance(message["tool_calls"], list):
+                    return f"message {i} has 'tool_calls' that is not a list of calls"
+                continue
+            return f"message {i} has no text 'content'" + (" (only an assistant message may carry 'tool_calls' "
+                                                           "instead)" if message.get("tool_calls") else "")
         return None
     return f"is {type(value).__name__}, not text or a list of messages"
 
@@ -260,6 +309,9 @@ def row_problem(example: dict, group_column: str | None, allow_empty_response: b
             return f"columns {', '.join(texts)} mix plain text and message lists"
         if example["chosen"] == example["rejected"]:
             return IDENTICAL
+        problem = template_options_problem(example)
+        if problem:
+            return problem
     for column in ("margin", "weight"):
         value = example.get(column, 0.0)
         if value is None:
@@ -270,6 +322,22 @@ def row_problem(example: dict, group_column: str | None, allow_empty_response: b
             return f"column 'weight' is negative ({value})"
     if group_column and (example[group_column] is None or not str(example[group_column]).strip()):
         return f"column '{group_column}' is empty: the pair has no group"
+    return None
+
+
+def template_options_problem(example: dict) -> str | None:
+    """What is wrong with a row's `tools` / `chat_template_kwargs` columns, or None."""
+    tools = example.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            return f"column 'tools' is not valid JSON ({err.msg} at character {err.pos})"
+    if tools is not None and not isinstance(tools, (list, str)):
+        return f"column 'tools' is {type(tools).__name__}, not a list of tool schemas (or one JSON string of them)"
+    kwargs = example.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return f"column 'chat_template_kwargs' is {type(kwargs).__name__}, not a mapping of template arguments"
     return None
 
 
@@ -315,6 +383,7 @@ def prepare_dataset(
     drops pairs with no usable signal (too long, chosen == rejected) and stops on unreadable ones; "skip" drops
     every bad row; "error" stops on any.
     """
+    dataset = rename_legacy_columns(dataset, name)
     check_columns(dataset, args.group_column, name)
     keep = [c for c in ("margin", "weight") if c in dataset.column_names]
     for column in keep:

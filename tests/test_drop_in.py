@@ -228,3 +228,129 @@ def test_each_option_of_reward_config_is_honoured(name, tmp_path, model_dir, pai
     """One behaviour test per option RewardConfig adds to TrainingArguments; a new one fails until it has its own."""
     assert name in TRL_OWN_BEHAVIOUR, f"no drop-in test for trl.RewardConfig.{name}: add one to TRL_OWN_BEHAVIOUR"
     TRL_OWN_BEHAVIOUR[name](tmp_path, model_dir, pairs)
+
+
+# --- chat_template_kwargs, tools and tool calls -------------------------------------------------------------------
+
+# A template that renders tools, tool calls, tool results and one per-row argument, and shows a message key that is
+# present but null (what Arrow adds to messages that never had it) as BROKEN.
+TOOL_TEMPLATE = (
+    "{% if reasoning %}<think on>{% endif %}"
+    "{% if tools %}<|system|>tools: {{ tools | tojson }}</s>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if 'tool_calls' in m %}{% for c in m['tool_calls'] %}call {{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] | tojson }}{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+    "{% if 'content' in m and m['content'] is none %}BROKEN{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+SEARCH = {"type": "function", "function": {"name": "search", "description": "Search the web",
+                                          "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_rows() -> list[dict]:
+    """Preference pairs with tool use: a chosen tool call without content, a tool result in the prompt, per-row
+    template arguments (one row without), rows with different tools."""
+    return [
+        {"prompt": [{"role": "user", "content": "Weather in Paris?"}],
+         "chosen": [{"role": "assistant", "tool_calls": [call("get_weather", city="Paris")]}],
+         "rejected": [{"role": "assistant", "content": "I cannot know that."}],
+         "tools": [WEATHER], "chat_template_kwargs": {"reasoning": True}},
+        {"prompt": [{"role": "user", "content": "Who won?"},
+                    {"role": "assistant", "tool_calls": [call("search", query="final score")]},
+                    {"role": "tool", "content": "3-1"}],
+         "chosen": [{"role": "assistant", "content": "The home team, 3-1."}],
+         "rejected": [{"role": "assistant", "content": "Nobody."}],
+         "tools": [SEARCH], "chat_template_kwargs": {}},
+        {"prompt": [{"role": "user", "content": "Hi"}],
+         "chosen": [{"role": "assistant", "content": "Hello there."}],
+         "rejected": [{"role": "assistant", "tool_calls": [call("search", query="hi")]}],
+         "tools": [WEATHER, SEARCH], "chat_template_kwargs": {"reasoning": False}},
+    ]
+
+
+def tool_tokenizer():
+    return build_tokenizer(chat_template=TOOL_TEMPLATE)
+
+
+@pytest.mark.parametrize("tools_as", ["list", "json"])
+def test_tools_tool_calls_and_template_kwargs_render_as_apply_chat_template(tmp_path, tools_as):
+    import json
+
+    tokenizer = tool_tokenizer()
+    rows = tool_rows()
+    stored = [{**r, "tools": json.dumps(r["tools"])} if tools_as == "json" else r for r in rows]
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, save_strategy="no",
+                                per_device_train_batch_size=3, on_bad_rows="error")
+    model = tiny_llama(tokenizer)
+    model.config.max_position_embeddings = 2048  # tool schemas are long in a byte-level vocabulary: nothing is cut
+    trainer = BalancedRewardTrainer(model, args, train_dataset=Dataset.from_list(stored), processing_class=tokenizer)
+    assert trainer.data_report["train"]["pairs"] == len(rows)
+    for row, prepared in zip(rows, trainer.train_dataset):
+        prompt = row.get("prompt", [])
+        for side in ("chosen", "rejected"):
+            text = tokenizer.apply_chat_template(prompt + row[side], tools=row["tools"], tokenize=False,
+                                                 **row["chat_template_kwargs"])
+            assert prepared[f"{side}_ids"] == tokenizer(text)["input_ids"], (row, side)
+            assert "BROKEN" not in text and "None" not in tokenizer.decode(prepared[f"{side}_ids"])
+    first = tokenizer.decode(trainer.train_dataset[0]["chosen_ids"])
+    assert first.startswith("<s><think on>") and 'call get_weather{"city": "Paris"}' in first
+    assert '"name": "get_weather"' in first and "search" not in first  # row 1's tools only
+    assert "<think on>" not in tokenizer.decode(trainer.train_dataset[1]["chosen_ids"])  # no argument: not rendered
+    trainer.train()
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"tools": "[{"}, r"column 'tools' is not valid JSON"),
+    ({"chat_template_kwargs": "reasoning"}, r"column 'chat_template_kwargs' is str, not a mapping"),
+    ({"chosen": [{"role": "user", "tool_calls": [call("search", query="x")]}]},
+     r"column 'chosen' message 0 has no text 'content' \(only an assistant message may carry 'tool_calls' instead\)"),
+    ({"chosen": [{"role": "assistant", "tool_calls": [call("search", query="x")], "content": ["x"]}]},
+     r"column 'chosen' message 0 has 'tool_calls' and a 'content' that is not text"),
+])
+def test_bad_tool_rows_are_named(tmp_path, change, problem):
+    from hf_balanced_reward import DataError, prepare_dataset
+
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+           "rejected": [{"role": "assistant", "content": "Go away."}], **change}
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(DataError, match=r"row 0: " + problem):
+        prepare_dataset(Dataset.from_list([row]), tool_tokenizer(), args)
+
+
+# --- old column names, Hub tags -----------------------------------------------------------------------------------
+
+
+def test_old_tokenized_column_names_are_accepted_with_a_warning(tmp_path, model_dir, tokenizer):
+    ids = [(tokenizer("Hello world")["input_ids"], tokenizer("No")["input_ids"]),
+           (tokenizer("Sure, here")["input_ids"], tokenizer("quick brown fox")["input_ids"])]
+    old = Dataset.from_list([{"chosen_input_ids": c, "rejected_input_ids": r} for c, r in ids])
+    new = Dataset.from_list([{"chosen_ids": c, "rejected_ids": r} for c, r in ids])
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, save_strategy="no")
+    with pytest.warns(FutureWarning, match=r"train dataset: the columns 'chosen_input_ids' / 'rejected_input_ids' "
+                      r"are deprecated"):
+        trainer = BalancedRewardTrainer(model_dir, args, train_dataset=old, eval_dataset={"held_out": old})
+    reference = BalancedRewardTrainer(model_dir, BalancedRewardConfig(output_dir=str(tmp_path / "ref"), report_to="none"),
+                                      train_dataset=new)
+    assert trainer.train_dataset[:] == reference.train_dataset[:]
+    assert trainer.eval_dataset["held_out"]["chosen_ids"] == [c for c, _ in ids]
+    trainer.train()
+
+
+def test_model_and_card_carry_trl_reward_model_tags(tmp_path, model_dir, pairs):
+    from huggingface_hub import ModelCard
+
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1, save_strategy="no")
+    trainer = BalancedRewardTrainer(model_dir, args, train_dataset=pairs)
+    assert {"trl", "reward-trainer"} <= set(trainer.model.model_tags)
+    trainer.model.add_model_tags(["my-tag"])
+    trainer.train()
+    trainer.save_model()
+    tags = ModelCard.load(os.path.join(args.output_dir, "README.md")).data.tags
+    assert {"trl", "reward-trainer", "hf_balanced_reward", "my-tag", "reward-model"} <= set(tags)
+    assert len(tags) == len(set(tags))
