@@ -131,7 +131,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(DataError, match=r"has extension '.txt'; use one of .jsonl, .json, .parquet, .csv"):
         load_preference_dataset(str(tmp_path / "pairs.txt"))
     (tmp_path / "bad.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n{not json\n')
-    with pytest.raises(DataError, match=r"could not load dataset '.*bad.jsonl'"):
+    with pytest.raises(DataError, match=r"could not read dataset file '.*bad.jsonl' as jsonl: JSON parse error.* in row 1"):
         load_preference_dataset(str(tmp_path / "bad.jsonl"))
 
 
