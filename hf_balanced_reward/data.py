@@ -19,9 +19,9 @@ import warnings
 from collections import Counter
 
 import datasets
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from transformers import AutoTokenizer
-from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+from trl.data_utils import get_dataset_column_names, maybe_apply_chat_template, maybe_extract_prompt
 
 from . import collator
 from .config import ConfigError
@@ -54,8 +54,22 @@ class DataError(ValueError):
     """A problem with the user's data. The CLI prints its message without a traceback."""
 
 
-def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
-    """Load a hub id, a local folder (saved with `save_to_disk` or of data files), or one .jsonl/.json/.parquet/.csv."""
+def load_preference_dataset(name_or_path: str, split: str = "train", streaming: bool = False
+                            ) -> Dataset | IterableDataset:
+    """Load a hub id, a local folder (saved with `save_to_disk` or of data files), or one .jsonl/.json/.parquet/.csv.
+    With `streaming`, an IterableDataset whose rows are read as training goes (its first row is read now, so that an
+    unreadable file fails here)."""
+    dataset = _load(name_or_path, split, streaming)
+    if streaming:
+        try:
+            next(iter(dataset), None)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
+            raise DataError(f"could not read dataset '{name_or_path}' (split '{split}'): "
+                            f"{str(err.__cause__ or err).rstrip('.')}.") from err
+    return dataset
+
+
+def _load(name_or_path: str, split: str, streaming: bool) -> Dataset | IterableDataset:
     try:
         if os.path.isfile(name_or_path):
             extension = os.path.splitext(name_or_path)[1].lower()
@@ -69,7 +83,8 @@ def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
                     raise DataError(f"dataset file '{name_or_path}' is empty: it has no rows.")
             try:
                 with quiet_datasets_log():
-                    return load_dataset(FILE_BUILDERS[extension], data_files=name_or_path, split="train")
+                    return load_dataset(FILE_BUILDERS[extension], data_files=name_or_path, split="train",
+                                        streaming=streaming)
             except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
                 raise DataError(f"could not read dataset file '{name_or_path}' as {extension[1:]}: "
                                 f"{str(err.__cause__ or err).rstrip('.')}. Check that its content is the format its extension "
@@ -78,11 +93,12 @@ def load_preference_dataset(name_or_path: str, split: str = "train") -> Dataset:
             saved = any(os.path.exists(os.path.join(name_or_path, f)) for f in ("dataset_dict.json", "state.json"))
             if saved:
                 loaded = load_from_disk(name_or_path)
-                return select_split(loaded, split, name_or_path) if isinstance(loaded, DatasetDict) else loaded
-            return load_dataset(name_or_path, split=split)
+                loaded = select_split(loaded, split, name_or_path) if isinstance(loaded, DatasetDict) else loaded
+                return loaded.to_iterable_dataset() if streaming else loaded
+            return load_dataset(name_or_path, split=split, streaming=streaming)
         if name_or_path.startswith((".", "/", "~")) or os.path.splitext(name_or_path)[1].lower() in FILE_BUILDERS:
             raise DataError(f"dataset '{name_or_path}' does not exist: no such file or folder.")
-        return load_dataset(name_or_path, split=split)
+        return load_dataset(name_or_path, split=split, streaming=streaming)
     except DataError:
         raise
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
@@ -113,7 +129,7 @@ LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejec
 
 def rename_legacy_columns(dataset, name: str):
     """`chosen_input_ids` / `rejected_input_ids` renamed to `chosen_ids` / `rejected_ids`, with a FutureWarning."""
-    columns = set(dataset.column_names or [])
+    columns = set(column_names(dataset))
     if not set(LEGACY_COLUMNS) <= columns or columns & set(LEGACY_COLUMNS.values()):
         return dataset
     warnings.warn(f"{name} dataset: the columns 'chosen_input_ids' / 'rejected_input_ids' are deprecated (in trl too); "
@@ -121,9 +137,21 @@ def rename_legacy_columns(dataset, name: str):
     return dataset.rename_columns(LEGACY_COLUMNS)
 
 
+def column_names(dataset) -> list[str]:
+    """A dataset's columns; a stream that does not declare them shows its first row's (trl's helper)."""
+    try:
+        return get_dataset_column_names(dataset)
+    except StopIteration:
+        return []
+
+
+def is_stream(dataset) -> bool:
+    return isinstance(dataset, IterableDataset)
+
+
 def check_columns(dataset: Dataset, group_column: str | None, name: str) -> None:
     """Fail early, naming the column, when a dataset cannot be preference data."""
-    columns = dataset.column_names
+    columns = column_names(dataset)
     tokenized = {"chosen_ids", "rejected_ids"} <= set(columns) or set(LEGACY_COLUMNS) <= set(columns)
     for column in ("chosen", "rejected"):
         if column not in columns and not tokenized:
@@ -290,6 +318,10 @@ def droppable(problem: str) -> bool:
     return problem == IDENTICAL or problem.startswith("a response alone is longer")
 
 
+# Which bad rows stop the run: "auto" only rows that cannot be read; "skip" none; "error" all.
+STOP_ON = {"error": lambda problem: True, "skip": lambda problem: False, "auto": lambda problem: not droppable(problem)}
+
+
 def row_problem(example: dict, group_column: str | None, allow_empty_response: bool = True) -> str | None:
     """The first thing that makes a row unusable, as "column 'x' <problem>", or None for a good row."""
     if "chosen_ids" in example and "rejected_ids" in example:
@@ -316,6 +348,8 @@ def row_problem(example: dict, group_column: str | None, allow_empty_response: b
         value = example.get(column, 0.0)
         if value is None:
             return f"column '{column}' is null"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"column '{column}' is {type(value).__name__}, not a number"
         if math.isnan(value) or math.isinf(value):
             return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
         if column == "weight" and value < 0:
@@ -416,8 +450,7 @@ def prepare_dataset(
         desc=f"Checking and tokenizing {name} pairs",
     )
     problems = [(row, problem) for row, problem in enumerate(tokenized["problem"]) if problem]
-    # "auto" stops only on rows that cannot be read; "skip" drops those too; "error" stops on anything.
-    stop_on = {"error": lambda p: True, "skip": lambda p: False, "auto": lambda p: not droppable(p)}[args.on_bad_rows]
+    stop_on = STOP_ON[args.on_bad_rows]
     bad = [(row, problem) for row, problem in problems if stop_on(problem)]
     if bad:
         shown = "; ".join(f"row {row}: {problem}" for row, problem in bad[:MAX_SHOWN])
@@ -443,6 +476,77 @@ def prepare_dataset(
     report = {"rows": len(dataset), "pairs": len(tokenized), "truncated": fits["truncated"],
               "empty_responses": fits["empty response"], "dropped": dropped}
     return tokenized.remove_columns(["fit", "problem"]), report
+
+
+def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train", max_length: int | None = None
+                   ) -> tuple[IterableDataset, dict]:
+    """`prepare_dataset` for a stream: the same checks and tokenisation, done as the rows stream by.
+
+    Returns the prepared stream and its report, a dict filled in as rows pass (and restarted with each pass over the
+    stream): rows, pairs, truncated, empty_responses, dropped per reason. A bad row that `on_bad_rows` stops on
+    raises DataError when it is reached, naming its position in the stream; the others are dropped and counted.
+    The columns and the first row are checked now. Counting happens where the rows are read: with
+    dataloader_num_workers > 0 the counts stay in the worker processes.
+    """
+    dataset = rename_legacy_columns(dataset, name)
+    columns = column_names(dataset)
+    if not columns:
+        raise DataError(f"{name} dataset is empty: it has no rows.")
+    check_columns(dataset, args.group_column, name)
+    first = next(iter(dataset))
+    if isinstance(first.get("chosen"), list) and not tokenizer.chat_template:
+        raise DataError(
+            f"{name} dataset holds conversations (message lists) but the tokenizer has no chat template; use a "
+            "tokenizer that has one (often the model's -Instruct version), set tokenizer.chat_template, or give the "
+            "texts as plain strings."
+        )
+    keep = [c for c in ("margin", "weight") if c in columns]
+    report = {"rows": 0, "pairs": 0, "truncated": 0, "empty_responses": 0, "dropped": {}, "streamed": True}
+    stop_on = STOP_ON[args.on_bad_rows]
+
+    def count(example: dict, index: int) -> bool:
+        if index == 0:  # a new pass over the stream (an epoch, an evaluation): count it afresh
+            report.update(rows=0, pairs=0, truncated=0, empty_responses=0, dropped={})
+        report["rows"] += 1
+        problem = example["problem"]
+        if problem:
+            if stop_on(problem):
+                raise DataError(f"{name} dataset row {index} (streamed, counting from 0): {problem}. Fix it, or set "
+                                "on_bad_rows: skip to drop such rows (they are counted in data_report.json).")
+            report["dropped"][problem] = report["dropped"].get(problem, 0) + 1
+            return False
+        report["pairs"] += 1
+        report["truncated"] += example["fit"] == "truncated"
+        report["empty_responses"] += example["fit"] == "empty response"
+        return True
+
+    tokenized = dataset.map(
+        tokenize_example,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length if max_length is not None else args.max_length,
+            "append_eos": args.append_eos_token,
+            "group_column": args.group_column,
+            "special_ids": set(tokenizer.all_special_ids),
+            "allow_empty_response": args.on_bad_rows != "error",
+        },
+        remove_columns=[c for c in columns if c not in keep],
+    )
+    return tokenized.filter(count, with_indices=True).remove_columns(["fit", "problem"]), report
+
+
+def report_summary(name: str, report: dict, on_bad_rows: str) -> str | None:
+    """One log line for a report with anything to say (drops, empty responses, truncations), else None."""
+    notes = []
+    if report["dropped"]:
+        notes.append("dropped " + ", ".join(f"{count} x {problem}" for problem, count in report["dropped"].items()))
+    if report["empty_responses"]:
+        notes.append(f"kept {report['empty_responses']} with an empty response")
+    if report["truncated"]:
+        notes.append(f"prompt cut from the left in {report['truncated']}")
+    if not notes:
+        return None
+    return f"{name}: {report['pairs']} of {report['rows']} pairs used; " + "; ".join(notes) + f" (on_bad_rows={on_bad_rows})."
 
 
 def add_group_ids(dataset: Dataset, group_index: dict[str, int]) -> Dataset:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
 from huggingface_hub import ModelCard
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -22,7 +22,18 @@ from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints,
 from .collator import PairCollator, unpack_pairs
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
-from .data import MODEL_COLUMNS, DataError, add_group_ids, apply_token_options, check_columns, prepare_dataset
+from .data import (
+    MODEL_COLUMNS,
+    DataError,
+    add_group_ids,
+    apply_token_options,
+    check_columns,
+    column_names,
+    is_stream,
+    prepare_dataset,
+    prepare_stream,
+    report_summary,
+)
 from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
@@ -73,8 +84,8 @@ class BalancedRewardTrainer(Trainer):
         model: str | PreTrainedModel,
         args: BalancedRewardConfig | None = None,
         data_collator=None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class=None,
         compute_metrics=None,
         callbacks=None,
@@ -87,8 +98,10 @@ class BalancedRewardTrainer(Trainer):
         args = self._as_config(args, model)
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
         for name, dataset in named_datasets.items():
-            if dataset is not None and "group_id" not in dataset.column_names:
+            if dataset is not None and "group_id" not in column_names(dataset):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
+        if is_stream(train_dataset):
+            self._check_stream_options(args)
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -128,14 +141,15 @@ class BalancedRewardTrainer(Trainer):
         self.uses_balance = args.loss_type == "balanced" and loss_fn is None
         self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
-        train_dataset = self._prepare(train_dataset, processing_class, args, "train")
+        # A streamed train set is counted in one pass first when the balanced loss needs its group statistics.
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train", count=self.uses_balance)
         if self.uses_balance and args.group_column and len(self.group_names) == 1:
             raise DataError(
                 f"group_column='{args.group_column}' has one value ('{self.group_names[0]}') in the train dataset, so "
                 "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
                 "length directions over all pairs."
             )
-        if train_dataset is not None and "response_lengths" in train_dataset.column_names:
+        if isinstance(train_dataset, Dataset) and "response_lengths" in train_dataset.column_names:
             lengths = torch.as_tensor(train_dataset["response_lengths"])
             group_ids = torch.as_tensor(train_dataset["group_id"])
             self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
@@ -163,7 +177,11 @@ class BalancedRewardTrainer(Trainer):
             model = self._wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
 
-        if eval_dataset is not None and args.eval_strategy == "no":
+        if eval_dataset is not None and args.eval_strategy == "no" and is_stream(train_dataset):
+            # A streamed epoch may never end within max_steps: evaluate at the last step instead.
+            logger.info(f"An eval set was given with eval_strategy='no': evaluating at the last step ({args.max_steps}).")
+            args.eval_strategy, args.eval_steps = "steps", args.max_steps
+        elif eval_dataset is not None and args.eval_strategy == "no":
             logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
             args.eval_strategy = "epoch"
         self.user_compute_metrics = compute_metrics
@@ -190,6 +208,10 @@ class BalancedRewardTrainer(Trainer):
         self.add_callback(self.signal_stop)
         if args.reward_drift_limit is not None:
             self.add_callback(RewardDriftCallback(args.reward_drift_limit))
+        if self.accelerator.dataloader_config.dispatch_batches is None:
+            # accelerate's default for streams: one process reads and sends batches, and cuts the last one by a count
+            # of first-dimension rows, which are not pairs here (eval pairs went missing). Each process reads instead.
+            self.accelerator.dataloader_config.dispatch_batches = False
         self.offload_activations = get_act_offloading_ctx_manager(model=self.model) if args.activation_offloading else None
         self.model.add_model_tags(self._tag_names)  # what a trl-trained reward model carries on the Hub
 
@@ -301,15 +323,60 @@ class BalancedRewardTrainer(Trainer):
         merged.save_pretrained(output_dir)
         self.processing_class.save_pretrained(output_dir)
 
-    def _prepare(self, dataset, tokenizer, args, name):
+    @staticmethod
+    def _check_stream_options(args) -> None:
+        if args.max_steps is None or args.max_steps <= 0:
+            raise ConfigError(
+                f"the train dataset is streamed (an IterableDataset, which has no length), so max_steps must be set: "
+                f"got max_steps={args.max_steps}. Set it to the number of optimizer steps to train (pairs / "
+                "(per_device_train_batch_size x gradient_accumulation_steps x processes) for one pass)."
+            )
+        if args.accelerator_config.dispatch_batches:
+            logger.warning("dispatch_batches=true is turned off for a streamed train set: batches of different widths "
+                           "cannot be concatenated across processes.")
+        args.accelerator_config.dispatch_batches = False  # every process reads the stream and keeps its share
+
+    def _prepare(self, dataset, tokenizer, args, name, count: bool = False):
         if dataset is None:
             return None
+        if is_stream(dataset):
+            return self._prepare_stream(dataset, tokenizer, args, name, count)
         if "group_id" not in dataset.column_names:
             dataset, self.data_report[name] = prepare_dataset(dataset, tokenizer, args, name, max_length=self.max_length)
             new = sorted(set(dataset.unique("group")) - set(self.group_names))
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
         return dataset
+
+    def _prepare_stream(self, dataset, tokenizer, args, name, count: bool):
+        """Tokenised and checked as rows stream by, group ids given on first sight. With `count`, one pass over the
+        stream first, before the model is loaded: every row checked, the groups and unit sizes the balanced loss
+        weighs by, exactly as for a dataset in memory."""
+        if "group_id" in column_names(dataset):
+            return dataset
+        dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, max_length=self.max_length)
+        if count:
+            groups, lengths = [], []
+            for example in dataset:
+                groups.append(example["group"])
+                lengths.append(example["response_lengths"])
+            if not groups:
+                raise DataError(f"{name} dataset has no usable pairs left: all {self.data_report[name]['rows']} rows "
+                                "were dropped.")
+            self._register_groups(sorted(set(groups) - set(self.group_names)))  # in order, as for a dataset in memory
+            index = {group: i for i, group in enumerate(self.group_names)}
+            group_ids, lengths = torch.tensor([index[g] for g in groups]), torch.tensor(lengths)
+            self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
+            logger.info(f"Counting pass over the streamed {name} set: {len(groups)} pairs in {len(self.group_names)} "
+                        f"group(s).")
+            if summary := report_summary(name, self.data_report[name], args.on_bad_rows):
+                logger.warning(summary)
+        return dataset.map(self._stream_group_id, input_columns="group")
+
+    def _stream_group_id(self, group: str) -> dict:
+        if group not in self.group_names:
+            self._register_groups([group])  # every process reads the whole stream: the same ids everywhere
+        return {"group_id": self.group_names.index(group)}
 
     def _register_groups(self, names):
         if names:
@@ -334,6 +401,12 @@ class BalancedRewardTrainer(Trainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
         result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        streamed = {name: report for name, report in self.data_report.items() if report.get("streamed")}
+        if streamed and self.args.should_save:  # their counts grew as the rows streamed by
+            for name, report in streamed.items():
+                if summary := report_summary(name, report, self.args.on_bad_rows):
+                    logger.warning(summary + " (rows read in the last pass over the stream)")
+            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
         if self.args.normalize_rewards:
             self.normalize_rewards()
         return result
@@ -344,18 +417,19 @@ class BalancedRewardTrainer(Trainer):
         if dataset is None:
             dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
             dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
-            dataset = dataset.select(range(min(len(dataset), 1000)))
+            dataset = dataset.take(1000) if is_stream(dataset) else dataset.select(range(min(len(dataset), 1000)))
         chosen, rejected, _ = self.predict(dataset, metric_key_prefix="normalize").predictions
+        pairs = len(chosen)
         rewards = np.concatenate([chosen, rejected]).astype(np.float64)
         mean, std = float(rewards.mean()), float(rewards.std())
         if not std > 0:
-            raise TrainingStopped(f"normalize_rewards: the rewards on {len(dataset)} pairs all equal {mean}; there is "
+            raise TrainingStopped(f"normalize_rewards: the rewards on {pairs} pairs all equal {mean}; there is "
                                   "no scale to normalise.")
         model = self.accelerator.unwrap_model(self.model)
         shift_folded = fold_affine_into_head(model, mean, std)
-        record = {"mean": mean, "std": std, "pairs": len(dataset), "shift_folded": shift_folded}
+        record = {"mean": mean, "std": std, "pairs": pairs, "shift_folded": shift_folded}
         model.config.reward_normalization = record
-        logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {len(dataset)} pairs folded into the head"
+        logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {pairs} pairs folded into the head"
                     + ("." if shift_folded else f"; the head has no bias, so the mean stays at {mean / std:.4f} std."))
         return record
 
@@ -486,7 +560,7 @@ class BalancedRewardTrainer(Trainer):
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if isinstance(eval_dataset, Dataset):
+        if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back here with each one
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
