@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,3 +107,20 @@ def pairs_file(tmp_path) -> str:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
     return str(path)
+
+
+def run_workers_together(runs, **env) -> list[dict]:
+    """Start every (command, report_dir) at once, one thread each (most of a run is importing, which overlaps), wait
+    for all, and return each run's report_dir/result.json. `env` adds to the environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    for _, report_dir in runs:
+        os.makedirs(report_dir, exist_ok=True)
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for command, _ in runs]
+    results = []
+    for process, (_, report_dir) in zip(processes, runs):
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-4000:]
+        with open(os.path.join(report_dir, "result.json")) as f:
+            results.append(json.load(f))
+    return results

@@ -3,32 +3,26 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_workers_together
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_run.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
-def run(command, report_dir):
-    os.makedirs(report_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with open(os.path.join(report_dir, "result.json")) as f:
-        return json.load(f)
-
-
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
 def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, model_dir, pairs_file):
-    single = run([sys.executable, WORKER, model_dir, pairs_file, str(tmp_path / "one"), "4", str(tmp_path / "r1")],
-                 tmp_path / "r1")
-    double = run([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29517", WORKER, model_dir, pairs_file,
-                  str(tmp_path / "two"), "2", str(tmp_path / "r2")], tmp_path / "r2")
+    single, double = run_workers_together([
+        ([sys.executable, WORKER, model_dir, pairs_file, str(tmp_path / "one"), "4", str(tmp_path / "r1")],
+         tmp_path / "r1"),
+        ([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29517", WORKER, model_dir, pairs_file,
+          str(tmp_path / "two"), "2", str(tmp_path / "r2")], tmp_path / "r2"),
+    ], CUDA_VISIBLE_DEVICES="")
 
     ranks = [json.load(open(tmp_path / "r2" / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

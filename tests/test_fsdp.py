@@ -10,7 +10,6 @@ On a CUDA machine the same test also runs with one GPU (world size 1, NCCL), wit
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import preference_rows
+from conftest import preference_rows, run_workers_together
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_run.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -29,15 +28,6 @@ LAUNCHES = [  # id, device, processes, visible GPUs
     pytest.param("cuda", 1, "0", id="cuda-1-gpu", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="FSDP2 on one GPU needs CUDA")),
 ]
-
-
-def run(command, report_dir, visible_gpus):
-    os.makedirs(report_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": visible_gpus}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    with open(os.path.join(report_dir, "result.json")) as f:
-        return json.load(f)
 
 
 def plain_transformers_rewards(folder, rows):
@@ -54,11 +44,13 @@ def plain_transformers_rewards(folder, rows):
 def test_fsdp2_equals_one_process_with_the_global_batch(tmp_path, model_dir, pairs_file, device, processes,
                                                         visible_gpus):
     common = [model_dir, pairs_file]
-    single = run([sys.executable, WORKER, *common, str(tmp_path / "one"), str(GLOBAL_BATCH), str(tmp_path / "r1"),
-                  "plain", device], tmp_path / "r1", visible_gpus)
-    sharded = run([TORCHRUN, "--nproc_per_node", str(processes), "--master_port", "29527", WORKER, *common,
-                   str(tmp_path / "fsdp"), str(GLOBAL_BATCH // processes), str(tmp_path / "r2"), "fsdp", device],
-                  tmp_path / "r2", visible_gpus)
+    single, sharded = run_workers_together([
+        ([sys.executable, WORKER, *common, str(tmp_path / "one"), str(GLOBAL_BATCH), str(tmp_path / "r1"), "plain",
+          device], tmp_path / "r1"),
+        ([TORCHRUN, "--nproc_per_node", str(processes), "--master_port", "29527", WORKER, *common,
+          str(tmp_path / "fsdp"), str(GLOBAL_BATCH // processes), str(tmp_path / "r2"), "fsdp", device],
+         tmp_path / "r2"),
+    ], CUDA_VISIBLE_DEVICES=visible_gpus)
 
     ranks = [json.load(open(tmp_path / "r2" / f"rank{r}.json")) for r in range(processes)]
     assert [r["world_size"] for r in ranks] == [processes] * processes

@@ -211,8 +211,10 @@ def test_grpo_with_reward_function_gets_the_trained_rewards(trained, policy_dir,
     torch.testing.assert_close(torch.tensor(rewards), torch.tensor(reward(prompts=prompts, completions=completions)),
                                atol=TOL, rtol=0)
     prompts, completions, rewards = nonempty(prompts, completions, rewards)
-    torch.testing.assert_close(torch.tensor(rewards), torch.tensor(trained_rewards(trainer, prompts, completions)),
-                               atol=TOL, rtol=0)
+    trained_values = torch.tensor(trained_rewards(trainer, prompts, completions))
+    print(f"\nGRPO + reward_function ({'chat' if conversational else 'plain'}): max |trl's reward - training's| = "
+          f"{(torch.tensor(rewards) - trained_values).abs().max():.2e} over {len(rewards)} completions")
+    torch.testing.assert_close(torch.tensor(rewards), trained_values, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["plain", "chat"])
@@ -222,8 +224,10 @@ def test_grpo_with_model_folder_gets_the_trained_rewards_when_the_tokenizer_adds
     conversation) but tokenises with add_special_tokens=False: the same ids when the tokenizer adds none."""
     trainer, folder = trained_no_bos
     prompts, completions, rewards = nonempty(*run_grpo(tmp_path, policy_dir, folder, conversational))
-    torch.testing.assert_close(torch.tensor(rewards), torch.tensor(trained_rewards(trainer, prompts, completions)),
-                               atol=TOL, rtol=0)
+    trained_values = torch.tensor(trained_rewards(trainer, prompts, completions))
+    print(f"\nGRPO + model folder, tokenizer without BOS ({'chat' if conversational else 'plain'}): max |trl's reward "
+          f"- training's| = {(torch.tensor(rewards) - trained_values).abs().max():.2e} over {len(rewards)} completions")
+    torch.testing.assert_close(torch.tensor(rewards), trained_values, atol=TOL, rtol=0)
 
 
 def test_grpo_with_model_folder_drops_the_bos_training_scored(trained, policy_dir, tmp_path):
@@ -236,6 +240,8 @@ def test_grpo_with_model_folder_drops_the_bos_training_scored(trained, policy_di
     expected = score_ids(reward.model, without_bos["input_ids"], batch_size=8)
     torch.testing.assert_close(torch.tensor(rewards), torch.tensor(expected), atol=TOL, rtol=0)
     difference = torch.tensor(rewards) - torch.tensor(trained_rewards(trainer, prompts, completions))
+    print(f"\nGRPO + model folder, tokenizer that adds BOS: |trl's reward - training's| from "
+          f"{difference.abs().min():.3f} to {difference.abs().max():.3f} over {len(rewards)} completions")
     assert difference.abs().min() > 1e-3  # every completion's reward is off
 
 
