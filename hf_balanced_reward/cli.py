@@ -53,6 +53,14 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Hold out this fraction of the training pairs for evaluation, when no eval set is named."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the train and eval data (datasets.IterableDataset): rows are read, checked and tokenised "
+            "as training goes instead of all up front. Needs max_steps; the balanced loss first counts the train set "
+            "in one pass. eval_split_ratio cannot split a stream: name an eval set instead."
+        },
+    )
     evaluate_before_training: bool = field(
         default=False, metadata={"help": "Evaluate the untrained model first, to show what training changed."}
     )
@@ -236,9 +244,14 @@ def peft_setup(script_args: ScriptArguments, config: BalancedRewardConfig):
 
 
 def load_datasets(script_args: ScriptArguments, seed: int):
-    train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    streaming = script_args.streaming
+    if streaming and script_args.eval_split_ratio is not None:
+        raise UsageError(f"eval_split_ratio={script_args.eval_split_ratio} cannot split a streamed dataset (its length "
+                         "is unknown until it is read); name the held-out pairs with eval_dataset_name, or unset "
+                         "streaming.")
+    train = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split, streaming)
     if script_args.eval_dataset_name:
-        return train, load_preference_dataset(script_args.eval_dataset_name, script_args.dataset_eval_split)
+        return train, load_preference_dataset(script_args.eval_dataset_name, script_args.dataset_eval_split, streaming)
     if script_args.eval_split_ratio is not None:
         if not 0 < script_args.eval_split_ratio < 1:
             raise UsageError(f"eval_split_ratio must be between 0 and 1 (the share of pairs held out for evaluation), "

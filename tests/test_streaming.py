@@ -1,14 +1,17 @@
 """Streamed datasets (datasets.IterableDataset): trained and evaluated as they stream, with the checks, counts,
 balanced-loss statistics, evaluation and resume of a dataset in memory."""
 
+import glob
 import json
 import os
+import shutil
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset, IterableDatasetDict
 
-from conftest import preference_rows
+from conftest import SHARED_DATA, preference_rows
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, DataError
 
 
@@ -136,3 +139,58 @@ def test_streamed_run_resumes_at_its_position_in_the_stream(tmp_path, model_dir)
     assert resumed.balance.summary() == whole.balance.summary()
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+REAL_TRAIN = os.path.join(SHARED_DATA, "preference", "train_chat.jsonl")
+REAL_VALID = os.path.join(SHARED_DATA, "preference", "valid_chat.jsonl")
+
+
+@pytest.mark.slow  # about 40 s: a counting pass over the 3,820 rows and a streamed evaluation of the valid set
+@pytest.mark.skipif(not os.path.exists(REAL_TRAIN), reason="needs ../shared/data/preference")
+def test_cli_streams_train_chat_trains_evaluates_checkpoints_and_resumes(tmp_path, model_dir, capsys):
+    from safetensors.torch import load_file
+
+    from hf_balanced_reward.cli import main
+
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_name_or_path": model_dir, "dataset_name": REAL_TRAIN, "eval_dataset_name": REAL_VALID,
+        "streaming": True, "group_column": "source", "loss_type": "balanced", "max_length": 256, "max_steps": 4,
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 16, "save_strategy": "steps", "save_steps": 2,
+        "learning_rate": 0.01, "report_to": "none", "output_dir": str(run), "logging_steps": 1,
+    }))
+    assert main(["train", "--config", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "Model saved to" in out
+    results = json.loads((run / "eval_results.json").read_text())
+    report = json.loads((run / "data_report.json").read_text())
+    # The eval set was read whole: every row is a pair scored or a row dropped (too long for 256 tokens, ...).
+    assert results["eval_pairs"] == report["eval"]["pairs"] > 0
+    assert report["eval"]["rows"] == sum(1 for _ in open(REAL_VALID, encoding="utf-8"))
+    assert report["eval"]["pairs"] + sum(report["eval"]["dropped"].values()) == report["eval"]["rows"]
+    assert report["train"]["pairs"] > 0 and sorted(glob.glob(str(run / "checkpoint-*"))) == [
+        str(run / "checkpoint-2"), str(run / "checkpoint-4")]
+    final = load_file(str(run / "model.safetensors"))
+
+    # Lose the last checkpoint and the model, then resume: from step 2, reading the stream on from there.
+    shutil.rmtree(run / "checkpoint-4")
+    os.remove(run / "model.safetensors")
+    assert main(["train", "--config", str(recipe), "--resume_from_checkpoint", "true"]) == 0
+    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    resumed = load_file(str(run / "model.safetensors"))
+    for name, tensor in final.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_to_split_a_stream(tmp_path, model_dir, pairs_file, capsys):
+    from hf_balanced_reward.cli import main
+
+    code = main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--streaming", "true",
+                 "--eval_split_ratio", "0.2", "--max_steps", "1", "--output_dir", str(tmp_path / "o"),
+                 "--report_to", "none"])
+    assert code == 2
+    assert "eval_split_ratio=0.2 cannot split a streamed dataset" in capsys.readouterr().err
+    code = main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--streaming", "true",
+                 "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    assert code == 2 and "so max_steps must be set" in capsys.readouterr().err
