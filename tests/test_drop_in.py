@@ -354,3 +354,23 @@ def test_model_and_card_carry_trl_reward_model_tags(tmp_path, model_dir, pairs):
     tags = ModelCard.load(os.path.join(args.output_dir, "README.md")).data.tags
     assert {"trl", "reward-trainer", "hf_balanced_reward", "my-tag", "reward-model"} <= set(tags)
     assert len(tags) == len(set(tags))
+
+
+def test_lora_trains_the_embeddings_of_tokens_a_copied_template_added(tmp_path):
+    from peft import LoraConfig
+
+    plain = build_tokenizer(chat_template=None)
+    folder = model_folder(tmp_path, plain, "no-template")
+    source = build_tokenizer()
+    source.add_tokens(["<|tool|>"])
+    source.save_pretrained(tmp_path / "source")
+    args = trl_config(tmp_path, chat_template_path=str(tmp_path / "source"), max_steps=2, learning_rate=0.05)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    rows = [{**r, "chosen": [{"role": "assistant", "content": "<|tool|> Sure, here."}]} for r in conversations().to_list()]
+    trainer = BalancedRewardTrainer(folder, args, train_dataset=Dataset.from_list(rows), peft_config=lora)
+    new_id = trainer.processing_class.convert_tokens_to_ids("<|tool|>")
+    assert lora.trainable_token_indices == [new_id]
+    embeddings = lambda: trainer.model.get_input_embeddings()(torch.tensor([new_id])).detach().clone()  # noqa: E731
+    before = embeddings()
+    trainer.train()
+    assert not torch.equal(before, embeddings())  # the new token's embedding was trained
