@@ -88,20 +88,29 @@ def cli_command(model_dir, pairs_file, output_dir, *extra):
     ]
 
 
-def start_and_stop(command, output_dir, step, signum, delay):
-    """Start a training run, send `signum` once checkpoint-`step` appears (plus `delay` s), return the process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    target = os.path.join(output_dir, f"checkpoint-{step}")
+def start(command):
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def stop_at(runs, step, delay=0.0):
+    """For each (process, output_dir, signum) of `runs`, started side by side: send `signum` once the run's
+    checkpoint-`step` appears (plus `delay` s), watching all of them at once; wait for each to end."""
+    waiting = list(runs)
     deadline = time.time() + 120
-    while not os.path.isdir(target):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached its checkpoint"
+    while waiting:
+        for run in list(waiting):
+            process, output_dir, signum = run
+            if os.path.isdir(os.path.join(output_dir, f"checkpoint-{step}")):
+                time.sleep(delay)
+                process.send_signal(signum)
+                waiting.remove(run)
+            else:
+                assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "a run never reached its checkpoint"
         time.sleep(0.005)
-    time.sleep(delay)
-    process.send_signal(signum)
-    process.wait(timeout=120)
-    return process
+    for process, _, _ in runs:
+        process.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +129,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(tmp_path, m
     rng = random.Random()
     step, delay = 2 * rng.randint(1, STEPS // 2 - 2), rng.uniform(0, 0.05)  # may land while a checkpoint is written
     output_dir = tmp_path / "out"
-    killed = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), step, signal.SIGKILL, delay)
+    killed = start(cli_command(model_dir, pairs_file, output_dir))
+    stop_at([(killed, str(output_dir), signal.SIGKILL)], step, delay)
     assert killed.returncode == -signal.SIGKILL, f"step {step}, delay {delay:.3f}"
     assert not os.path.exists(output_dir / "model.safetensors")
     resumed = subprocess.run(cli_command(model_dir, pairs_file, output_dir, "--resume_from_checkpoint", "true"),
@@ -129,24 +139,29 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_weights(tmp_path, m
     assert_same_weights(weights(output_dir), expected)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path, model_dir, uninterrupted, signum):
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(tmp_path, model_dir, uninterrupted):
+    """Both signals, each in its own run, side by side (most of a run is start-up, which overlaps)."""
     pairs_file, expected = uninterrupted
-    output_dir = tmp_path / "out"
-    stopped = start_and_stop(cli_command(model_dir, pairs_file, output_dir), str(output_dir), 4, signum, 0)
-    _, err = stopped.communicate()
-    assert stopped.returncode == 128 + signum, err[-3000:]
-    assert "Traceback" not in err
-    name = signal.Signals(signum).name
-    message = [line for line in err.splitlines() if line.startswith(f"hf-balanced-reward: stopped by {name}")]
-    assert message and "Run the same command with --resume_from_checkpoint true to continue." in message[0]
-    step = int(message[0].split("at step ")[1].split(";")[0])
-    assert (output_dir / f"checkpoint-{step}" / REWARD_STATE).is_file()
-    assert not os.path.exists(output_dir / "model.safetensors")  # an interrupted run is not passed off as finished
-    resumed = subprocess.run(cli_command(model_dir, pairs_file, output_dir, "--resume_from_checkpoint", "true"),
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(weights(output_dir), expected)
+    signals = (signal.SIGTERM, signal.SIGINT)
+    folders = {signum: tmp_path / signal.Signals(signum).name for signum in signals}
+    runs = {signum: start(cli_command(model_dir, pairs_file, folders[signum])) for signum in signals}
+    stop_at([(process, str(folders[signum]), signum) for signum, process in runs.items()], step=4)
+    for signum, stopped in runs.items():
+        _, err = stopped.communicate()
+        name = signal.Signals(signum).name
+        assert stopped.returncode == 128 + signum, (name, err[-3000:])
+        assert "Traceback" not in err, name
+        message = [line for line in err.splitlines() if line.startswith(f"hf-balanced-reward: stopped by {name}")]
+        assert message and "Run the same command with --resume_from_checkpoint true to continue." in message[0]
+        step = int(message[0].split("at step ")[1].split(";")[0])
+        assert (folders[signum] / f"checkpoint-{step}" / REWARD_STATE).is_file()
+        assert not os.path.exists(folders[signum] / "model.safetensors")  # not passed off as finished
+    resumed = {signum: start(cli_command(model_dir, pairs_file, folders[signum], "--resume_from_checkpoint", "true"))
+               for signum in signals}
+    for signum, process in resumed.items():
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        assert_same_weights(weights(folders[signum]), expected)
 
 
 def test_resume_skips_an_unfinished_checkpoint(tmp_path, model_dir, pairs, caplog):
