@@ -38,6 +38,7 @@ from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prom
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
+from .streaming import LengthGroupedStream
 from .modeling import (
     find_reward_head,
     fold_affine_into_head,
@@ -386,6 +387,16 @@ class BalancedRewardTrainer(Trainer):
     def group_names(self) -> list[str]:
         return self.balance.group_names
 
+    def get_train_dataloader(self):
+        """A streamed train set with train_sampling_strategy="group_by_length" is batched by length from a buffer
+        (see `streaming.LengthGroupedStream`); transformers would ignore the option for a stream."""
+        if not (is_stream(self.train_dataset) and self.args.train_sampling_strategy == "group_by_length"):
+            return super().get_train_dataloader()
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        grouped = LengthGroupedStream(self.train_dataset, self._train_batch_size * self.args.world_size, seed,
+                                      length_column=self.args.length_column_name)
+        return self._get_dataloader(grouped, "Training", self._train_batch_size, is_training=True)
+
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
         if self._signature_columns is None:
@@ -479,7 +490,12 @@ class BalancedRewardTrainer(Trainer):
         self._check_same_model(checkpoint)
         with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
             state = json.load(f)
-        if state["group_names"] != self.group_names:
+        saved = state["group_names"]
+        if saved != self.group_names and is_stream(self.train_dataset) and saved[: len(self.group_names)] == self.group_names:
+            # A stream without a counting pass names its groups as they come, in stream order: the checkpoint's run
+            # had seen more of them. The same stream gives them the same ids.
+            self._register_groups(saved[len(self.group_names) :])
+        if saved != self.group_names:
             raise ConfigError(
                 f"checkpoint '{checkpoint}' was trained with groups {state['group_names']}, this data has "
                 f"{self.group_names}; resume with the same data and group_column."
