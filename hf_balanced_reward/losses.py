@@ -1,12 +1,28 @@
-"""Per-pair preference losses.
+"""Preference losses: per pair, with ties, and over ranked lists.
 
-A loss is a plain function `(chosen_rewards, rejected_rewards, margin=None, **options) -> per-pair loss [B]`.
+A pairwise loss is a plain function `(chosen_rewards, rejected_rewards, margin=None, **options) -> per-pair loss [B]`.
 The trainer calls it in fp32 and then does one weighted reduction, `sum(w_i * loss_i) / B`, where `w_i` multiplies
 the unit weight (balanced loss only, see `balancing.py`) and the pair's own `weight` column. Add a loss by adding an
 entry to `LOSSES` or by passing `loss_fn=` to the trainer; options of a loss are its keyword parameters, set with
 `loss_kwargs`.
+
+Ties (`TIE_LOSSES`) keep the pairwise contract and add one input, `tie` (bool [B]): a tied pair is scored by the
+probability of a tie, which pulls its two rewards together, instead of being dropped.
+
+A listwise loss (`LISTWISE_LOSSES`) takes whole lists: `(rewards [B, K], ranks [B, K], mask [B, K], scores=None,
+**options) -> per-list loss [B]`, so the trainer's one weighted reduction runs over lists as it runs over pairs.
+Lists of different K are padded to the batch's largest K; `mask` is True on real completions, and padded slots
+contribute nothing (neither to the loss nor to any gradient), whatever rewards and ranks they hold. `ranks`: 1 is
+best, equal ranks are ties; only their order matters. `scores` (higher is better) are the graded labels when the
+data has them. A pairwise row is the K = 2 list with ranks (1, 2) (tied: (1, 1)). `list_pairs` expands lists into
+their K(K-1)/2 pairs, each oriented best first, so that any pairwise loss applies to lists (`pairwise`, `graded`).
+Every listwise and tie loss computes in fp32 whatever the dtype of its inputs.
 """
 
+import inspect
+from typing import NamedTuple
+
+import torch
 import torch.nn.functional as F
 
 
@@ -46,3 +62,238 @@ def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="cells", g
 
 
 LOSSES = {"bradley_terry": bradley_terry, "hinge": hinge, "balanced": balanced}
+
+
+# Ties in pairs ------------------------------------------------------------------------------------------------------
+#
+# Both models give a pair three outcomes: chosen wins, rejected wins, tie. With d = r_c - r_r (minus the margin m on
+# decisive pairs; a tie has no direction, so its margin is not used), a decisive pair's loss is -log P(chosen wins)
+# and a tied pair's is -log P(tie), which is largest at d = 0: its gradient pulls the two rewards together.
+#
+# The tie parameter is given on the log scale, `log_tie`, so that any real value is valid: a float (set), or a 0-d
+# tensor that requires grad (learnt). To learn it, the trainer owns `torch.nn.Parameter(torch.tensor(init))`, adds it
+# to the optimizer (no weight decay) and to its checkpoint state (not to the saved model: scoring never needs it),
+# logs exp(log_tie), and passes it as `log_tie=` on every call.
+
+
+def _as_float(value, like):
+    """`value` (a float or tensor) as an fp32 tensor on `like`'s device, keeping its autograd graph."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(value), device=like.device)
+
+
+def _tie_inputs(chosen_rewards, rejected_rewards, margin, tie):
+    """(d, tie mask) in fp32: d = r_c - r_r, minus the margin on decisive pairs only."""
+    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()
+    difference = chosen - rejected
+    tie = torch.zeros_like(difference, dtype=torch.bool) if tie is None else torch.as_tensor(tie).to(
+        device=difference.device, dtype=torch.bool)
+    if tie.shape != difference.shape:
+        raise ValueError(f"tie must have one entry per pair, shape {tuple(difference.shape)}; got {tuple(tie.shape)}.")
+    if margin is not None:
+        difference = difference - torch.where(tie, 0.0, margin.float())
+    return difference, tie
+
+
+def davidson(chosen_rewards, rejected_rewards, margin=None, tie=None, log_tie=0.0):
+    """Davidson (1970): Bradley-Terry with a tie outcome whose weight is the geometric mean of the two strengths.
+
+    With nu = exp(log_tie) and d = r_c - r_r (- m on decisive pairs):
+        P(chosen wins) = e^(d/2) / (e^(d/2) + e^(-d/2) + nu),   P(tie) = nu / (e^(d/2) + e^(-d/2) + nu).
+    Loss: -log P(chosen wins), or -log P(tie) where `tie` is True. At d = 0 a tie has probability nu / (2 + nu)
+    (1/3 at the default nu = 1). As nu -> 0 it becomes Bradley-Terry, P(chosen wins) = sigmoid(d).
+
+    Use for pairs with annotated ties when ties are common and of any size: P(tie) falls off slowly with |d|
+    (as e^(-|d|/2)), so a tie is still a plausible outcome for moderately different rewards. Learnt, log_tie
+    settles where the predicted number of ties, sum P(tie), equals the number of tied pairs (the derivative of the
+    loss in log_tie is exactly the difference).
+    """
+    difference, tie = _tie_inputs(chosen_rewards, rejected_rewards, margin, tie)
+    log_nu = _as_float(log_tie, difference).expand_as(difference)
+    log_normaliser = torch.logsumexp(torch.stack([difference / 2, -difference / 2, log_nu]), dim=0)
+    return log_normaliser - torch.where(tie, log_nu, difference / 2)
+
+
+def rao_kupper(chosen_rewards, rejected_rewards, margin=None, tie=None, log_tie=0.0):
+    """Rao and Kupper (1967): a difference smaller than a threshold eta = exp(log_tie) > 0 reads as a tie.
+
+    With d = r_c - r_r (- m on decisive pairs):
+        P(chosen wins) = sigmoid(d - eta),   P(rejected wins) = sigmoid(-d - eta),
+        P(tie) = 1 - sigmoid(d - eta) - sigmoid(-d - eta) = (e^(2 eta) - 1) e^d / ((e^d + e^eta)(1 + e^(eta + d))).
+    Loss: -log P(chosen wins), or -log P(tie) where `tie` is True. At d = 0 a tie has probability
+    1 - 2 sigmoid(-eta) (0.46 at the default eta = 1). eta -> 0 is Bradley-Terry.
+
+    Use when a tie means "too close to call": P(tie) falls off fast (as e^(-|d|)) once |d| exceeds eta, and a
+    decisive pair must beat the threshold, so the model learns a reward scale on which ties sit within eta.
+    """
+    difference, tie = _tie_inputs(chosen_rewards, rejected_rewards, margin, tie)
+    eta = _as_float(log_tie, difference).exp()
+    win = -F.logsigmoid(difference - eta)
+    log_expm1 = 2 * eta + torch.log(-torch.expm1(-2 * eta))  # log(e^(2 eta) - 1), stable for every eta > 0
+    log_tie_probability = (log_expm1 + difference - torch.logaddexp(difference, eta.expand_as(difference))
+                           - F.softplus(eta + difference))
+    return torch.where(tie, -log_tie_probability, win)
+
+
+TIE_LOSSES = {"davidson": davidson, "rao_kupper": rao_kupper}
+PAIR_LOSSES = {**LOSSES, **TIE_LOSSES}  # the pairwise losses a list can be expanded into
+
+
+# Lists -----------------------------------------------------------------------------------------------------------
+
+LISTWISE_INPUTS = ("rewards", "ranks", "mask", "scores")  # the tensors of a listwise call; the rest are options
+
+
+class ListPairs(NamedTuple):
+    """Every pair (i < j) of each list, oriented best first: tensors [B, P], P = K(K-1)/2."""
+
+    chosen: torch.Tensor  # rewards of the better-ranked completion (either one when tied), fp32
+    rejected: torch.Tensor  # rewards of the other
+    tie: torch.Tensor  # bool: equal ranks
+    valid: torch.Tensor  # bool: both completions are real (not padding)
+    score_gap: torch.Tensor | None  # score(chosen) - score(rejected) >= 0, when scores are given
+    better: torch.Tensor  # index into K of the chosen completion
+    worse: torch.Tensor  # index into K of the rejected completion
+
+
+def _list_inputs(rewards, ranks, mask, scores=None):
+    """fp32 rewards with padded slots set to 0 (so that no garbage reaches a gradient), ranks, mask, scores."""
+    if rewards.dim() != 2:
+        raise ValueError(f"listwise rewards must be [lists, K]; got shape {tuple(rewards.shape)}.")
+    ranks = torch.as_tensor(ranks, device=rewards.device)
+    mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else torch.as_tensor(mask).to(
+        device=rewards.device, dtype=torch.bool)
+    scores = None if scores is None else torch.as_tensor(scores, device=rewards.device).float()
+    for name, value in (("ranks", ranks), ("mask", mask), ("scores", scores)):
+        if value is not None and value.shape != rewards.shape:
+            raise ValueError(f"{name} must have the shape of rewards, {tuple(rewards.shape)}; "
+                             f"got {tuple(value.shape)}.")
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    scores = None if scores is None else torch.where(mask, scores, 0.0)
+    return rewards, ranks, mask, scores
+
+
+def list_pairs(rewards, ranks, mask=None, scores=None) -> ListPairs:
+    """Expand lists [B, K] into their K(K-1)/2 pairs, each oriented so that `chosen` is the better-ranked one.
+
+    A K = 2 list gives exactly its one pair, so a pairwise row and a 2-completion list are the same thing. Pairs with
+    a padded completion have `valid` False; tied pairs (equal ranks) have `tie` True, in index order.
+    """
+    rewards, ranks, mask, scores = _list_inputs(rewards, ranks, mask, scores)
+    first, second = torch.triu_indices(rewards.shape[1], rewards.shape[1], offset=1, device=rewards.device)
+    swap = ranks[:, second] < ranks[:, first]
+    better, worse = torch.where(swap, second, first), torch.where(swap, first, second)
+    gap = None if scores is None else scores.gather(1, better) - scores.gather(1, worse)
+    return ListPairs(rewards.gather(1, better), rewards.gather(1, worse), ranks[:, first] == ranks[:, second],
+                     mask[:, first] & mask[:, second], gap, better, worse)
+
+
+def _over_pairs(rewards, ranks, mask, scores, pair_loss, margin_scale, pair_options):
+    """Mean of a pairwise loss over each list's pairs; tied pairs are scored only by a loss that models ties."""
+    loss_fn = PAIR_LOSSES.get(pair_loss) if isinstance(pair_loss, str) else pair_loss
+    if loss_fn is None:
+        raise ValueError(f"pair_loss={pair_loss!r} is not a pairwise loss; choose one of {', '.join(PAIR_LOSSES)} "
+                         "(or pass a function).")
+    if margin_scale < 0:
+        raise ValueError(f"margin_scale must be >= 0, got {margin_scale}: the margin asks the better completion to "
+                         "lead by margin_scale x its score lead; use 0 for no margin.")
+    options = dict(pair_options or {})
+    accepted = inspect.signature(loss_fn).parameters
+    for key in options:
+        if key not in accepted or key in ("chosen_rewards", "rejected_rewards", "margin", "tie"):
+            valid = [k for k in accepted if k not in ("chosen_rewards", "rejected_rewards", "margin", "tie")]
+            raise ValueError(f"pair_options has unknown option {key!r} for pair_loss {pair_loss!r}; its options are: "
+                             f"{', '.join(valid) or 'none'}.")
+    pairs = list_pairs(rewards, ranks, mask, scores)
+    margin = margin_scale * pairs.score_gap if margin_scale and pairs.score_gap is not None else None
+    models_ties = "tie" in accepted
+    if models_ties:
+        options["tie"] = pairs.tie
+    per_pair = loss_fn(pairs.chosen, pairs.rejected, margin=margin, **options)
+    counted = pairs.valid if models_ties else pairs.valid & ~pairs.tie
+    return torch.where(counted, per_pair, 0.0).sum(-1) / counted.sum(-1).clamp(min=1)
+
+
+def pairwise(rewards, ranks, mask=None, scores=None, pair_loss="bradley_terry", pair_options=None):
+    """A pairwise loss averaged over all pairs of each list (InstructGPT's "all K choose 2 comparisons" per prompt).
+
+        loss = mean over pairs (i ranked above j) of pair_loss(r_i, r_j)
+    `pair_loss` names an entry of `LOSSES` or `TIE_LOSSES` (or is a function); `pair_options` are its options, e.g.
+    {"log_tie": 0.5}. Tied pairs count only with a tie loss (`davidson`, `rao_kupper`), which pulls them together;
+    otherwise they are left out of the mean. A list with no counted pair has loss 0. The mean, not the sum, makes
+    every list weigh the same whatever its K. K = 2 with bradley_terry is exactly `bradley_terry`.
+
+    Use for ranked lists when you want a pairwise objective (hinge, a tie model) rather than the ranking likelihood.
+    """
+    return _over_pairs(rewards, ranks, mask, scores, pair_loss, 0.0, pair_options)
+
+
+def graded(rewards, ranks, mask=None, scores=None, margin_scale=1.0, pair_loss="bradley_terry", pair_options=None):
+    """Graded margins: Bradley-Terry over all pairs of a list, asking for a reward lead in proportion to the score lead.
+
+        loss = mean over pairs (s_i > s_j) of -log sigmoid(r_i - r_j - margin_scale * (s_i - s_j))
+    (Llama 2's margin loss, with the margin read from graded scores instead of a Likert gap column). Pairs of equal
+    scores count only with a tie `pair_loss`. `margin_scale` converts score units into reward (log-odds) units: a
+    reward lead of margin_scale x the score lead costs what a tie costs Bradley-Terry (log 2), so rewards are pushed
+    to differ by more than that, and further apart the more the scores differ. 0 is `pairwise`.
+
+    Use when the labels are scores whose differences mean something (expert ratings, reward-model distillation):
+    a near-tie then pushes less than a clear win. Needs `scores`.
+    """
+    if scores is None:
+        raise ValueError("loss 'graded' needs the lists' scores (column 'scores'); these lists have ranks only. Use "
+                         "'plackett_luce' or 'pairwise' for ranked lists, or give the scores.")
+    return _over_pairs(rewards, ranks, mask, scores, pair_loss, margin_scale, pair_options)
+
+
+PL_TIES = ("efron", "breslow")
+
+
+def plackett_luce(rewards, ranks, mask=None, scores=None, ties="efron"):
+    """Plackett-Luce: negative log-likelihood of the whole ranking, the best chosen first from all, the next from
+    the rest, and so on; tied completions are chosen together as a group.
+
+    With tie groups G_1 (best), G_2, ... of sizes m_g, risk sets R_g = G_g u G_(g+1) u ... and e_i = exp(r_i):
+        breslow:  loss = sum_g [ -sum_(i in G_g) r_i + m_g log sum_(j in R_g) e_j ]
+        efron:    loss = sum_g [ -sum_(i in G_g) r_i + sum_(l=0)^(m_g - 1) log(E_R - (l / m_g) E_G) ],
+                  E_R = sum_(j in R_g) e_j, E_G = sum_(j in G_g) e_j
+    Without ties both are the plain Plackett-Luce NLL sum_i [ -r_i + log sum_(rank_j >= rank_i) e_j ] (the last
+    completion's term is 0); on K = 2 that is exactly `bradley_terry`. The loss sums K - 1 choices, so it grows with
+    K; it is invariant to adding a constant to a list's rewards and to reordering a list together with its ranks.
+
+    Ties: `efron` (default; Efron 1977) takes out of the denominator, draw by draw, the average share of the tied
+    completions already drawn. It stays close to the exact likelihood (averaged over every order of the tied
+    group) even when tie groups are large, where `breslow`, which lets every tied completion compete against all
+    the others, overstates the denominator and shrinks reward differences (its known bias towards zero in Cox
+    regression with many ties). Both cost one [B, K, K] pass, so nothing is gained by the cruder one; `breslow` is
+    there to reproduce results that used it. A tied group, the last one included, pulls its rewards together (at
+    equal rewards its share of the denominator is largest), so a list whose completions are all tied still has a
+    loss (K log K with breslow at equal rewards), whose gradient only evens the rewards out.
+
+    Use for full or partial rankings of K >= 2 completions (UltraFeedback-style ratings turned into ranks): it uses
+    the whole order in one likelihood, unlike the K(K-1)/2 pairs of `pairwise`, which count each list's
+    information many times.
+    """
+    if ties not in PL_TIES:
+        raise ValueError(f"ties={ties!r} is not a tie method of plackett_luce; choose 'efron' (default) or 'breslow'.")
+    rewards, ranks, mask, _ = _list_inputs(rewards, ranks, mask, scores)
+    size = rewards.shape[1]
+    own = torch.eye(size, dtype=torch.bool, device=rewards.device)
+    real = mask.unsqueeze(1)  # [B, 1, K]: completion j is real
+    row, column = ranks.unsqueeze(2), ranks.unsqueeze(1)  # rank of i, rank of j
+    # i's own entry is always in: every row has a finite log-sum-exp, padded rows included (they are masked below)
+    at_risk = (column >= row) & real | own
+    tied = (column == row) & real | own
+    others = rewards.unsqueeze(1).expand(-1, size, -1)
+    log_risk = torch.logsumexp(others.masked_fill(~at_risk, float("-inf")), dim=-1)
+    stage = log_risk - rewards
+    if ties == "efron":
+        log_tied = torch.logsumexp(others.masked_fill(~tied, float("-inf")), dim=-1)
+        chosen_before = (tied & torch.ones_like(own).tril(-1)).sum(-1)  # l: tied completions of lower index
+        share = chosen_before / tied.sum(-1)
+        stage = stage + torch.log1p(-share * torch.exp(log_tied - log_risk))
+    return torch.where(mask, stage, 0.0).sum(-1)
+
+
+LISTWISE_LOSSES = {"plackett_luce": plackett_luce, "pairwise": pairwise, "graded": graded}
