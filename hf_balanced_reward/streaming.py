@@ -9,8 +9,13 @@ where the first run was. A buffer's last partial batch (only the stream's last b
 that the DataLoader, which cuts every `batch_size` consecutive pairs into a batch, cuts exactly these batches.
 """
 
+import json
+import os
+
 import numpy as np
 import torch
+
+from .data import DataError
 
 
 class LengthGroupedStream(torch.utils.data.IterableDataset):
@@ -56,3 +61,72 @@ class LengthGroupedStream(torch.utils.data.IterableDataset):
         for b in [*rng.permutation(full).tolist(), *range(full, len(batches))]:
             for i in batches[b]:
                 yield buffer[i]
+
+
+def stream_read_error(err: BaseException) -> DataError | None:
+    """A one-line DataError for an exception raised by a `datasets` file reader while a stream was being read (a
+    malformed line further into a .jsonl file, a truncated parquet file), naming the file and, for JSON Lines, the
+    line; None for any other exception. The reader is found in the traceback: a stream reads its files lazily, deep
+    inside a DataLoader, so the place that catches the error does not know which file was being read."""
+    if isinstance(err, DataError):
+        return None
+    reader, tb = None, err.__traceback__
+    while tb is not None:
+        if f"datasets{os.sep}packaged_modules{os.sep}" in tb.tb_frame.f_code.co_filename:
+            reader = tb.tb_frame
+        tb = tb.tb_next
+    if reader is None:
+        return None
+    file = reader.f_locals.get("file")
+    file = file if isinstance(file, str) else None
+    what, fix = " ".join(str(err).split()).rstrip(".") or type(err).__name__, "Fix the file"
+    if file and file.endswith((".jsonl", ".json")) and os.path.isfile(file):
+        bad = first_bad_json_line(file)
+        if bad:
+            what, fix = f"line {bad[0]} is not valid JSON ({bad[1]})", "Fix or remove that line"
+    where = f"dataset file '{file}'" if file else "the streamed dataset"
+    return DataError(f"could not read {where} as it streamed: {what}; the rows before it were read. {fix}.")
+
+
+def first_bad_json_line(path: str) -> tuple[int, str] | None:
+    """(line number from 1, the parser's complaint) of the first non-blank line of a JSON Lines file that is not
+    one JSON value, or None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line.strip())
+                except ValueError as err:
+                    return number, str(err)
+    return None
+
+
+# group_id of the pairs `PaddedStream` adds: evaluation drops them before any metric is computed.
+PADDING_GROUP = -1
+
+
+class PaddedStream(torch.utils.data.IterableDataset):
+    """A stream followed by copies of its first pair, marked `group_id = PADDING_GROUP`, up to a multiple of
+    `multiple` pairs.
+
+    On several processes accelerate gives each process its slice of every `multiple` (global batch) consecutive
+    pairs and, for a stream, completes a last partial batch with pairs from the start that nothing tells apart,
+    so they would be scored twice. Padded here, every batch is whole and the copies are marked for evaluation to drop.
+    """
+
+    def __init__(self, source, multiple: int):
+        self.source, self.multiple = source, multiple
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __iter__(self):
+        count, first = 0, None
+        for example in self.source:
+            if first is None:
+                first = example
+            count += 1
+            yield example
+        for _ in range(-count % self.multiple if first is not None else 0):
+            yield {**first, "group_id": PADDING_GROUP}

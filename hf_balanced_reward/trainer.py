@@ -1,5 +1,6 @@
 """`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +39,7 @@ from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prom
 from .losses import LOSSES
 from .metrics import metric_name, pair_metrics
 from .model_card import write_model_card
-from .streaming import LengthGroupedStream
+from .streaming import PADDING_GROUP, LengthGroupedStream, PaddedStream, stream_read_error
 from .modeling import (
     find_reward_head,
     fold_affine_into_head,
@@ -61,6 +62,25 @@ HUB_FILES = re.compile(
 def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Widen per-group totals when groups were added since they were started (a new eval set mid-training)."""
     return F.pad(totals, (0, num_groups - totals.shape[-1]))
+
+
+@contextlib.contextmanager
+def reading_streams():
+    """An error a `datasets` file reader raises while a stream is read becomes a one-line DataError naming the file."""
+    try:
+        yield
+    except Exception as err:
+        if (read_error := stream_read_error(err)) is None:
+            raise
+        raise read_error from err
+
+
+def real_pairs(prediction) -> tuple[tuple, tuple]:
+    """(predictions, label_ids) of an evaluation without the pairs `PaddedStream` added (group_id PADDING_GROUP)."""
+    keep = np.asarray(prediction.label_ids[0]) != PADDING_GROUP
+    if keep.all():
+        return tuple(prediction.predictions), tuple(prediction.label_ids)
+    return tuple(p[keep] for p in prediction.predictions), tuple(l[keep] for l in prediction.label_ids)
 
 
 class TrainingStopped(RuntimeError):
@@ -358,9 +378,10 @@ class BalancedRewardTrainer(Trainer):
         dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, max_length=self.max_length)
         if count:
             groups, lengths = [], []
-            for example in dataset:
-                groups.append(example["group"])
-                lengths.append(example["response_lengths"])
+            with reading_streams():
+                for example in dataset:
+                    groups.append(example["group"])
+                    lengths.append(example["response_lengths"])
             if not groups:
                 raise DataError(f"{name} dataset has no usable pairs left: all {self.data_report[name]['rows']} rows "
                                 "were dropped.")
@@ -397,6 +418,24 @@ class BalancedRewardTrainer(Trainer):
                                       length_column=self.args.length_column_name)
         return self._get_dataloader(grouped, "Training", self._train_batch_size, is_training=True)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+        if is_stream(dataset) and self.args.world_size > 1:
+            return self._padded_stream_dataloader(dataset, "Evaluation")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        if is_stream(test_dataset) and self.args.world_size > 1:
+            return self._padded_stream_dataloader(test_dataset, "test")
+        return super().get_test_dataloader(test_dataset)
+
+    def _padded_stream_dataloader(self, dataset, description: str):
+        """A streamed eval set on several processes: padded to whole global batches with marked pairs that
+        `_reward_metrics` drops, so that every pair is scored once (see `streaming.PaddedStream`)."""
+        padded = PaddedStream(dataset, self.args.eval_batch_size * self.args.world_size)
+        return self._get_dataloader(padded, description, self.args.eval_batch_size)
+
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
         if self._signature_columns is None:
@@ -411,7 +450,12 @@ class BalancedRewardTrainer(Trainer):
         if self.args.should_save and self.data_report:
             os.makedirs(self.args.output_dir, exist_ok=True)
             write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
-        result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        try:
+            with reading_streams():
+                result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        except DataError as err:  # a bad row or unreadable line reached as the stream was read
+            self.signal_stop.on_train_end(self.args, self.state, self.control)  # give back the signal handlers
+            raise DataError(self._save_stopped_on_data(err)) from err
         streamed = {name: report for name, report in self.data_report.items() if report.get("streamed")}
         if streamed and self.args.should_save:  # their counts grew as the rows streamed by
             for name, report in streamed.items():
@@ -422,6 +466,25 @@ class BalancedRewardTrainer(Trainer):
             self.normalize_rewards()
         return result
 
+    def _save_stopped_on_data(self, err: DataError) -> str:
+        """The message for a run that data stopped mid-training, after saving what it had trained.
+
+        Data stops a step before its forward pass (Trainer reads every micro-batch of a step first) or in an
+        evaluation after one: either way the weights, optimizer and scheduler are those of the last finished step,
+        a consistent state to save, as a SIGTERM or NaN stop saves it. The bad row was never in a trained batch, so
+        fixing it (or dropping it with on_bad_rows: skip) does not change the batches the resumed run skips."""
+        step = self.state.global_step
+        if self.args.should_save and self.data_report:  # the counts of the rows read up to the stop
+            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
+        if step == 0:
+            return f"{err} Nothing was trained yet."
+        checkpoint = os.path.join(self._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if not is_complete_checkpoint(checkpoint):
+            self._save_checkpoint(self.model_wrapped, trial=None)
+        return (f"{err} Training stopped after step {step} of {self.state.max_steps}; saved it to {checkpoint}. "
+                f"Resume with --resume_from_checkpoint {checkpoint} (resume_from_checkpoint= in Python): the run reads "
+                "on from that step's position in the stream.")
+
     def normalize_rewards(self, dataset: Dataset | None = None) -> dict:
         """Fold the standardisation of rewards on `dataset` (default: the eval set, else up to 1,000 training pairs)
         into the reward head, and record it in the model's config as `reward_normalization`."""
@@ -429,7 +492,7 @@ class BalancedRewardTrainer(Trainer):
             dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
             dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
             dataset = dataset.take(1000) if is_stream(dataset) else dataset.select(range(min(len(dataset), 1000)))
-        chosen, rejected, _ = self.predict(dataset, metric_key_prefix="normalize").predictions
+        (chosen, rejected, _), _ = real_pairs(self.predict(dataset, metric_key_prefix="normalize"))
         pairs = len(chosen)
         rewards = np.concatenate([chosen, rejected]).astype(np.float64)
         mean, std = float(rewards.mean()), float(rewards.std())
@@ -578,7 +641,8 @@ class BalancedRewardTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back here with each one
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        with reading_streams():
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     # --- forward and loss --------------------------------------------------------------------------------------
 
@@ -777,8 +841,7 @@ class BalancedRewardTrainer(Trainer):
         return loss.detach(), (rewards["chosen"], rewards["rejected"], rewards["pair_losses"].detach()), labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        chosen, rejected, pair_losses = eval_prediction.predictions
-        group_ids, *lengths = eval_prediction.label_ids
+        (chosen, rejected, pair_losses), (group_ids, *lengths) = real_pairs(eval_prediction)
         response_lengths = (lengths[0][:, 0], lengths[0][:, 1]) if lengths else (None, None)
         metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"], *response_lengths)
         # Replaces Trainer's eval_loss, a mean of per-batch means: this one weighs every pair once, on any number

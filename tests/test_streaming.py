@@ -4,7 +4,9 @@ balanced-loss statistics, evaluation and resume of a dataset in memory."""
 import glob
 import json
 import os
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -291,3 +293,108 @@ def test_group_by_length_on_a_stream_trains_as_the_same_order_in_memory_and_resu
     assert losses(resumed) == pytest.approx(losses(stream), rel=1e-5)
     for a, b in zip(stream.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- a stream that breaks partway, and a bad row that stops a streamed run mid-training ----------------------------
+
+
+def test_bad_row_mid_training_saves_a_checkpoint_and_the_resumed_run_loses_nothing(tmp_path, model_dir):
+    rows = preference_rows(24)
+    rows[13] = {**rows[13], "margin": float("nan")}  # on_bad_rows auto stops on it; skip drops it
+    args = dict(max_steps=5, save_strategy="no", group_column="source")
+
+    def run(name, on_bad_rows, resume=None):
+        trainer = BalancedRewardTrainer(model_dir, config(tmp_path, name, on_bad_rows=on_bad_rows, **args),
+                                        train_dataset=Dataset.from_list(rows).to_iterable_dataset())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    # Batches of 4: row 13 is in the 4th batch, read (with the batch the loader reads ahead) before step 3 trains.
+    checkpoint = tmp_path / "stopped" / "checkpoint-2"
+    with pytest.raises(DataError) as stop:
+        run("stopped", "auto")
+    message = str(stop.value)
+    assert message.startswith("train dataset row 13 (streamed, counting from 0): column 'margin' is NaN. Fix it, or set "
+                              "on_bad_rows: skip")
+    assert (f"Training stopped after step 2 of 5; saved it to {checkpoint}. Resume with --resume_from_checkpoint "
+            f"{checkpoint}") in message and "\n" not in message
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["checkpoint-2", "data_report.json"]  # save_strategy "no"
+    report = json.loads((tmp_path / "stopped" / "data_report.json").read_text())["train"]
+    assert report["rows"] == 14 and report["pairs"] == 13  # counted up to the bad row
+
+    whole = run("whole", "skip")
+    resumed = run("stopped", "skip", resume=str(checkpoint))  # the row dropped now: the run goes on from step 2
+    assert len(losses(resumed)) == 5 and losses(resumed) == pytest.approx(losses(whole), rel=1e-5)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_malformed_line_far_into_a_streamed_file_is_a_one_line_data_error(tmp_path, model_dir, capsys):
+    """`datasets` reads a .jsonl file 10 MB at a time, so a malformed line past the first 10 MB is only met
+    mid-training, where `datasets` raises a bare ArrowInvalid/ValueError from deep inside the DataLoader."""
+    from hf_balanced_reward.cli import main
+
+    filler = "x" * (1 << 20)  # an extra column of 1 MB per row: 12 rows take the reader past its first 10 MB
+    lines = [json.dumps({**row, "notes": filler}) for row in preference_rows(16)]
+    lines.insert(12, '{"prompt": "Question 12", "chosen": ')  # line 13 of the file is cut short
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    command = ["train", "--model_name_or_path", model_dir, "--dataset_name", str(data), "--streaming", "true",
+               "--max_steps", "6", "--per_device_train_batch_size", "2", "--output_dir", str(run), "--report_to",
+               "none", "--group_column", "source"]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"hf-balanced-reward: error: could not read dataset file '{re.escape(str(data))}' as it streamed: line 13 is "
+        r"not valid JSON \(Expecting value: line 1 column \d+ \(char \d+\)\); the rows before it were read\. Fix or "
+        r"remove that line\. Training stopped after step (\d) of 6; saved it to (\S+)\. Resume with "
+        r"--resume_from_checkpoint \S+ \(resume_from_checkpoint= in Python\): the run reads on from that step's "
+        r"position in the stream\.", err)
+    # The reader's first 10 MB hold rows 0-9: 5 batches of 2, and the loader reads one batch ahead of step 5.
+    stopped_at = int(re.search(r"after step (\d)", err).group(1))
+    assert stopped_at == 4 and (run / "checkpoint-4" / "reward_state.json").is_file()
+    # The same file as a streamed eval set: evaluate() names it the same way.
+    from hf_balanced_reward.data import load_preference_dataset
+
+    trainer = BalancedRewardTrainer(model_dir, config(tmp_path, "eval"))
+    with pytest.raises(DataError, match=r"could not read dataset file .*big\.jsonl' as it streamed: line 13 is not "
+                                        r"valid JSON \(.*\); the rows before it were read\. Fix or remove that line\.$"):
+        trainer.evaluate(load_preference_dataset(str(data), streaming=True))
+
+
+def test_only_errors_of_a_dataset_reader_are_named_read_errors():
+    from hf_balanced_reward.streaming import stream_read_error
+
+    try:
+        int("not a number")  # a ValueError, as a reader raises, but from elsewhere: a bug, to be shown as it is
+    except ValueError as err:
+        assert stream_read_error(err) is None
+    assert stream_read_error(DataError("row 3: ...")) is None
+
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this python")
+def test_streamed_evaluation_on_two_processes_equals_one_process(tmp_path, model_dir):
+    """23 pairs in global batches of 2 x 3: the last holds 5, so one process's share is short. Every pair is scored
+    once (accelerate would complete the batch with pairs from the start of the stream, and count them again)."""
+    from conftest import run_workers_together
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(23)))
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streaming_run.py")
+    one, two = run_workers_together([
+        ([sys.executable, worker, model_dir, str(data), str(tmp_path / "r1")], tmp_path / "r1"),
+        ([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29521", worker, model_dir, str(data),
+          str(tmp_path / "r2")], tmp_path / "r2"),
+    ], CUDA_VISIBLE_DEVICES="")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["streamed"]["eval_pairs"] == two["streamed"]["eval_pairs"] == two["memory"]["eval_pairs"] == 23
+    for metrics in (two["streamed"], two["memory"], one["memory"]):
+        assert metrics.keys() == one["streamed"].keys()
+        for key, value in one["streamed"].items():
+            # Counts and accuracies are exact; a mean over the same 23 rewards summed in another order (and pairs
+            # packed into other rows) differs by float32 rounding only.
+            assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
