@@ -224,6 +224,9 @@ class BalancedRewardTrainer(Trainer):
         self.label_names = []
         self._train_totals, self._group_totals, self._dro_totals = None, None, None
         self.skipped_batches, self._micro_batches = 0, 0
+        # Where a streamed train set is read up to: its pass (Trainer's epoch) and the batches read into that pass.
+        self.stream_position, self._pass_iterator, self._resumed_stream_position = {"pass": 0, "batches": 0}, None, None
+        self._position_before_step = (0, dict(self.stream_position))
         self.length_head = self._make_length_head(model) if self.uses_balance and self.balance.length_head else None
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
@@ -445,6 +448,7 @@ class BalancedRewardTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        self._resumed_stream_position = None
         if checkpoint:
             self._load_reward_state(checkpoint)
         if self.args.should_save and self.data_report:
@@ -456,6 +460,8 @@ class BalancedRewardTrainer(Trainer):
         except DataError as err:  # a bad row or unreadable line reached as the stream was read
             self.signal_stop.on_train_end(self.args, self.state, self.control)  # give back the signal handlers
             raise DataError(self._save_stopped_on_data(err)) from err
+        finally:
+            self._pass_iterator = None  # an unfinished pass's iterator holds its loader workers
         streamed = {name: report for name, report in self.data_report.items() if report.get("streamed")}
         if streamed and self.args.should_save:  # their counts grew as the rows streamed by
             for name, report in streamed.items():
@@ -568,6 +574,40 @@ class BalancedRewardTrainer(Trainer):
         if self.length_head is not None:
             self.length_head.load_state_dict({k: torch.tensor(v) for k, v in state["length_head"].items()})
         self.skipped_batches = state["skipped_batches"]
+        self._resumed_stream_position = state.get("stream_position")  # absent before versions that recorded it
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial) -> tuple[int, int]:
+        """(epoch, batches into it) to resume at. Trainer sees a stream as one epoch of max_steps x
+        gradient_accumulation_steps batches and skips global_step x gradient_accumulation_steps batches from its start:
+        past the stream's first pass, that skip runs off the end of the pass and the run goes on from the next pass's
+        first batch. A streamed run resumes instead at the pass and batch its checkpoint recorded (`stream_position`),
+        with that pass's epoch (group_by_length's seeded order)."""
+        epoch, batches = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                      resume_from_checkpoint, trial)
+        if is_stream(self.train_dataset) and not self.args.ignore_data_skip and resume_from_checkpoint is not None:
+            if (position := self._resumed_stream_position) is not None:
+                epoch, batches = position["pass"], position["batches"]
+            else:
+                logger.warning(f"checkpoint '{resume_from_checkpoint}' does not record its position in the stream (an "
+                               f"earlier version wrote it): skipping {batches} batches from the stream's start, which "
+                               "is the right position only if the run was still in its first pass over the stream.")
+        self.stream_position, self._pass_iterator = {"pass": epoch, "batches": batches}, None
+        self._position_before_step = (self.state.global_step, dict(self.stream_position))
+        return epoch, batches
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's next batches (those of one optimizer step), counted into `stream_position` once read (a read that
+        fails counts none): Trainer iterates each epoch (pass) with a new iterator, so a new iterator after the first
+        is the next pass. The position before them is kept for a checkpoint saved before the step finishes."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._position_before_step = (self.state.global_step, dict(self.stream_position))
+        if epoch_iterator is not self._pass_iterator:
+            if self._pass_iterator is not None:
+                self.stream_position = {"pass": self.stream_position["pass"] + 1, "batches": 0}
+            self._pass_iterator = epoch_iterator
+        self.stream_position["batches"] += len(batches)
+        return batches, num_items
 
     def _save_checkpoint(self, model, trial) -> None:
         # Rotate old checkpoints only once the new one is complete, so a kill never leaves nothing to resume.
@@ -581,6 +621,9 @@ class BalancedRewardTrainer(Trainer):
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             state = {"group_names": self.group_names, "balance": self.balance.state_dict(),
                      "skipped_batches": self.skipped_batches}
+            if is_stream(self.train_dataset):  # the batches of the steps finished (nan_policy stop saves mid-step)
+                step, before = self._position_before_step
+                state["stream_position"] = before if step == self.state.global_step else dict(self.stream_position)
             if self.length_head is not None:
                 state["length_head"] = {k: v.tolist() for k, v in self.length_head.state_dict().items()}
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
