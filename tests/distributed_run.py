@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import torch
 from datasets import load_dataset
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
@@ -37,3 +38,8 @@ if rank == 0:
         json.dump({"losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
                    "train_logs": [log for log in trainer.state.log_history if "loss" in log],
                    "eval": metrics, "files": sorted(os.listdir(output_dir))}, f)
+# Leave the process group before exiting: gloo's threads still running at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+import torch
 import yaml
 from datasets import load_dataset
 
@@ -81,3 +82,8 @@ if rank == 0:
         json.dump({"losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
                    "rewards": [[float(c), float(r)] for c, r in zip(*rewards)],
                    "files": sorted(os.listdir(output_dir))}, f)
+# Leave the process group before exiting: gloo's threads still running at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+import torch
+
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 from hf_balanced_reward.data import load_preference_dataset
 
@@ -25,3 +27,8 @@ results["world_size"] = trainer.args.world_size
 if trainer.args.process_index == 0:
     with open(os.path.join(report_dir, "result.json"), "w") as f:
         json.dump(results, f)
+# Leave the process group before exiting: gloo's threads still running at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
