@@ -132,7 +132,8 @@ class BalancedRewardConfig(TrainingArguments):
             "help": "'auto' (as trl): drop pairs with nothing to learn (a response longer than max_length, chosen "
             "== rejected), keep empty responses, and stop only on rows that cannot be read (null or non-text "
             "fields, malformed messages, NaN/infinite margin or weight, negative weight, no group); 'skip': drop "
-            "those too; 'error': stop on any of them, empty responses included. Stops happen before the model is "
+            "the unreadable rows too instead of stopping (empty responses are still kept); 'error': stop on any of "
+            "them, empty responses included. Stops happen before the model is "
             "loaded and name rows and problems; drops are counted per reason in the log and data_report.json."
         },
     )
