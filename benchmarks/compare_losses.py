@@ -10,7 +10,7 @@ response lengths, and (with --commit) commits it: a stopped run loses only the r
 what is done. The table is computed from those files, so new metrics apply to old runs:
 
     python benchmarks/compare_losses.py run --seeds 0 1 2 --commit     # hours on 2 CPU cores; resumes
-    python benchmarks/compare_losses.py table                           # markdown table, mean +- std over seeds
+    python benchmarks/compare_losses.py table     # mean +- std over seeds; then each arm minus Bradley-Terry per seed
     python benchmarks/compare_losses.py run --model smollm2 --gguf_dir DIR   # the same grid on SmolLM2-135M (GPU)
 """
 
@@ -243,6 +243,31 @@ def table(arms, model: str = "minilm") -> str:
     return "\n".join(lines)
 
 
+def paired_table(arms, model: str = "minilm", reference: str = "bradley_terry") -> str:
+    """Each arm minus `reference` on the same seed (same data order and initial head), mean ± std over the seeds
+    both have: the comparison the goal is stated in, with seed-to-seed variation that both arms share removed."""
+    runs = load_results(arms, model)
+    if reference not in runs:
+        return ""
+    reference_metrics = {r["seed"]: {name: metrics_of(scored) for name, scored in r["sets"].items()}
+                         for r in runs[reference]}
+    lines = [f"| run minus {reference} | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|" + "---|" * (len(COLUMNS) + 2)]
+    for arm, results in runs.items():
+        paired = [(r["seed"], {name: metrics_of(scored) for name, scored in r["sets"].items()}) for r in results
+                  if r["seed"] in reference_metrics]
+        if arm == reference or not paired:
+            continue
+        cells = []
+        for _, which, key in COLUMNS:
+            values = [m[which][key] - reference_metrics[seed][which][key] for seed, m in paired
+                      if key in m[which] and key in reference_metrics[seed][which]]
+            spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+            cells.append(f"{np.mean(values):+.3f}{spread}" if values else "-")
+        lines.append(f"| {arm} | {' '.join(str(seed) for seed, _ in paired)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "table"])
@@ -258,6 +283,8 @@ def main():
         run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir)
     else:
         print(table(cli.arms, cli.model))
+        print()
+        print(paired_table(cli.arms, cli.model))
 
 
 if __name__ == "__main__":
