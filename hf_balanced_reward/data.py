@@ -345,17 +345,24 @@ def row_problem(example: dict, group_column: str | None, allow_empty_response: b
         if problem:
             return problem
     for column in ("margin", "weight"):
-        value = example.get(column, 0.0)
-        if value is None:
-            return f"column '{column}' is null"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"column '{column}' is {type(value).__name__}, not a number"
-        if math.isnan(value) or math.isinf(value):
-            return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
-        if column == "weight" and value < 0:
-            return f"column 'weight' is negative ({value})"
+        if problem := number_problem(example, column):
+            return problem
     if group_column and (example[group_column] is None or not str(example[group_column]).strip()):
         return f"column '{group_column}' is empty: the pair has no group"
+    return None
+
+
+def number_problem(example: dict, column: str) -> str | None:
+    """What is wrong with a row's `margin` or `weight` (absent is fine), or None."""
+    value = example.get(column, 0.0)
+    if value is None:
+        return f"column '{column}' is null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"column '{column}' is {type(value).__name__}, not a number"
+    if math.isnan(value) or math.isinf(value):
+        return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
+    if column == "weight" and value < 0:
+        return f"column 'weight' is negative ({value})"
     return None
 
 

@@ -20,7 +20,8 @@ from collections import Counter, defaultdict
 
 from trl.data_utils import maybe_extract_prompt
 
-from .data import MAX_SHOWN, DataError, droppable, drop_nulls, row_problem, template_options_problem, text_problem
+from .data import (MAX_SHOWN, DataError, droppable, drop_nulls, number_problem, row_problem,
+                   template_options_problem, text_problem)
 
 LABELS = ("ranks", "scores")
 ALL_IDENTICAL = "all completions are identical (no preference to learn)"
@@ -60,20 +61,6 @@ def _tie_problem(tie, size: int, labels=None, column: str = "ranks") -> str | No
                 "tied completions equal ranks")
     if labels is not None and labels[0] != labels[1]:
         return f"column 'tie' is true but the {column} {list(labels)} differ; give equal {column} or set tie false"
-    return None
-
-
-def _number_problem(example: dict, column: str) -> str | None:
-    """`weight` / `margin` as `data.row_problem` checks them (same wording)."""
-    value = example.get(column, 0.0)
-    if value is None:
-        return None if column not in example else f"column '{column}' is null"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"column '{column}' is {type(value).__name__}, not a number"
-    if math.isnan(value) or math.isinf(value):
-        return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
-    if column == "weight" and value < 0:
-        return f"column 'weight' is negative ({value})"
     return None
 
 
@@ -132,7 +119,7 @@ def list_problem(example: dict, group_column: str | None = None, allow_empty_res
         return (f"column 'margin' is set on a list of {len(completions)} completions; a margin belongs to a pair: "
                 "a list's margins come from its 'scores' (loss 'graded')")
     for column in ("margin", "weight"):
-        problem = _number_problem(example, column)
+        problem = number_problem(example, column)
         if problem:
             return problem
     problem = template_options_problem(example)
