@@ -352,6 +352,14 @@ def row_problem(example: dict, group_column: str | None, allow_empty_response: b
     return None
 
 
+def bad_rows_error(name: str, bad: list[tuple[int, str]], total: int) -> DataError:
+    """The one-line error for rows that stop a run: the first few (row, problem), how many more, and the fix."""
+    shown = "; ".join(f"row {row}: {problem}" for row, problem in bad[:MAX_SHOWN])
+    more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
+    return DataError(f"{name} dataset has {len(bad)} bad row(s) of {total}: {shown}{more}. Fix them, or set "
+                     "on_bad_rows: skip to drop them (they are counted in the log and in data_report.json).")
+
+
 def number_problem(example: dict, column: str) -> str | None:
     """What is wrong with a row's `margin` or `weight` (absent is fine), or None."""
     value = example.get(column, 0.0)
@@ -460,12 +468,7 @@ def prepare_dataset(
     stop_on = STOP_ON[args.on_bad_rows]
     bad = [(row, problem) for row, problem in problems if stop_on(problem)]
     if bad:
-        shown = "; ".join(f"row {row}: {problem}" for row, problem in bad[:MAX_SHOWN])
-        more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
-        raise DataError(
-            f"{name} dataset has {len(bad)} bad row(s) of {len(dataset)}: {shown}{more}. Fix them, or set "
-            "on_bad_rows: skip to drop them (they are counted in the log and in data_report.json)."
-        )
+        raise bad_rows_error(name, bad, len(dataset))
     dropped = dict(Counter(problem for _, problem in problems).most_common())
     fits = Counter(tokenized["fit"])
     notes = ["dropped " + ", ".join(f"{count} x {problem}" for problem, count in dropped.items())] if dropped else []

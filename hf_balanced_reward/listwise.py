@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 from trl.data_utils import maybe_extract_prompt
 
-from .data import (MAX_SHOWN, DataError, droppable, drop_nulls, number_problem, row_problem,
+from .data import (DataError, bad_rows_error, droppable, drop_nulls, number_problem, row_problem,
                    template_options_problem, text_problem)
 
 LABELS = ("ranks", "scores")
@@ -176,12 +176,7 @@ def prepare_rows(rows, name: str = "train", on_bad_rows: str = "auto", group_col
     problems = [(n, problem) for n, problem in problems if problem]
     bad = [(n, problem) for n, problem in problems if LIST_STOP_ON[on_bad_rows](problem)]
     if bad:
-        shown = "; ".join(f"row {n}: {problem}" for n, problem in bad[:MAX_SHOWN])
-        more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
-        raise DataError(
-            f"{name} dataset has {len(bad)} bad row(s) of {len(rows)}: {shown}{more}. Fix them, or set "
-            "on_bad_rows: skip to drop them (they are counted in the log and in data_report.json)."
-        )
+        raise bad_rows_error(name, bad, len(rows))
     dropped_rows = {n for n, _ in problems}
     kept = [canonical_row(row, group_column, on_bad_rows != "error") for n, row in enumerate(rows)
             if n not in dropped_rows]
