@@ -62,11 +62,12 @@ def public_name(name_or_path: str | None) -> str | None:
     return os.path.basename(os.path.normpath(name_or_path))
 
 
-def card_metadata(base_model: str | None, loss_type: str) -> str:
+def card_metadata(base_model: str | None, loss_type: str, model_tags=()) -> str:
+    tags = ["reward-model", "hf_balanced_reward", loss_type]
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-classification",
-        tags=["reward-model", "hf_balanced_reward", loss_type],
+        tags=tags + [t for t in model_tags if t not in tags],  # the model's own (trl's, a user's add_model_tags)
         base_model=base_model if base_model and HUB_ID.match(base_model) and not os.path.exists(base_model) else None,
     )
     return data.to_yaml()
@@ -103,7 +104,8 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
 
 
 def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,
-                     repo: str | None = None, balance: dict | None = None, normalization: dict | None = None) -> str:
+                     repo: str | None = None, balance: dict | None = None, normalization: dict | None = None,
+                     model_tags=()) -> str:
     """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys);
     `balance` is the balanced loss's summary (fitted length slopes, unit weights); `normalization` the reward
     standardisation folded into the head (`normalize_rewards`)."""
@@ -140,7 +142,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         settings.append(("pair weight per group / length cell, at the end of training", weights))
     loss_line = f"loss `{args.loss_type}`" + (f" with {json.dumps(args.loss_kwargs)}" if args.loss_kwargs else "")
     text = TEMPLATE.format(
-        metadata=card_metadata(base_model, args.loss_type).strip(),
+        metadata=card_metadata(base_model, args.loss_type, model_tags).strip(),
         name=f"{os.path.basename(os.path.abspath(output_dir))} (reward model)",
         loss_line=loss_line,
         training_rows="\n".join(f"| {name} | {value} |" for name, value in settings),

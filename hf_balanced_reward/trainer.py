@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
-from huggingface_hub import ModelCard
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
 from trl.trainer.utils import disable_dropout_in_model
@@ -639,15 +638,10 @@ class BalancedRewardTrainer(Trainer):
 
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
-        path = write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
+        return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
                                 self.data_report, repo, self.balance.summary() if self.uses_balance else None,
-                                getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None))
-        # The model's tags (trl's and any a user added with model.add_model_tags) go on the card, as Trainer does.
-        card = ModelCard.load(path)
-        tags = list(card.data.tags or [])
-        card.data.tags = tags + [t for t in (getattr(self.model, "model_tags", None) or []) if t not in tags]
-        card.save(path)
-        return path
+                                getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None),
+                                getattr(self.model, "model_tags", None) or ())
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():
