@@ -24,6 +24,14 @@ def shared_prefix_length(chosen_ids, rejected_ids) -> int:
     return min(common_prefix_length(chosen_ids, rejected_ids), len(chosen_ids) - 1, len(rejected_ids) - 1)
 
 
+def list_prefix_length(sequences) -> int:
+    """Tokens all K sequences share at the start (the prompt); each completion keeps at least its scored token.
+    For two sequences this is `shared_prefix_length`."""
+    first = sequences[0]
+    shared = min(common_prefix_length(first, other) for other in sequences[1:])
+    return min(shared, *(len(s) - 1 for s in sequences))
+
+
 def scored_index(ids, pad_token_id: int) -> int:
     """Index of the token the reward is read at: the last one that is not the pad token. This is the token that
     `*ForSequenceClassification` pools (so `pipeline`, trl and plain transformers read the same one), also when
