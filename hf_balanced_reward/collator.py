@@ -1,6 +1,7 @@
-"""Turns tokenised pairs into model inputs: plain padded rows, or packed shared-prompt rows for decoders.
+"""Turns tokenised pairs and lists into model inputs: plain padded rows, or packed shared-prompt rows for decoders.
 
-Plain layout (every model): 2B right-padded rows, chosen rows first, then rejected rows.
+Plain layout (every model): 2B right-padded rows, chosen rows first, then rejected rows (lists: every completion
+one row, list by list).
 
 Shared-prompt layout (causal decoders): each pair becomes one segment `prompt + chosen + rejected`, and segments are
 packed first-fit-decreasing into a few rows of one width, so the prompt is computed once and almost nothing is
@@ -8,6 +9,9 @@ padding. Per token the batch carries `segment_ids` (which pair; -1 for padding) 
 1 chosen, 2 rejected); the attention rule in `shared_prompt_allows` turns them into a mask in which the rejected
 response sees the prompt and itself, never the chosen response. Position ids restart the rejected response right
 after the prompt, so every token sees exactly the context and position it has in the plain layout.
+
+A list of K completions is the same layout with K branches: one segment `prompt + completion 1 + ... + completion K`,
+branch i + 1 for completion i, each seeing the prompt and itself, so the prompt is computed once for all K.
 """
 
 from dataclasses import dataclass
@@ -16,7 +20,8 @@ import torch
 from trl.data_utils import common_prefix_length
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
-PAIR_FIELDS = (("margin", torch.float32), ("weight", torch.float32), ("group_id", torch.long))
+LIST_FIELDS = (("weight", torch.float32), ("group_id", torch.long))
+PAIR_FIELDS = (("margin", torch.float32), *LIST_FIELDS)
 
 
 def shared_prefix_length(chosen_ids, rejected_ids) -> int:
@@ -40,6 +45,12 @@ def scored_index(ids, pad_token_id: int) -> int:
         if ids[index] != pad_token_id:
             return index
     return 0
+
+
+def padded_slots(rows: list[list], dtype: torch.dtype) -> torch.Tensor:
+    """[lists, Kmax] tensor of per-completion values, 0 in the slots of lists shorter than the longest."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [0] * (width - len(row)) for row in rows], dtype=dtype)
 
 
 def pack_rows(lengths: list[int], max_width: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
@@ -117,6 +128,7 @@ class PairCollator:
     `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
     `max_row_tokens` wide unless a single pair needs more. Both layouts add `response_lengths` [B, 2]: tokens of
     each response after the shared prompt.
+    Examples with `completion_ids` are lists of K completions of one prompt: see `list_batch`.
     """
 
     pad_token_id: int
@@ -125,6 +137,8 @@ class PairCollator:
     max_row_tokens: int = 2048
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "completion_ids" in examples[0]:
+            return self.list_batch(examples)
         prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
         batch = self.shared_prompt_batch(examples, prompts) if self.shared_prompt else self.plain_batch(examples)
         # Response tokens after the shared prompt: for the length-bias metrics.
@@ -137,7 +151,10 @@ class PairCollator:
         return batch
 
     def plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        return self.plain_rows([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
+
+    def plain_rows(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        """One right-padded row per sequence, in order."""
         lengths = torch.tensor([len(s) for s in sequences])
         width = int(lengths.max())
         if self.pad_to_multiple_of:
@@ -155,13 +172,27 @@ class PairCollator:
         """`prompts`: each pair's shared prefix length, when the caller has it already."""
         if prompts is None:
             prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
-        segments = []  # per pair: (tokens, positions, branches)
-        for e, shared in zip(examples, prompts):
-            chosen, rejected = list(e["chosen_ids"]), list(e["rejected_ids"])
-            tokens = chosen + rejected[shared:]
-            positions = list(range(len(chosen))) + list(range(shared, len(rejected)))
-            branches = [PROMPT] * shared + [CHOSEN] * (len(chosen) - shared) + [REJECTED] * (len(rejected) - shared)
-            segments.append((tokens, positions, branches))
+        batch, ends = self.pack_segments([(e["chosen_ids"], e["rejected_ids"]) for e in examples], prompts)
+        batch["chosen_end"], batch["rejected_end"] = (torch.tensor(end) for end in zip(*ends))
+        return batch
+
+    def pack_segments(self, groups: list, prompts: list[int]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Packs groups of sequences that share their first `prompts[g]` tokens (a pair, a list), one segment each:
+        the prompt once, then every sequence's tokens after it as its own branch. Returns the model inputs and, per
+        group, the flat index (row * width + column) of each sequence's scored token."""
+        segments = []  # per group: (tokens, positions, branches, scored token offsets)
+        for sequences, shared in zip(groups, prompts):
+            sequences = [list(s) for s in sequences]
+            tokens, positions, branches, offsets = sequences[0][:shared], list(range(shared)), [PROMPT] * shared, []
+            for branch, sequence in enumerate(sequences, start=1):
+                scored = scored_index(sequence, self.pad_token_id)
+                # A scored token inside the prompt is read there, as in the plain layout; one after it is in this
+                # sequence's branch, which starts at the end of the segment so far.
+                offsets.append(scored if scored < shared else len(tokens) + scored - shared)
+                tokens += sequence[shared:]
+                positions += range(shared, len(sequence))  # each branch restarts right after the prompt
+                branches += [branch] * (len(sequence) - shared)
+            segments.append((tokens, positions, branches, offsets))
         width, rows = pack_rows([len(s[0]) for s in segments], self.max_row_tokens, self.pad_to_multiple_of or 1)
         shape = (len(rows), width)
         batch = {
@@ -170,29 +201,63 @@ class PairCollator:
             "segment_ids": torch.full(shape, -1, dtype=torch.long),
             "branch_ids": torch.full(shape, PROMPT, dtype=torch.long),
         }
-        chosen_end, rejected_end = [0] * len(examples), [0] * len(examples)
+        ends = [[] for _ in groups]
         for r, row in enumerate(rows):
             start = 0
-            for pair in row:
-                tokens, positions, branches = segments[pair]
+            for group in row:
+                tokens, positions, branches, offsets = segments[group]
                 cells = slice(start, start + len(tokens))
                 batch["input_ids"][r, cells] = torch.tensor(tokens)
                 batch["position_ids"][r, cells] = torch.tensor(positions)
-                batch["segment_ids"][r, cells] = pair
+                batch["segment_ids"][r, cells] = group
                 batch["branch_ids"][r, cells] = torch.tensor(branches)
-                chosen_length = len(tokens) - branches.count(REJECTED)
-                # Segment offsets of the scored tokens: chosen index i is offset i; rejected index i >= the shared
-                # prompt follows the chosen response (one inside the prompt is the same offset as in chosen).
-                chosen_scored = scored_index(tokens[:chosen_length], self.pad_token_id)
-                rejected_scored = scored_index(examples[pair]["rejected_ids"], self.pad_token_id)
-                shared = prompts[pair]
-                if rejected_scored >= shared:
-                    rejected_scored += chosen_length - shared
-                chosen_end[pair] = r * width + start + chosen_scored
-                rejected_end[pair] = r * width + start + rejected_scored
+                ends[group] = [r * width + start + offset for offset in offsets]
                 start += len(tokens)
-        batch["chosen_end"], batch["rejected_end"] = torch.tensor(chosen_end), torch.tensor(rejected_end)
+        return batch, ends
+
+    def list_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Collates tokenised lists (`completion_ids`: K full sequences, prompt included; `ranks`, optional `scores`,
+        `weight`, `group_id`); K may differ between lists. Per-completion keys are [lists, Kmax], 0 in padded slots
+        (`list_mask` is True on real completions); `scores` only when every list has them. The model inputs are
+        those of `list_plain_batch` or `list_shared_prompt_batch`."""
+        prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
+        if self.shared_prompt:
+            batch = self.list_shared_prompt_batch(examples, prompts)
+        else:
+            batch = self.list_plain_batch(examples)
+        batch["ranks"] = padded_slots([e["ranks"] for e in examples], torch.long)
+        if all(e.get("scores") is not None for e in examples):
+            batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
+        batch["response_lengths"] = padded_slots(
+            [[len(s) - p for s in e["completion_ids"]] for e, p in zip(examples, prompts)], torch.long
+        )
+        for key, dtype in LIST_FIELDS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
         return batch
+
+    def list_plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Every completion one row, list by list; `completion_ends` [lists, Kmax] is each completion's row."""
+        counts = [len(e["completion_ids"]) for e in examples]
+        batch = self.plain_rows([s for e in examples for s in e["completion_ids"]])
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        batch["completion_ends"] = padded_slots([range(f, f + k) for f, k in zip(firsts, counts)], torch.long)
+        batch["list_mask"] = list_mask(counts)
+        return batch
+
+    def list_shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None):
+        """One K-branch segment per list, packed; `completion_ends` [lists, Kmax] holds flat indices."""
+        if prompts is None:
+            prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
+        batch, ends = self.pack_segments([e["completion_ids"] for e in examples], prompts)
+        batch["completion_ends"] = padded_slots(ends, torch.long)
+        batch["list_mask"] = list_mask([len(e["completion_ids"]) for e in examples])
+        return batch
+
+
+def list_mask(counts: list[int]) -> torch.Tensor:
+    """[lists, Kmax] bool, True on the slots of real completions."""
+    return torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
 
 
 def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
@@ -207,3 +272,19 @@ def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
         if branch != CHOSEN:
             pairs[pair]["rejected_ids"].append(token)
     return pairs
+
+
+
+def unpack_lists(batch: dict[str, torch.Tensor]) -> list[dict]:
+    """The `completion_ids` of each list of a shared-prompt list batch, in list order: for checks and fallback."""
+    ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
+    prompts = [[] for _ in range(len(batch["completion_ends"]))]
+    tails = [{} for _ in prompts]  # per list: branch -> that completion's tokens after the prompt
+    for token, segment, branch in zip(ids, segments, branches):
+        if segment < 0:
+            continue
+        if branch == PROMPT:
+            prompts[segment].append(token)
+        else:
+            tails[segment].setdefault(branch, []).append(token)
+    return [{"completion_ids": [prompt + tail[b] for b in sorted(tail)]} for prompt, tail in zip(prompts, tails)]

@@ -1,5 +1,5 @@
-"""Scoring a collated batch: the plain layout (2B rows) and the shared-prompt layout (packed segments), plus the
-check that the two agree on a model.
+"""Scoring a collated batch of pairs or lists: the plain layout (a row per sequence) and the shared-prompt layout
+(packed segments), plus the check that the two agree on a model.
 
 Rewards are read from the reward head's own output (captured with a forward hook), at explicit end positions, so the
 model's "last non-pad token" guess is never used; they are returned in fp32 whatever the model's dtype.
@@ -8,7 +8,7 @@ model's "last non-pad token" guess is never used; they are returned in fp32 what
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_pairs
+from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_lists, unpack_pairs
 from .modeling import find_reward_head
 
 
@@ -26,24 +26,21 @@ def forward_with_head_output(model, **inputs) -> tuple:
     return outputs, head_output, features
 
 
-def score_plain(model, inputs, with_features: bool = False) -> tuple:
-    """(chosen, rejected) rewards; with `with_features`, also the head's input features of each, (chosen, rejected)."""
+def plain_scores(model, inputs) -> tuple:
+    """Reward of every row of a plain-layout batch (model dtype), and the features the head read for it."""
     outputs, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
     )
     if head_output is not None and head_output.dim() == 3:
         # Decoder heads score every position: read each sequence's real last token.
         rows = torch.arange(head_output.shape[0], device=head_output.device)
-        rewards = head_output[rows, inputs["end_positions"], 0]
-        features = features[rows, inputs["end_positions"]]
-    else:
-        rewards = outputs.logits[:, 0]  # encoder heads pool (e.g. [CLS]) themselves
-    if with_features:
-        return rewards.float().chunk(2), features.chunk(2)
-    return rewards.float().chunk(2)
+        return head_output[rows, inputs["end_positions"], 0], features[rows, inputs["end_positions"]]
+    return outputs.logits[:, 0], features  # encoder heads pool (e.g. [CLS]) themselves
 
 
-def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
+def packed_scores(model, inputs) -> tuple:
+    """Score of every cell of a shared-prompt batch, flattened so that the batch's flat end indices read it, and
+    the head's input features of every cell, flattened the same way."""
     segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
     attention = extract_model_from_parallel(model).config._attn_implementation
     if attention == "flex_attention":
@@ -55,32 +52,79 @@ def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
     _, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"]
     )
-    scores = head_output.reshape(-1)
-    rewards = scores[inputs["chosen_end"]].float(), scores[inputs["rejected_end"]].float()
+    return head_output.reshape(-1), features.reshape(-1, features.shape[-1])
+
+
+def score_plain(model, inputs, with_features: bool = False) -> tuple:
+    """(chosen, rejected) rewards; with `with_features`, also the head's input features of each, (chosen, rejected)."""
+    rewards, features = plain_scores(model, inputs)
     if with_features:
-        features = features.reshape(-1, features.shape[-1])
-        return rewards, (features[inputs["chosen_end"]], features[inputs["rejected_end"]])
+        return rewards.float().chunk(2), features.chunk(2)
+    return rewards.float().chunk(2)
+
+
+def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
+    scores, features = packed_scores(model, inputs)
+    ends = inputs["chosen_end"], inputs["rejected_end"]
+    rewards = tuple(scores[end].float() for end in ends)
+    if with_features:
+        return rewards, tuple(features[end] for end in ends)
     return rewards
 
 
-def plain_inputs(pairs, like, pad_token_id) -> dict[str, torch.Tensor]:
-    """`like` (a batch) with its model inputs replaced by the plain layout of `pairs`, on the same device."""
-    plain = PairCollator(pad_token_id).plain_batch(pairs)
+def score_lists(model, inputs, shared_prompt: bool) -> torch.Tensor:
+    """Rewards [lists, Kmax] (fp32, 0.0 in padded slots) of a list batch in either layout: `completion_ends` indexes
+    each completion's reward among the plain layout's rows or the packed layout's cells."""
+    scores, _ = (packed_scores if shared_prompt else plain_scores)(model, inputs)
+    return scores[inputs["completion_ends"]].float().masked_fill(~inputs["list_mask"], 0.0)
+
+
+def plain_inputs(examples, like, pad_token_id) -> dict[str, torch.Tensor]:
+    """`like` (a batch) with its model inputs replaced by the plain layout of `examples` (pairs or lists), on the
+    same device."""
+    collator = PairCollator(pad_token_id)
+    if "completion_ids" in examples[0]:
+        plain = collator.list_plain_batch(examples)
+    else:
+        plain = collator.plain_batch(examples)
     return {**like, **{k: v.to(like["input_ids"].device) for k, v in plain.items()}}
 
 
+def layout_difference(model, score_packed, score_reference, full_precision: bool) -> tuple[float, float]:
+    """Largest difference between the rewards of the two scoring functions, in eval mode without gradients, and
+    the tolerance it must stay within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        fast, plain = score_packed(), score_reference()
+    model.train(was_training)
+    tolerance = (1e-3 if full_precision else 5e-2) * (1 + plain.abs().max().item())
+    return (fast - plain).abs().max().item(), tolerance
+
+
 def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
-    """Largest reward difference between the shared-prompt and plain layouts on two pairs of a batch, and the
-    tolerance it must stay within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
+    """`layout_difference` of the shared-prompt and plain layouts on two pairs of a shared-prompt batch."""
     pairs = unpack_pairs(inputs)[:2]
     device = inputs["input_ids"].device
     packed = PairCollator(pad_token_id, shared_prompt=True).shared_prompt_batch(pairs)
     packed = {k: v.to(device) for k, v in packed.items()}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        fast = torch.cat(score_shared_prompt(model, packed))
-        plain = torch.cat(score_plain(model, plain_inputs(pairs, {"input_ids": packed["input_ids"]}, pad_token_id)))
-    model.train(was_training)
-    tolerance = (1e-3 if full_precision else 5e-2) * (1 + plain.abs().max().item())
-    return (fast - plain).abs().max().item(), tolerance
+    return layout_difference(
+        model,
+        lambda: torch.cat(score_shared_prompt(model, packed)),
+        lambda: torch.cat(score_plain(model, plain_inputs(pairs, {"input_ids": packed["input_ids"]}, pad_token_id))),
+        full_precision,
+    )
+
+
+def list_layout_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
+    """`layout_difference` of the K-branch and plain layouts on the first two lists of a shared-prompt list batch."""
+    lists = unpack_lists(inputs)[:2]
+    device = inputs["input_ids"].device
+    packed = PairCollator(pad_token_id, shared_prompt=True).list_shared_prompt_batch(lists)
+    packed = {k: v.to(device) for k, v in packed.items()}
+    return layout_difference(
+        model,
+        lambda: score_lists(model, packed, shared_prompt=True),
+        lambda: score_lists(model, plain_inputs(lists, {"input_ids": packed["input_ids"]}, pad_token_id), False),
+        full_precision,
+    )

@@ -1,0 +1,184 @@
+"""Lists of K completions of one prompt: the collated tensors of both layouts, and K-branch packed rewards equal to
+one plain forward per sequence."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import hf_balanced_reward.forward as forward_module
+from conftest import build_tokenizer, tiny_bert, tiny_llama
+from hf_balanced_reward import PairCollator
+from hf_balanced_reward.collator import unpack_lists
+from hf_balanced_reward.forward import list_layout_difference, score_lists
+from test_shared_prompt import smollm2_shaped
+
+LISTS = [  # (prompt, completions): prompts of several lengths, completions longer, shorter, or starting alike
+    ("Question: what is the capital of France? Answer:",
+     [" Paris is the capital.", " The quick brown fox.", " Paris.", ""]),  # "": only eos, read inside the prompt
+    ("Hello world, how are you today?", [" Sure, here is a short and polite email.", " Paris.", " Hello", " No."]),
+    ("Please help me", [" write", " Question: what is the capital of France? Answer: Paris is the capital.",
+                        " write an email.", " Hello world"]),
+    ("The lazy dog.", [" Hello", " Hello world", " Hello world, how are you today?", " jumps over the fox."]),
+]
+
+
+def tokenized_lists(tokenizer, sizes):
+    """List i keeps the first sizes[i] completions of LISTS[i], each ending in eos as the trainer appends it."""
+    return [{"completion_ids": [tokenizer(prompt + c)["input_ids"] + [tokenizer.eos_token_id] for c in texts[:k]],
+             "ranks": list(range(1, k + 1))}
+            for (prompt, texts), k in zip(LISTS, sizes)]
+
+
+def one_by_one(model, examples):
+    """[lists, Kmax] rewards of each sequence on its own, no padding, read by the model's own pooling."""
+    rewards = torch.zeros(len(examples), max(len(e["completion_ids"]) for e in examples))
+    for i, example in enumerate(examples):
+        for k, ids in enumerate(example["completion_ids"]):
+            rewards[i, k] = model(torch.tensor([ids])).logits[0, 0]
+    return rewards
+
+
+EXAMPLES = [
+    {"completion_ids": [[1, 5, 6, 7], [1, 5, 8], [1, 5, 9, 9, 4]], "ranks": [1, 2, 2], "scores": [3.0, 1.0, 1.0],
+     "weight": 2.0, "group_id": 1},
+    {"completion_ids": [[1, 3], [1, 4]], "ranks": [2, 1], "scores": [0.0, 1.0], "weight": 1.0, "group_id": 0},
+]
+
+
+def test_list_fields_are_padded_to_the_longest_list():
+    batch = PairCollator(pad_token_id=0)(EXAMPLES)
+    assert torch.equal(batch["ranks"], torch.tensor([[1, 2, 2], [2, 1, 0]]))
+    assert torch.equal(batch["list_mask"], torch.tensor([[True, True, True], [True, True, False]]))
+    assert torch.equal(batch["scores"], torch.tensor([[3.0, 1.0, 1.0], [0.0, 1.0, 0.0]]))
+    assert torch.equal(batch["response_lengths"], torch.tensor([[2, 1, 3], [1, 1, 0]]))  # prompts [1, 5] and [1]
+    assert torch.equal(batch["weight"], torch.tensor([2.0, 1.0]))
+    assert torch.equal(batch["group_id"], torch.tensor([1, 0]))
+    assert batch["ranks"].dtype == batch["completion_ends"].dtype == batch["response_lengths"].dtype == torch.long
+    assert batch["scores"].dtype == batch["weight"].dtype == torch.float32
+
+    without = [{k: v for k, v in e.items() if k not in ("scores", "weight", "group_id")} for e in EXAMPLES]
+    assert not {"scores", "weight", "group_id"} & set(PairCollator(0)(without))
+    one_missing = [EXAMPLES[0], {**EXAMPLES[1], "scores": None}]
+    assert "scores" not in PairCollator(0)(one_missing)  # scores for some lists only: none
+
+
+def test_plain_list_layout_is_one_row_per_completion_list_by_list():
+    batch = PairCollator(pad_token_id=0)(EXAMPLES)
+    assert torch.equal(batch["input_ids"], torch.tensor(
+        [[1, 5, 6, 7, 0], [1, 5, 8, 0, 0], [1, 5, 9, 9, 4], [1, 3, 0, 0, 0], [1, 4, 0, 0, 0]]))
+    assert torch.equal(batch["attention_mask"], (batch["input_ids"] != 0).long())
+    assert torch.equal(batch["end_positions"], torch.tensor([3, 2, 4, 1, 1]))
+    assert torch.equal(batch["completion_ends"], torch.tensor([[0, 1, 2], [3, 4, 0]]))
+    assert "segment_ids" not in batch
+
+
+def test_shared_prompt_list_layout_is_one_k_branch_segment_per_list():
+    batch = PairCollator(pad_token_id=0, shared_prompt=True, max_row_tokens=16)(EXAMPLES)
+    # list 0: prompt [1, 5], completions [6, 7], [8], [9, 9, 4]; list 1: prompt [1], completions [3], [4]
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 6, 7, 8, 9, 9, 4, 1, 3, 4]]))
+    assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 1]]))
+    assert torch.equal(batch["segment_ids"], torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]]))
+    assert torch.equal(batch["branch_ids"], torch.tensor([[0, 0, 1, 1, 2, 3, 3, 3, 0, 1, 2]]))
+    assert torch.equal(batch["completion_ends"], torch.tensor([[3, 4, 7], [9, 10, 0]]))
+    assert torch.equal(batch["ranks"], torch.tensor([[1, 2, 2], [2, 1, 0]]))
+    assert unpack_lists(batch) == [{"completion_ids": e["completion_ids"]} for e in EXAMPLES]
+
+    rows = PairCollator(pad_token_id=0, shared_prompt=True, max_row_tokens=8)(EXAMPLES)  # too narrow for both
+    assert torch.equal(rows["input_ids"], torch.tensor([[1, 5, 6, 7, 8, 9, 9, 4], [1, 3, 4, 0, 0, 0, 0, 0]]))
+    assert torch.equal(rows["segment_ids"][1], torch.tensor([1, 1, 1, -1, -1, -1, -1, -1]))
+    assert torch.equal(rows["completion_ends"], torch.tensor([[3, 4, 7], [9, 10, 0]]))  # row 1 starts at 8
+    assert unpack_lists(rows) == unpack_lists(batch)
+
+
+def test_a_completion_read_inside_the_prompt_is_read_there_in_both_layouts():
+    # pad == eos == 9: completion 1 is the prompt and eos, so its scored token is the prompt's last one
+    example = {"completion_ids": [[5, 6, 7, 9], [5, 6, 9], [5, 6, 8]], "ranks": [1, 2, 3]}
+    packed = PairCollator(pad_token_id=9, shared_prompt=True)([example])
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 9, 9, 8]]
+    assert packed["branch_ids"].tolist() == [[0, 0, 1, 1, 2, 3]]
+    assert packed["completion_ends"].tolist() == [[2, 1, 5]]
+    plain = PairCollator(pad_token_id=9)([example])
+    assert plain["end_positions"].tolist() == [2, 1, 2]
+    flat, cells = plain["input_ids"].flatten(), packed["input_ids"].flatten()
+    width = plain["input_ids"].shape[1]
+    assert cells[packed["completion_ends"][0]].tolist() == [flat[r * width + c] for r, c in enumerate([2, 1, 2])]
+
+
+def test_a_list_of_two_is_laid_out_as_the_pair():
+    pair = {"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8], "weight": 1.0}
+    as_list = {"completion_ids": [pair["chosen_ids"], pair["rejected_ids"]], "ranks": [1, 2], "weight": 1.0}
+    collator = PairCollator(0)
+    pairs, lists = collator([pair]), collator([as_list])
+    assert set(pairs) == {"input_ids", "attention_mask", "end_positions", "response_lengths", "weight"}
+    for key in pairs:
+        assert torch.equal(pairs[key], lists[key])
+    assert lists["completion_ends"].tolist() == [[0, 1]]
+
+    collator = PairCollator(0, shared_prompt=True, pad_to_multiple_of=8)
+    pairs, lists = collator([pair]), collator([as_list])
+    assert set(pairs) == {"input_ids", "position_ids", "segment_ids", "branch_ids", "chosen_end", "rejected_end",
+                          "response_lengths", "weight"}
+    for key in ("input_ids", "position_ids", "segment_ids", "branch_ids", "response_lengths", "weight"):
+        assert torch.equal(pairs[key], lists[key])
+    assert torch.equal(lists["completion_ends"], torch.stack([pairs["chosen_end"], pairs["rejected_end"]], dim=1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_k_branch_rewards_equal_one_forward_per_sequence(family):
+    tokenizer = build_tokenizer(pad_is_eos=True)  # SmolLM2: pad == eos
+    model = smollm2_shaped(tokenizer, family).eval()
+    plain = PairCollator(tokenizer.pad_token_id)
+    packed = PairCollator(tokenizer.pad_token_id, shared_prompt=True)
+    packed_rows = dataclasses.replace(packed, pad_to_multiple_of=64)  # wide rounding: several lists per row
+    rows_used = []
+    with torch.no_grad():
+        reference = one_by_one(model, tokenized_lists(tokenizer, [4, 4, 4, 4]))
+        for sizes in ([2, 2, 2, 2], [3, 3, 3, 3], [4, 4, 4, 4], [2, 4, 3, 2]):
+            examples = tokenized_lists(tokenizer, sizes)
+            mask = plain(examples)["list_mask"]
+            expected = reference[:, : mask.shape[1]] * mask
+            for collator in (packed, packed_rows):
+                batch = collator(examples)
+                assert (score_lists(model, batch, shared_prompt=True) - expected).abs().max() <= 1e-4
+            rows_used.append(len(batch["input_ids"]))
+            assert (score_lists(model, plain(examples), shared_prompt=False) - expected).abs().max() <= 1e-4
+    assert min(rows_used) < len(LISTS)  # some batch had several lists in one row
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_tiny_llama_k_branch_rewards_and_the_layout_check(attention):
+    tokenizer = build_tokenizer()
+    model = tiny_llama(tokenizer)
+    model.config._attn_implementation = attention
+    examples = tokenized_lists(tokenizer, [4, 2, 3, 4])
+    batch = PairCollator(tokenizer.pad_token_id, shared_prompt=True)(examples)
+    model.eval()
+    with torch.no_grad():
+        expected = one_by_one(model, examples) * batch["list_mask"]
+        assert (score_lists(model, batch, shared_prompt=True) - expected).abs().max() <= 1e-4
+    model.train()
+    difference, tolerance = list_layout_difference(model, batch, tokenizer.pad_token_id, full_precision=True)
+    assert difference <= 1e-5 and tolerance >= 1e-3
+    assert model.training  # the check leaves the mode as it found it
+
+
+def test_the_layout_check_catches_a_model_that_ignores_the_mask(monkeypatch):
+    def causal_only(segment_ids, branch_ids):  # as if the model ignored the layout's mask: plain causal attention
+        width = segment_ids.shape[1]
+        return torch.ones(width, width, dtype=torch.bool).tril().expand(len(segment_ids), 1, width, width)
+
+    monkeypatch.setattr(forward_module, "shared_prompt_mask", causal_only)
+    tokenizer = build_tokenizer()
+    batch = PairCollator(tokenizer.pad_token_id, shared_prompt=True)(tokenized_lists(tokenizer, [3, 3]))
+    difference, tolerance = list_layout_difference(tiny_llama(tokenizer), batch, tokenizer.pad_token_id, True)
+    assert difference > tolerance
+
+
+def test_encoder_list_rewards_equal_one_forward_per_sequence(tokenizer):
+    model = tiny_bert(tokenizer).eval()
+    examples = tokenized_lists(tokenizer, [2, 4, 3, 2])
+    batch = PairCollator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        expected = one_by_one(model, examples) * batch["list_mask"]
+        assert (score_lists(model, batch, shared_prompt=False) - expected).abs().max() <= 1e-4
