@@ -53,6 +53,11 @@ def padded_slots(rows: list[list], dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([list(row) + [0] * (width - len(row)) for row in rows], dtype=dtype)
 
 
+def list_mask(counts: list[int]) -> torch.Tensor:
+    """[lists, Kmax] bool, True on the slots of real completions."""
+    return torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
+
+
 def pack_rows(lengths: list[int], max_width: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
     """Pack sequences of `lengths` into rows of one width, wasting as few padded cells as possible.
 
@@ -245,7 +250,7 @@ class PairCollator:
         batch["list_mask"] = list_mask(counts)
         return batch
 
-    def list_shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None):
+    def list_shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict:
         """One K-branch segment per list, packed; `completion_ends` [lists, Kmax] holds flat indices."""
         if prompts is None:
             prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
@@ -253,11 +258,6 @@ class PairCollator:
         batch["completion_ends"] = padded_slots(ends, torch.long)
         batch["list_mask"] = list_mask([len(e["completion_ids"]) for e in examples])
         return batch
-
-
-def list_mask(counts: list[int]) -> torch.Tensor:
-    """[lists, Kmax] bool, True on the slots of real completions."""
-    return torch.arange(max(counts))[None, :] < torch.tensor(counts)[:, None]
 
 
 def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
@@ -272,7 +272,6 @@ def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
         if branch != CHOSEN:
             pairs[pair]["rejected_ids"].append(token)
     return pairs
-
 
 
 def unpack_lists(batch: dict[str, torch.Tensor]) -> list[dict]:
