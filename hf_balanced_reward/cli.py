@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from .config import BalancedRewardConfig, ConfigError, did_you_mean
 from .data import DataError, check_columns, load_preference_dataset
+from .listwise import is_listwise
 from .scoring import score_main
 
 PROG = "hf-balanced-reward"
@@ -256,7 +257,8 @@ def load_datasets(script_args: ScriptArguments, seed: int):
         if not 0 < script_args.eval_split_ratio < 1:
             raise UsageError(f"eval_split_ratio must be between 0 and 1 (the share of pairs held out for evaluation), "
                              f"got {script_args.eval_split_ratio}.")
-        check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
+        if not is_listwise(train):  # lists are checked when prepared
+            check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
         try:
             split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
         except ValueError as err:
@@ -341,6 +343,9 @@ def evaluate(argv: list[str]) -> dict:
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
                             args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration)
+    if "lists" in report:
+        print(list_report_lines(report, args.output_dir))
+        return report
     low, high = report["accuracy_ci_low"], report["accuracy_ci_high"]
     lines = [f"{report['pairs']} pairs: accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
              f"ties {report['ties']}"]
@@ -363,6 +368,27 @@ def evaluate(argv: list[str]) -> dict:
     lines.append(f"Report and plots in {os.path.abspath(args.output_dir)}")
     print("\n".join(lines))
     return report
+
+
+def list_report_lines(report: dict, output_dir: str) -> str:
+    def figure(metrics, key):
+        return f"{metrics[key]:.4f}" if key in metrics else "n/a"
+
+    lines = [f"{report['lists']} lists, {report['pairs']} ranked pairs: pairwise accuracy "
+             f"{figure(report, 'pairwise_accuracy')}, Kendall tau {figure(report, 'kendall_tau')}, Spearman rho "
+             f"{figure(report, 'spearman_rho')}, top-1 accuracy {figure(report, 'top1_accuracy')}"]
+    if report["tied_pairs"]:
+        lines.append(f"{report['tied_pairs']} tied pairs: tie accuracy {report['tie_accuracy']:.4f} (within "
+                     f"{report['tie_tolerance']}), mean reward gap tied {report['tie_reward_gap']:.4f} vs decisive "
+                     f"{figure(report, 'decisive_reward_gap')}")
+    dropped = report["data"]["dropped"]
+    if dropped:
+        lines.append(f"{sum(dropped.values())} rows not scored: " + "; ".join(f"{n} x {r}" for r, n in dropped.items()))
+    if len(report["groups"]) > 1:
+        lines += [f"  {name}: pairwise accuracy {figure(g, 'pairwise_accuracy')}, Kendall tau {figure(g, 'kendall_tau')}"
+                  f" over {g['lists']} lists" for name, g in report["groups"].items()]
+    lines.append(f"Report in {os.path.abspath(output_dir)}")
+    return "\n".join(lines)
 
 
 def compare(run_dirs: list[str]) -> str:

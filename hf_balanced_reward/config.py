@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .balancing import WEIGHTINGS
-from .losses import LOSSES
+from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_loss, trains_lists
 
 
 ON_BAD_ROWS = ("auto", "skip", "error")
@@ -27,10 +27,12 @@ def did_you_mean(value: str, choices) -> str:
 
 
 def loss_option_names(loss_fn) -> list[str]:
-    """Names a loss accepts through `loss_kwargs`: its keyword parameters after the rewards and `margin`."""
+    """Names a loss accepts through `loss_kwargs`: its keyword parameters after its inputs (rewards, `margin`,
+    `tie`; for a list loss rewards, ranks, mask, scores); a tie loss also takes `learn_tie`."""
     params = inspect.signature(loss_fn).parameters
-    fixed = {"chosen_rewards", "rejected_rewards", "margin"}
-    return [name for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD]
+    fixed = {"chosen_rewards", "rejected_rewards", "margin", "tie", *LISTWISE_INPUTS}
+    names = [name for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD]
+    return names + [LEARN_TIE] if "log_tie" in names else names
 
 
 def check_loss_kwargs(loss_kwargs: dict, loss_fn, loss_name: str) -> None:
@@ -63,7 +65,8 @@ class BalancedRewardConfig(TrainingArguments):
     # --- loss ---
     loss_type: str = field(
         default="bradley_terry",
-        metadata={"help": f"Per-pair preference loss: one of {', '.join(sorted(LOSSES))}."},
+        metadata={"help": f"Preference loss: pairwise ({', '.join(PAIR_LOSSES)}), or one that trains every row as a "
+                          f"ranked list ({', '.join(n for n in LOSSES if n not in PAIR_LOSSES)})."},
     )
     loss_kwargs: dict | str | None = field(
         default=None,
@@ -233,6 +236,20 @@ class BalancedRewardConfig(TrainingArguments):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"loss_kwargs {name} must be a number >= 0, got {value!r}; {meaning}.")
 
+    def validate_list_loss_options(self) -> None:
+        """A tie or listwise loss's options, checked by computing the loss once on a small list (its own checks
+        name the option and the allowed values)."""
+        import torch
+
+        options = dict(self.loss_kwargs)
+        if not isinstance(options.pop(LEARN_TIE, False), bool):
+            raise ConfigError(f"loss_kwargs {LEARN_TIE} must be true or false, got {self.loss_kwargs[LEARN_TIE]!r}.")
+        loss = as_list_loss(LOSSES[self.loss_type], options)
+        try:
+            loss(torch.zeros(1, 3), torch.tensor([[1, 2, 2]]), None, torch.tensor([[3.0, 1.0, 1.0]]))
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ConfigError(f"loss_kwargs of loss '{self.loss_type}': {err}") from err
+
     def validate_reward_options(self) -> None:
         if self.loss_type not in LOSSES:
             raise ConfigError(
@@ -242,6 +259,8 @@ class BalancedRewardConfig(TrainingArguments):
         check_loss_kwargs(self.loss_kwargs, LOSSES[self.loss_type], self.loss_type)
         if self.loss_type == "balanced":
             self.validate_balance_options(self.loss_kwargs)
+        if trains_lists(LOSSES[self.loss_type]):
+            self.validate_list_loss_options()
         if self.loss_type == "hinge" and float(self.loss_kwargs.get("hinge_margin", 1.0)) < 0:
             raise ConfigError(
                 f"loss_kwargs hinge_margin must be >= 0, got {self.loss_kwargs['hinge_margin']}: "

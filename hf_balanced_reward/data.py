@@ -25,7 +25,7 @@ from trl.data_utils import get_dataset_column_names, maybe_apply_chat_template, 
 
 from . import collator
 from .config import ConfigError
-from .collator import shared_prefix_length
+from .collator import list_prefix_length, shared_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ CODE_VERSION = _code_version()
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
-# Columns the collator reads; `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
-MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length"]
+# Columns the collator reads (pairs, then lists); `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
+MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
+                 "scores"]
 
 
 class DataError(ValueError):
@@ -253,28 +254,30 @@ def adds_bos(tokenizer) -> bool:
 
 
 def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
-    """Fit a pair into `max_length` by cutting the shared prompt from the left, keeping its leading special tokens.
+    """Fit a pair into `max_length` (see `truncate_list`). Returns (chosen_ids, rejected_ids, status)."""
+    (chosen_ids, rejected_ids), status = truncate_list([chosen_ids, rejected_ids], max_length, special_ids)
+    return chosen_ids, rejected_ids, status
 
-    The response ends (the scored tokens) are never cut. Returns (chosen_ids, rejected_ids, status) with status
-    "kept", "truncated" or "dropped" (a response alone, with the leading special tokens, does not fit).
+
+def truncate_list(sequences, max_length, special_ids):
+    """Fit K sequences that share a prompt into `max_length` by cutting the prompt from the left, keeping its
+    leading special tokens.
+
+    The response ends (the scored tokens) are never cut. Returns (sequences, status) with status "kept",
+    "truncated" or "dropped" (a response alone, with the leading special tokens, does not fit).
     """
-    longest = max(len(chosen_ids), len(rejected_ids))
+    longest = max(len(s) for s in sequences)
     if max_length is None or longest <= max_length:
-        return chosen_ids, rejected_ids, "kept"
+        return sequences, "kept"
     # The shared prefix is the prompt (plus any identical opening words of the responses); never the scored token.
-    shared = shared_prefix_length(chosen_ids, rejected_ids)
+    shared = list_prefix_length(sequences)
     lead = 0
-    while lead < shared and chosen_ids[lead] in special_ids:
+    while lead < shared and sequences[0][lead] in special_ids:
         lead += 1  # BOS / CLS: the encoder pools CLS, a decoder expects BOS
     excess = longest - max_length
     if excess > shared - lead:
-        return chosen_ids, rejected_ids, "dropped"
-    cut = slice(lead, lead + excess)
-    return (
-        chosen_ids[: cut.start] + chosen_ids[cut.stop :],
-        rejected_ids[: cut.start] + rejected_ids[cut.stop :],
-        "truncated",
-    )
+        return sequences, "dropped"
+    return [s[:lead] + s[lead + excess :] for s in sequences], "truncated"
 
 
 def text_problem(value, allow_empty: bool = False) -> str | None:
@@ -434,23 +437,42 @@ def prepare_dataset(
     """
     dataset = rename_legacy_columns(dataset, name)
     check_columns(dataset, args.group_column, name)
-    keep = [c for c in ("margin", "weight") if c in dataset.column_names]
+    keep = numeric_columns(dataset, ("margin", "weight"), name)
+    if "chosen" in dataset.column_names:
+        check_chat_template(dataset[0]["chosen"] if len(dataset) else None, tokenizer, name)
+    return tokenize_and_collect(dataset, tokenize_example, tokenizer, args, name, max_length, keep, unit="pairs")
+
+
+def numeric_columns(dataset: Dataset, names, name: str) -> list[str]:
+    """The columns of `names` the dataset has (kept through tokenisation), each checked to be numeric."""
+    keep = [c for c in names if c in dataset.column_names]
     for column in keep:
         if not isinstance(dataset.features[column], datasets.Value) or not dataset.features[column].dtype.startswith(
             ("float", "int")
         ):
             raise DataError(f"{name} dataset column '{column}' must be numeric, got {dataset.features[column]}.")
-    if len(dataset) == 0:
-        raise DataError(f"{name} dataset is empty: it has no rows.")
-    if "chosen" in dataset.column_names and isinstance(dataset[0]["chosen"], list) and not tokenizer.chat_template:
+    return keep
+
+
+def check_chat_template(first_text, tokenizer, name: str) -> None:
+    if isinstance(first_text, list) and not tokenizer.chat_template:
         raise DataError(
             f"{name} dataset holds conversations (message lists) but the tokenizer has no chat template; use a "
             "tokenizer that has one (often the model's -Instruct version), set tokenizer.chat_template, or give the "
             "texts as plain strings."
         )
+
+
+def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str, max_length: int | None, keep,
+                         unit: str, features: datasets.Features | None = None) -> tuple[Dataset, dict]:
+    """Map `tokenize` (`tokenize_example`, or `listwise.tokenize_list`) over every row, apply `on_bad_rows` to the
+    rows it found bad, log what was dropped, cut or kept, and return (prepared rows, report). `unit` names what a
+    row became ("pairs", "lists") in messages and in the report."""
+    if len(dataset) == 0:
+        raise DataError(f"{name} dataset is empty: it has no rows.")
     max_length = max_length if max_length is not None else args.max_length
     tokenized = dataset.map(
-        tokenize_example,
+        tokenize,
         fn_kwargs={
             "tokenizer": tokenizer,
             "max_length": max_length,
@@ -461,8 +483,9 @@ def prepare_dataset(
             "code_version": CODE_VERSION,  # only part of the cache key
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
+        features=features,
         num_proc=args.dataset_num_proc,
-        desc=f"Checking and tokenizing {name} pairs",
+        desc=f"Checking and tokenizing {name} {unit}",
     )
     problems = [(row, problem) for row, problem in enumerate(tokenized["problem"]) if problem]
     stop_on = STOP_ON[args.on_bad_rows]
@@ -477,13 +500,13 @@ def prepare_dataset(
     if fits["truncated"]:
         notes.append(f"prompt cut from the left to fit max_length={max_length} in {fits['truncated']}")
     if notes:
-        logger.warning(f"{name}: {len(dataset) - len(problems)} of {len(dataset)} pairs used; " + "; ".join(notes)
+        logger.warning(f"{name}: {len(dataset) - len(problems)} of {len(dataset)} {unit} used; " + "; ".join(notes)
                        + f" (on_bad_rows={args.on_bad_rows}).")
     if problems:
         tokenized = tokenized.filter(lambda problem: not problem, input_columns="problem")
     if len(tokenized) == 0:
-        raise DataError(f"{name} dataset has no usable pairs left: all {len(dataset)} rows were dropped.")
-    report = {"rows": len(dataset), "pairs": len(tokenized), "truncated": fits["truncated"],
+        raise DataError(f"{name} dataset has no usable {unit} left: all {len(dataset)} rows were dropped.")
+    report = {"rows": len(dataset), unit: len(tokenized), "truncated": fits["truncated"],
               "empty_responses": fits["empty response"], "dropped": dropped}
     return tokenized.remove_columns(["fit", "problem"]), report
 
@@ -503,13 +526,7 @@ def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train
     if not columns:
         raise DataError(f"{name} dataset is empty: it has no rows.")
     check_columns(dataset, args.group_column, name)
-    first = next(iter(dataset))
-    if isinstance(first.get("chosen"), list) and not tokenizer.chat_template:
-        raise DataError(
-            f"{name} dataset holds conversations (message lists) but the tokenizer has no chat template; use a "
-            "tokenizer that has one (often the model's -Instruct version), set tokenizer.chat_template, or give the "
-            "texts as plain strings."
-        )
+    check_chat_template(next(iter(dataset)).get("chosen"), tokenizer, name)
     keep = [c for c in ("margin", "weight") if c in columns]
     report = {"rows": 0, "pairs": 0, "truncated": 0, "empty_responses": 0, "dropped": {}, "streamed": True}
     stop_on = STOP_ON[args.on_bad_rows]
@@ -556,7 +573,8 @@ def report_summary(name: str, report: dict, on_bad_rows: str) -> str | None:
         notes.append(f"prompt cut from the left in {report['truncated']}")
     if not notes:
         return None
-    return f"{name}: {report['pairs']} of {report['rows']} pairs used; " + "; ".join(notes) + f" (on_bad_rows={on_bad_rows})."
+    unit = "lists" if "lists" in report else "pairs"
+    return f"{name}: {report[unit]} of {report['rows']} {unit} used; " + "; ".join(notes) + f" (on_bad_rows={on_bad_rows})."
 
 
 def add_group_ids(dataset: Dataset, group_index: dict[str, int]) -> Dataset:

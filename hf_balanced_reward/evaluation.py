@@ -1,4 +1,5 @@
-"""Score every pair of a dataset with a saved reward model: `eval_report.json` and three plots.
+"""Score every pair of a dataset with a saved reward model: `eval_report.json` and its plots (for lists: the ranking
+metrics, overall and per group).
 
 Scoring goes through `BalancedRewardTrainer.predict` and the metrics through `pair_metrics`, the same code as
 `trainer.evaluate()`, so the command and the trainer agree on the same model and data.
@@ -14,6 +15,7 @@ from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
 from .metrics import calibration, pair_metrics, wilson_interval
+from .ranking_metrics import list_metrics, ranking_metrics
 
 PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png",
          "length_cells": "length_cell_accuracy.png"}
@@ -37,6 +39,8 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
     output = trainer.predict(prepared, metric_key_prefix="eval")
+    if len(output.predictions) == 2:  # lists: (rewards, list losses)
+        return write_list_report(output, trainer, model, output_dir)
     chosen, rejected, _ = output.predictions
     group_ids, lengths = output.label_ids
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
@@ -50,6 +54,23 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
                               paths["groups"])
     plots.length_cell_bars(report["length_cells"], report.get("length_balanced_accuracy"), paths["length_cells"])
     report["plots"] = {name: os.path.relpath(path, output_dir) for name, path in paths.items()}
+    with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def write_list_report(output, trainer, model: str, output_dir: str) -> dict:
+    """The report of a dataset of lists: `ranking_metrics` overall and per group (`trainer.evaluate()`'s metrics,
+    with counts). The pair plots (margins, calibration, length cells) have no list counterpart and are not drawn."""
+    rewards, _ = output.predictions
+    group_ids, ranks, mask = output.label_ids
+    mask = mask == 1
+    report = list_metrics(rewards, ranks, mask, group_ids, trainer.group_names or ["all"])
+    names = trainer.group_names or ["all"]
+    report["groups"] = {names[g]: ranking_metrics(rewards[group_ids == g], ranks[group_ids == g], mask[group_ids == g])
+                        for g in np.unique(group_ids)}
+    report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length, plots={})
+    os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     return report

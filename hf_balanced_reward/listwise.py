@@ -18,10 +18,13 @@ import math
 import random
 from collections import Counter, defaultdict
 
+from datasets import Features, Sequence, Value
 from trl.data_utils import maybe_extract_prompt
 
-from .data import (DataError, bad_rows_error, droppable, drop_nulls, number_problem, row_problem,
-                   template_options_problem, text_problem)
+from .collator import list_prefix_length
+from .data import (DataError, bad_rows_error, check_chat_template, column_names, droppable, drop_nulls,
+                   number_problem, numeric_columns, rename_legacy_columns, render_texts, row_problem,
+                   template_options_problem, text_problem, tokenize_and_collect, too_long, truncate_list)
 
 LABELS = ("ranks", "scores")
 ALL_IDENTICAL = "all completions are identical (no preference to learn)"
@@ -64,9 +67,15 @@ def _tie_problem(tie, size: int, labels=None, column: str = "ranks") -> str | No
     return None
 
 
+def is_pair_row(example: dict) -> bool:
+    """A pair: no `completions`, or a null one beside a `chosen` (a file that mixes pairs and lists gives every row
+    every column)."""
+    return example.get("completions") is None and (example.get("chosen") is not None or "completions" not in example)
+
+
 def list_problem(example: dict, group_column: str | None = None, allow_empty_response: bool = True) -> str | None:
     """The first thing that makes a listwise (or pairwise) row unusable, as "column 'x' <problem>", or None."""
-    if "completions" not in example:
+    if is_pair_row(example):
         if "chosen" in example and "rejected" in example:
             problem = row_problem(example, group_column, allow_empty_response)
             return problem or _tie_problem(example.get("tie"), 2)
@@ -142,8 +151,8 @@ def canonical_row(example: dict, group_column: str | None = None, allow_empty_re
     problem = list_problem(example, group_column, allow_empty_response)
     if problem:
         raise DataError(f"bad listwise row: {problem}.")
-    row = {k: v for k, v in example.items() if k not in ("chosen", "rejected", "tie", *LABELS)}
-    if "completions" not in example:
+    row = {k: v for k, v in example.items() if k not in ("chosen", "rejected", "tie", "completions", *LABELS)}
+    if is_pair_row(example):
         texts = {k: example[k] if isinstance(example[k], str) else drop_nulls(example[k])
                  for k in ("prompt", "chosen", "rejected") if k in example}
         texts = maybe_extract_prompt(texts)  # a pair with an implicit prompt: split off the shared part, as data.py
@@ -185,6 +194,91 @@ def prepare_rows(rows, name: str = "train", on_bad_rows: str = "auto", group_col
     report = {"rows": len(rows), "lists": len(kept), "completions": sum(len(r["completions"]) for r in kept),
               "dropped": dict(Counter(problem for _, problem in problems).most_common())}
     return kept, report
+
+
+# Tokenised lists for training and evaluation -------------------------------------------------------------------
+
+
+def is_listwise(dataset) -> bool:
+    """Whether a dataset holds lists (a `completions` column) or pairs marked with ties (a `tie` column): both are
+    trained and evaluated as lists."""
+    columns = column_names(dataset)
+    return "completions" in columns or "tie" in columns
+
+
+def render_completion(row: dict, completion, tokenizer, append_eos: bool) -> str:
+    """prompt + completion as one text, rendered exactly as `data.render_texts` renders prompt + chosen of a pair
+    (chat template with the row's tools and template arguments, one BOS, eos appended), so that a pair trained as a
+    K = 2 list is tokenised as it is on the pair path."""
+    texts = {"prompt": row["prompt"], "chosen": completion, "rejected": completion}
+    options = {k: row[k] for k in ("tools", "chat_template_kwargs") if row.get(k) is not None}
+    return render_texts({**texts, **options}, tokenizer, append_eos)[1]
+
+
+def tokenize_list(example, tokenizer, max_length, append_eos, group_column, special_ids, allow_empty_response,
+                  code_version=None):
+    """One row (a list, a pair, or a tokenised pair) as `completion_ids` (K full sequences), `ranks`, `scores`
+    (None without them), `group`, `response_lengths` (tokens after the shared prompt), `length`, `fit`, `problem`;
+    a bad row gets its problem and empty values."""
+    if "chosen_ids" in example and "rejected_ids" in example:
+        problem = row_problem(example, group_column, allow_empty_response) or _tie_problem(example.get("tie"), 2)
+    else:
+        problem = list_problem(example, group_column, allow_empty_response)
+    if problem:
+        return {"completion_ids": [], "ranks": [], "scores": None, "group": "", "response_lengths": [], "fit": "bad",
+                "length": 0, "problem": problem}
+    if "chosen_ids" in example and "rejected_ids" in example:
+        sequences = [list(example["chosen_ids"]), list(example["rejected_ids"])]
+        ranks, scores, empty = ([1, 1] if example.get("tie") is True else [1, 2]), None, False
+    else:
+        row = canonical_row(example, group_column, allow_empty_response)
+        sequences = [tokenizer(render_completion(row, c, tokenizer, append_eos))["input_ids"] for c in row["completions"]]
+        ranks, scores = row["ranks"], row["scores"]
+        empty = any(isinstance(c, str) and not c.strip() for c in row["completions"])
+    sequences, status = truncate_list(sequences, max_length, special_ids)
+    if status != "dropped" and empty:
+        status = "empty response"
+    prompt = list_prefix_length(sequences)
+    lengths = [len(s) - prompt for s in sequences]
+    return {"completion_ids": sequences, "ranks": ranks, "scores": scores,
+            "group": str(example[group_column]) if group_column else "all", "response_lengths": lengths,
+            "fit": status, "length": prompt + sum(lengths), "problem": too_long(max_length) if status == "dropped" else ""}
+
+
+LIST_FEATURES = {"completion_ids": Sequence(Sequence(Value("int64"))), "ranks": Sequence(Value("int64")),
+                 "scores": Sequence(Value("float64")), "group": Value("string"), "response_lengths": Sequence(Value("int64")),
+                 "fit": Value("string"), "length": Value("int64"), "problem": Value("string")}
+
+
+def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
+    """`data.prepare_dataset` for lists: every row (a list, or a pair as the K = 2 list) checked, rendered, tokenised
+    and cut to `max_length` (the shared prompt from the left), with `on_bad_rows` applied as for pairs. Returns the
+    prepared lists and a report (rows, lists, completions, truncated, empty responses, dropped per reason)."""
+    dataset = rename_legacy_columns(dataset, name)
+    columns = set(dataset.column_names)
+    pairs = {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns
+    if "completions" not in columns and not pairs:
+        raise DataError(f"{name} dataset has neither a 'completions' column (lists, with 'ranks' or 'scores') nor "
+                        f"'chosen' / 'rejected' (pairs); its columns are {sorted(columns)}.")
+    if "margin" in columns:
+        raise DataError(f"{name} dataset has a 'margin' column, which the list losses do not read (a list's margins "
+                        "come from its 'scores', with loss 'graded'); drop the column, or train the pairs with a "
+                        "pairwise loss and no 'tie' or 'completions' column.")
+    if args.group_column is not None and args.group_column not in columns:
+        raise DataError(f"group_column='{args.group_column}' is not a column of the {name} dataset; its columns are "
+                        f"{sorted(columns)}.")
+    keep = numeric_columns(dataset, ("weight",), name)
+    if len(dataset):
+        first = dataset[0]
+        check_chat_template((first.get("completions") or [None])[0] if "completions" in columns else first.get("chosen"),
+                            tokenizer, name)
+    features = Features({**{k: dataset.features[k] for k in keep}, **LIST_FEATURES})
+    prepared, report = tokenize_and_collect(dataset, tokenize_list, tokenizer, args, name, max_length, keep,
+                                            unit="lists", features=features)
+    report["completions"] = sum(map(len, prepared["response_lengths"]))
+    if all(scores is None for scores in prepared["scores"]):
+        prepared = prepared.remove_columns("scores")
+    return prepared, report
 
 
 # Scored pairs back into lists (SummEval) ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="cells", g
     return bradley_terry(chosen_rewards, rejected_rewards, margin)
 
 
-LOSSES = {"bradley_terry": bradley_terry, "hinge": hinge, "balanced": balanced}
+PAIR_LOSSES = {"bradley_terry": bradley_terry, "hinge": hinge, "balanced": balanced}
 
 
 # Ties in pairs ------------------------------------------------------------------------------------------------------
@@ -137,7 +137,6 @@ def rao_kupper(chosen_rewards, rejected_rewards, margin=None, tie=None, log_tie=
 
 
 TIE_LOSSES = {"davidson": davidson, "rao_kupper": rao_kupper}
-PAIR_LOSSES = {**LOSSES, **TIE_LOSSES}  # the pairwise losses a list can be expanded into
 
 
 # Lists -----------------------------------------------------------------------------------------------------------
@@ -191,9 +190,10 @@ def list_pairs(rewards, ranks, mask=None, scores=None) -> ListPairs:
 
 def _over_pairs(rewards, ranks, mask, scores, pair_loss, margin_scale, pair_options):
     """Mean of a pairwise loss over each list's pairs; tied pairs are scored only by a loss that models ties."""
-    loss_fn = PAIR_LOSSES.get(pair_loss) if isinstance(pair_loss, str) else pair_loss
+    expandable = {**PAIR_LOSSES, **TIE_LOSSES}
+    loss_fn = expandable.get(pair_loss) if isinstance(pair_loss, str) else pair_loss
     if loss_fn is None:
-        raise ValueError(f"pair_loss={pair_loss!r} is not a pairwise loss; choose one of {', '.join(PAIR_LOSSES)} "
+        raise ValueError(f"pair_loss={pair_loss!r} is not a pairwise loss; choose one of {', '.join(expandable)} "
                          "(or pass a function).")
     if margin_scale < 0:
         raise ValueError(f"margin_scale must be >= 0, got {margin_scale}: the margin asks the better completion to "
@@ -297,3 +297,41 @@ def plackett_luce(rewards, ranks, mask=None, scores=None, ties="efron"):
 
 
 LISTWISE_LOSSES = {"plackett_luce": plackett_luce, "pairwise": pairwise, "graded": graded}
+
+# Every loss a config can name. Pairwise losses train pairs (and lists, over their pairs); tie and listwise losses
+# train every row as a list (a pair is the K = 2 list).
+LOSSES = {**PAIR_LOSSES, **TIE_LOSSES, **LISTWISE_LOSSES}
+LEARN_TIE = "learn_tie"  # a loss_kwargs key of the tie losses: the trainer learns log_tie (see the tie section)
+
+
+def trains_lists(loss_fn) -> bool:
+    """Whether a loss needs rows as lists: a listwise loss (it takes `ranks`) or a tie loss (it takes `tie`)."""
+    parameters = inspect.signature(loss_fn).parameters
+    return "ranks" in parameters or "tie" in parameters
+
+
+def as_list_loss(loss_fn, options: dict):
+    """`loss_fn` with its `options` as a per-list loss `(rewards, ranks, mask, scores, **extra) -> [B]`: a listwise
+    loss as it is; a pairwise or tie loss averaged over each list's pairs (`pairwise`), so that any loss trains and
+    evaluates lists, and a K = 2 list gives exactly the pair's loss. `balanced` weighs pairs by their length cell,
+    which a list has no one of: on lists it is Bradley-Terry. `extra` reaches the loss as options (a learnt
+    log_tie)."""
+    if "ranks" in inspect.signature(loss_fn).parameters:
+        return lambda rewards, ranks, mask, scores, **extra: loss_fn(rewards, ranks, mask, scores=scores,
+                                                                    **options, **extra)
+    if loss_fn is balanced:
+        loss_fn, options = bradley_terry, {}
+    return lambda rewards, ranks, mask, scores, **extra: pairwise(rewards, ranks, mask, scores, pair_loss=loss_fn,
+                                                                 pair_options={**options, **extra})
+
+
+def learns_from_ties(loss_fn, options: dict) -> bool:
+    """Whether a loss pulls tied completions together (a tie loss, plackett_luce, or a list loss expanded into a tie
+    loss); the others leave tied pairs out. A user's list loss is assumed to use them."""
+    parameters = inspect.signature(loss_fn).parameters
+    if "tie" in parameters or "ranks" in parameters and "pair_loss" not in parameters:
+        return True
+    if "pair_loss" in parameters:
+        pair_loss = options.get("pair_loss", parameters["pair_loss"].default)
+        return pair_loss in TIE_LOSSES or pair_loss in TIE_LOSSES.values()
+    return False

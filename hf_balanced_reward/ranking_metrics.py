@@ -8,6 +8,8 @@ pairs it was taken (`*_lists`, `pairs`, `tied_pairs`); a mean over nothing is le
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
+from .metrics import metric_name
+
 # A labelled tie is matched when the two rewards are within this many reward (Bradley-Terry log-odds) units: the
 # model then prefers neither completion at more than sigmoid(0.5) = 62% to 38%.
 TIE_TOLERANCE = 0.5
@@ -88,4 +90,22 @@ def ranking_metrics(rewards, ranks, mask=None, tie_tolerance: float = TIE_TOLERA
     if tied:
         metrics.update(tie_accuracy=within / tied, ties_within_tolerance=within, tie_tolerance=float(tie_tolerance),
                        tie_reward_gap=float(np.mean(tie_gaps)))
+    return metrics
+
+
+def list_metrics(rewards, ranks, mask, group_ids, group_names) -> dict:
+    """`ranking_metrics` over an evaluation set of lists, as `trainer.evaluate()` reports them: plus `accuracy` (the
+    pairwise accuracy, under the name pair evaluations use, so `metric_for_best_model: accuracy` means the same) and,
+    with several groups, `accuracy_<group>` per group."""
+    rewards, ranks, mask = padded(rewards, ranks, mask)
+    metrics = ranking_metrics(rewards, ranks, mask)
+    if "pairwise_accuracy" in metrics:
+        metrics["accuracy"] = metrics["pairwise_accuracy"]
+    group_ids = np.asarray(group_ids).reshape(-1)
+    if len(group_names) > 1:
+        for group_id in np.unique(group_ids):
+            chosen = group_ids == group_id
+            in_group = ranking_metrics(rewards[chosen], ranks[chosen], mask[chosen])
+            if "pairwise_accuracy" in in_group:
+                metrics[f"accuracy_{metric_name(group_names[group_id])}"] = in_group["pairwise_accuracy"]
     return metrics

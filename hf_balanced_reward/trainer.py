@@ -19,7 +19,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import RewardDriftCallback, StopOnSignal
 from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints, write_json_atomically
-from .collator import PairCollator, unpack_pairs
+from .collator import PairCollator, unpack_lists, unpack_pairs
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import (
@@ -34,9 +34,12 @@ from .data import (
     prepare_stream,
     report_summary,
 )
-from .forward import plain_inputs, score_plain, score_shared_prompt, shared_prompt_difference
-from .losses import LOSSES
+from .forward import (list_layout_difference, plain_inputs, score_lists, score_plain, score_shared_prompt,
+                      shared_prompt_difference)
+from .listwise import is_listwise, prepare_lists
+from .losses import LEARN_TIE, LOSSES, as_list_loss, learns_from_ties, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
+from .ranking_metrics import list_metrics
 from .model_card import write_model_card
 from .streaming import PADDING_GROUP, LengthGroupedStream, PaddedStream, stream_read_error
 from .modeling import (
@@ -118,12 +121,17 @@ class BalancedRewardTrainer(Trainer):
         args = self._as_config(args, model)
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
         for name, dataset in named_datasets.items():
-            if dataset is not None and "group_id" not in column_names(dataset):
+            if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
         if is_stream(train_dataset):
             self._check_stream_options(args)
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
+        # Lists (and pairs with ties) train as lists: every row is K completions with ranks; a pair is K = 2.
+        self.trains_lists = trains_lists(self.loss_fn) or (train_dataset is not None and is_listwise(train_dataset))
+        self._check_list_options(named_datasets, args, loss_fn)
+        list_options = {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
+        self.list_loss = as_list_loss(self.loss_fn, list_options)
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
         # Config, tokenizer and data first: every mistake they reveal surfaces before the weights are loaded.
         model_id = model if isinstance(model, str) else None
@@ -169,12 +177,14 @@ class BalancedRewardTrainer(Trainer):
                 "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
                 "length directions over all pairs."
             )
-        if isinstance(train_dataset, Dataset) and "response_lengths" in train_dataset.column_names:
+        if isinstance(train_dataset, Dataset) and "rejected_ids" in train_dataset.column_names:
             lengths = torch.as_tensor(train_dataset["response_lengths"])
             group_ids = torch.as_tensor(train_dataset["group_id"])
             self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
             if self.uses_balance:
                 logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
+        if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
+            self._warn_unused_ties(train_dataset, args, loss_fn)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
@@ -227,6 +237,7 @@ class BalancedRewardTrainer(Trainer):
         self.stream_position, self._pass_iterator, self._resumed_stream_position = {"pass": 0, "batches": 0}, None, None
         self._position_before_step = (0, dict(self.stream_position))
         self.length_head = self._make_length_head(model) if self.uses_balance and self.balance.length_head else None
+        self.log_tie = self._make_log_tie(args) if args.loss_kwargs.get(LEARN_TIE) else None
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
         if args.reward_drift_limit is not None:
@@ -284,11 +295,44 @@ class BalancedRewardTrainer(Trainer):
                 parameter.register_hook(lambda grad: self.accelerator.reduce(grad, reduction="mean"))
         return head
 
+    def _make_log_tie(self, args) -> torch.nn.Parameter:
+        """The tie losses' log_tie when `learn_tie` is set: trained with the model (no weight decay), kept in the
+        checkpoint, never in the saved model (scoring does not need it)."""
+        log_tie = torch.nn.Parameter(torch.tensor(float(args.loss_kwargs.get("log_tie", 0.0)), device=args.device))
+        if self.accelerator.num_processes > 1:  # outside the DDP-wrapped model: average its gradient here
+            log_tie.register_hook(lambda grad: self.accelerator.reduce(grad, reduction="mean"))
+        return log_tie
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.length_head is not None:
             optimizer.add_param_group({"params": list(self.length_head.parameters()), "weight_decay": 0.0})
+        if self.log_tie is not None:
+            optimizer.add_param_group({"params": [self.log_tie], "weight_decay": 0.0})
         return optimizer
+
+    def _warn_unused_ties(self, train_dataset, args, loss_fn) -> None:
+        tied = sum(len(set(ranks)) < len(ranks) for ranks in train_dataset["ranks"])
+        if tied and not learns_from_ties(self.loss_fn, args.loss_kwargs):
+            name = args.loss_type if loss_fn is None else "loss_fn"
+            logger.warning(f"{tied} train lists have tied completions, and loss '{name}' leaves tied pairs out; "
+                           "davidson, rao_kupper or plackett_luce learn from them (they pull tied rewards together).")
+
+    def _check_list_options(self, named_datasets, args, loss_fn) -> None:
+        """What lists cannot be trained with, named before anything is loaded."""
+        if not self.trains_lists:
+            return
+        if args.loss_type == "balanced" and loss_fn is None:
+            raise ConfigError(
+                "loss_type='balanced' weighs pairs by their group and length direction, and this train set holds "
+                "lists ('completions') or pairs with ties ('tie'), which have no one length direction; train them "
+                "with plackett_luce, graded, davidson or bradley_terry, or give the balanced loss pairs without a "
+                "'tie' column."
+            )
+        streamed = [name for name, dataset in named_datasets.items() if is_stream(dataset)]
+        if streamed:
+            raise ConfigError(f"lists (and pairs with ties) cannot be streamed yet: the {streamed[0]} dataset is an "
+                              "IterableDataset; load it into memory (streaming: false), or train pairs.")
 
     @staticmethod
     def _use_shared_prompt(model, args) -> bool:
@@ -363,9 +407,13 @@ class BalancedRewardTrainer(Trainer):
         if dataset is None:
             return None
         if is_stream(dataset):
+            if is_listwise(dataset):
+                raise ConfigError(f"the {name} dataset streams lists or pairs with ties, which cannot be streamed yet; "
+                                  "load it into memory (streaming: false).")
             return self._prepare_stream(dataset, tokenizer, args, name, count)
         if "group_id" not in dataset.column_names:
-            dataset, self.data_report[name] = prepare_dataset(dataset, tokenizer, args, name, max_length=self.max_length)
+            prepare = prepare_lists if self.trains_lists or is_listwise(dataset) else prepare_dataset
+            dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
             new = sorted(set(dataset.unique("group")) - set(self.group_names))
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
@@ -497,9 +545,12 @@ class BalancedRewardTrainer(Trainer):
             dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
             dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
             dataset = dataset.take(1000) if is_stream(dataset) else dataset.select(range(min(len(dataset), 1000)))
-        (chosen, rejected, _), _ = real_pairs(self.predict(dataset, metric_key_prefix="normalize"))
-        pairs = len(chosen)
-        rewards = np.concatenate([chosen, rejected]).astype(np.float64)
+        predictions, labels = real_pairs(self.predict(dataset, metric_key_prefix="normalize"))
+        pairs = len(predictions[0])  # pairs, or lists
+        if len(predictions) == 2:  # lists: their real completions' rewards
+            rewards = predictions[0][labels[2] == 1].astype(np.float64)
+        else:
+            rewards = np.concatenate(predictions[:2]).astype(np.float64)
         mean, std = float(rewards.mean()), float(rewards.std())
         if not std > 0:
             raise TrainingStopped(f"normalize_rewards: the rewards on {pairs} pairs all equal {mean}; there is "
@@ -572,6 +623,9 @@ class BalancedRewardTrainer(Trainer):
             self.balance.load_state_dict(state["balance"])
         if self.length_head is not None:
             self.length_head.load_state_dict({k: torch.tensor(v) for k, v in state["length_head"].items()})
+        if self.log_tie is not None and "log_tie" in state:
+            with torch.no_grad():
+                self.log_tie.fill_(state["log_tie"])
         self.skipped_batches = state["skipped_batches"]
         self._resumed_stream_position = state.get("stream_position")  # absent before versions that recorded it
 
@@ -625,6 +679,8 @@ class BalancedRewardTrainer(Trainer):
                 state["stream_position"] = before if step == self.state.global_step else dict(self.stream_position)
             if self.length_head is not None:
                 state["length_head"] = {k: v.tolist() for k, v in self.length_head.state_dict().items()}
+            if self.log_tie is not None:
+                state["log_tie"] = self.log_tie.item()
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -704,12 +760,23 @@ class BalancedRewardTrainer(Trainer):
     def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:
         return plain_inputs(pairs, like, self.processing_class.pad_token_id)
 
+    def score_lists(self, model, inputs) -> torch.Tensor:
+        """Rewards [lists, K] (fp32, 0 in padded slots) of a collated list batch, in one forward pass."""
+        if "segment_ids" not in inputs:
+            return score_lists(model, inputs, shared_prompt=False)
+        if not self._shared_prompt_checked:
+            self._shared_prompt_checked = True
+            self._check_shared_prompt(model, inputs)
+        if self.shared_prompt:
+            return score_lists(model, inputs, shared_prompt=True)
+        return score_lists(model, self._plain_inputs(unpack_lists(inputs), inputs), shared_prompt=False)
+
     def _check_shared_prompt(self, model, inputs) -> None:
         """Fall back to the plain layout (or stop, when shared_prompt=true was asked for) if the first batch's
         shared-prompt rewards differ from the plain forward's: guards attention that ignores the layout."""
         full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
-        difference, tolerance = shared_prompt_difference(model, inputs, self.processing_class.pad_token_id,
-                                                         full_precision)
+        check = list_layout_difference if "completion_ends" in inputs else shared_prompt_difference
+        difference, tolerance = check(model, inputs, self.processing_class.pad_token_id, full_precision)
         if difference <= tolerance:
             logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
             return
@@ -734,6 +801,8 @@ class BalancedRewardTrainer(Trainer):
         return length_cells(inputs["response_lengths"][:, 0], inputs["response_lengths"][:, 1])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "ranks" in inputs:
+            return self.compute_list_loss(model, inputs, return_outputs)
         shortcut_terms = model.training and self.uses_balance
         if shortcut_terms and self.length_head is not None:
             (chosen, rejected), features = self.score_pairs(model, inputs, with_features=True)
@@ -762,6 +831,34 @@ class BalancedRewardTrainer(Trainer):
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs)
         return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
+
+    def compute_list_loss(self, model, inputs, return_outputs=False):
+        """The loss of a list batch: one loss per list (`self.list_loss`), then the same weighted mean as pairs."""
+        rewards = self.score_lists(model, inputs)
+        mask = inputs["list_mask"]
+        extra = {"log_tie": self.log_tie} if self.log_tie is not None else {}
+        per_list = self.list_loss(rewards, inputs["ranks"], mask, inputs.get("scores"), **extra)
+        if per_list.shape != rewards.shape[:1]:
+            raise ValueError(f"the loss function must return one loss per list, shape {tuple(rewards.shape[:1])}; "
+                             f"it returned shape {tuple(per_list.shape)}.")
+        if self.args.center_rewards_coefficient:  # (2 x the list's mean reward)^2: (r_c + r_r)^2 on a pair
+            mean_reward = (rewards * mask).sum(-1) / mask.sum(-1)
+            per_list = per_list + self.args.center_rewards_coefficient * (2 * mean_reward) ** 2
+        weights = inputs.get("weight")
+        weighted = per_list if weights is None else weights * per_list
+        loss = weighted.mean()
+        if model.training:
+            self._micro_batches += 1
+            if not self._all_finite(loss, rewards[mask]):
+                return self._non_finite(model, loss, rewards[mask], rewards[:0, 0])
+            with torch.no_grad():  # training accuracy and reward scale over the lists' decisive pairs
+                pairs = list_pairs(rewards, inputs["ranks"], mask)
+                decisive = pairs.valid & ~pairs.tie
+                per_pair = {"group_id": inputs["group_id"][:, None].expand_as(decisive)[decisive]} \
+                    if "group_id" in inputs else {}
+                self._record_train_step(pairs.chosen[decisive], pairs.rejected[decisive],
+                                        per_list[:, None].expand_as(decisive)[decisive], per_pair)
+        return (loss, {"rewards": rewards, "list_losses": weighted}) if return_outputs else loss
 
     def _training_only_terms(self, chosen, rejected, features, inputs) -> tuple:
         """The balanced loss's terms that the saved model never sees: the length expert's vote and the length head's
@@ -847,13 +944,17 @@ class BalancedRewardTrainer(Trainer):
         """Training metrics since the last log, summed over all processes."""
         totals = self.accelerator.reduce(self._train_totals, reduction="sum").tolist()
         pairs, correct, margin_sum, reward_sum, reward_sq_sum = totals
-        reward_mean = reward_sum / (2 * pairs)
-        metrics = {
-            "accuracy": correct / pairs,
-            "margin": margin_sum / pairs,
-            "reward_mean": reward_mean,
-            "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
-        }
+        metrics = {}
+        if pairs:  # lists whose completions are all tied have no pair to count
+            reward_mean = reward_sum / (2 * pairs)
+            metrics = {
+                "accuracy": correct / pairs,
+                "margin": margin_sum / pairs,
+                "reward_mean": reward_mean,
+                "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
+            }
+        if self.log_tie is not None:
+            metrics["tie_parameter"] = self.log_tie.exp().item()
         if self._group_totals is not None:
             group_counts, group_correct, _ = self.accelerator.reduce(self._group_totals, reduction="sum").tolist()
             for name, count, right in zip(self.group_names, group_counts, group_correct):
@@ -873,11 +974,17 @@ class BalancedRewardTrainer(Trainer):
             loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
+        if "ranks" in inputs:  # lists: Trainer pads K across batches with -100, so the mask travels as 1 / 0
+            group_ids = inputs.get("group_id", torch.zeros_like(rewards["list_losses"], dtype=torch.long))
+            return (loss.detach(), (rewards["rewards"], rewards["list_losses"].detach()),
+                    (group_ids, inputs["ranks"], inputs["list_mask"].long()))
         group_ids = inputs.get("group_id", torch.zeros_like(rewards["chosen"], dtype=torch.long))
         labels = (group_ids, inputs["response_lengths"]) if "response_lengths" in inputs else (group_ids,)
         return loss.detach(), (rewards["chosen"], rewards["rejected"], rewards["pair_losses"].detach()), labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
+        if len(eval_prediction.predictions) == 2:  # lists: (rewards, list losses)
+            return self._list_metrics(eval_prediction)
         (chosen, rejected, pair_losses), (group_ids, *lengths) = real_pairs(eval_prediction)
         response_lengths = (lengths[0][:, 0], lengths[0][:, 1]) if lengths else (None, None)
         metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"], *response_lengths)
@@ -886,4 +993,12 @@ class BalancedRewardTrainer(Trainer):
         metrics["loss"] = float(pair_losses.mean())
         if self.user_compute_metrics is not None:
             metrics.update(self.user_compute_metrics(EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids)))
+        return metrics
+
+    def _list_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
+        (rewards, list_losses), (group_ids, ranks, mask) = real_pairs(eval_prediction)
+        metrics = list_metrics(rewards, ranks, mask == 1, group_ids, self.group_names or ["all"])
+        metrics["loss"] = float(list_losses.mean())
+        if self.user_compute_metrics is not None:
+            metrics.update(self.user_compute_metrics(EvalPrediction(predictions=rewards, label_ids=(ranks, mask == 1))))
         return metrics

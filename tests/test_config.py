@@ -14,7 +14,8 @@ def test_defaults_are_valid():
 
 def test_unknown_loss_lists_choices_and_nearest():
     with pytest.raises(ConfigError, match=r"loss_type='bradly_terry' is not a known loss \(did you mean "
-                       r"'bradley_terry'\?\)\. Choose one of: balanced, bradley_terry, hinge\."):
+                       r"'bradley_terry'\?\)\. Choose one of: balanced, bradley_terry, davidson, graded, hinge, pairwise, "
+                       r"plackett_luce, rao_kupper\."):
         make(loss_type="bradly_terry")
 
 
