@@ -23,7 +23,8 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from trl.data_utils import common_prefix_length
 
 from .config import ConfigError
-from .data import MAX_SHOWN, DataError, load_preference_dataset, render_texts, text_problem, truncate_pair
+from .data import (MAX_SHOWN, DataError, load_preference_dataset, render_texts, template_options_problem, text_problem,
+                   truncate_pair)
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,12 @@ def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int |
     return max_length
 
 
-def tokenize_texts(prompts, completions, tokenizer, max_length, append_eos: bool) -> list[list[int]]:
-    """Token ids of each prompt + completion, rendered, tokenised and truncated as training does."""
-    rendered = [render_texts({"prompt": p, "chosen": c, "rejected": c}, tokenizer, append_eos)[:2]
-                for p, c in zip(prompts, completions, strict=True)]
+def tokenize_texts(prompts, completions, tokenizer, max_length, append_eos: bool, options=None) -> list[list[int]]:
+    """Token ids of each prompt + completion, rendered, tokenised and truncated as training does. `options`: per
+    text, the row's chat template columns (`tools`, `chat_template_kwargs`), as training passes them."""
+    options = options or [{}] * len(prompts)
+    rendered = [render_texts({"prompt": p, "chosen": c, "rejected": c, **o}, tokenizer, append_eos)[:2]
+                for p, c, o in zip(prompts, completions, options, strict=True)]
     all_ids = tokenizer([text for _, text in rendered])["input_ids"]  # the tokenizer's own BOS/CLS, as in training
     special_ids = set(tokenizer.all_special_ids)
     truncated, response_cut = 0, 0
@@ -190,8 +193,9 @@ def check_score_rows(dataset: Dataset, name: str) -> str:
     if len(dataset) == 0:
         raise DataError(f"dataset '{name}' is empty: it has no rows.")
     column = found[0]
-    bad = [f"row {row}: {problem}" for row, (prompt, responses) in enumerate(zip(dataset["prompt"], dataset[column]))
-           if (problem := score_row_problem(prompt, responses, column))]
+    bad = [f"row {row}: {problem}" for row, example in enumerate(dataset)
+           if (problem := score_row_problem(example["prompt"], example[column], column)
+               or template_options_problem(example))]
     if bad:
         more = f" (and {len(bad) - MAX_SHOWN} more)" if len(bad) > MAX_SHOWN else ""
         raise DataError(f"dataset '{name}' has {len(bad)} bad row(s) of {len(dataset)}: "
@@ -216,6 +220,9 @@ def score_row_problem(prompt, responses, column: str) -> str | None:
     return None
 
 
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row chat template arguments, as in training
+
+
 def ranks(rewards: list[float]) -> list[int]:
     """1 = best; equal rewards share the better rank (1, 1, 3)."""
     return [1 + sum(other > reward for other in rewards) for reward in rewards]
@@ -234,13 +241,15 @@ def score_file(model, dataset, output: str, max_length: int | None = None, batch
         dataset = load_preference_dataset(dataset, split)
     column = check_score_rows(dataset, name)  # before the (slow) model load
     reward = reward_function(model, tokenizer, batch_size, max_length=max_length)
-    owners, prompts, responses = [], [], []
-    for row, (prompt, row_responses) in enumerate(zip(dataset["prompt"], dataset[column])):
-        for response in row_responses if column == "completions" else [row_responses]:
+    template_columns = [c for c in TEMPLATE_COLUMNS if c in dataset.column_names]
+    owners, prompts, responses, options = [], [], [], []
+    for row, example in enumerate(dataset):
+        for response in example[column] if column == "completions" else [example[column]]:
             owners.append(row)
-            prompts.append(prompt)
+            prompts.append(example["prompt"])
             responses.append(response)
-    all_ids = tokenize_texts(prompts, responses, reward.tokenizer, reward.max_length, reward.append_eos)
+            options.append({c: example[c] for c in template_columns})
+    all_ids = tokenize_texts(prompts, responses, reward.tokenizer, reward.max_length, reward.append_eos, options)
     rewards = score_ids(reward.model, all_ids, batch_size, progress=True)
     per_row = [[] for _ in range(len(dataset))]
     for row, value in zip(owners, rewards):

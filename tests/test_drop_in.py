@@ -374,3 +374,27 @@ def test_lora_trains_the_embeddings_of_tokens_a_copied_template_added(tmp_path):
     before = embeddings()
     trainer.train()
     assert not torch.equal(before, embeddings())  # the new token's embedding was trained
+
+
+def test_score_command_renders_each_rows_tools_and_template_arguments(tmp_path):
+    import json
+
+    from hf_balanced_reward import score_file
+
+    tokenizer = tool_tokenizer()
+    model = tiny_llama(tokenizer)
+    model.config.max_position_embeddings = 2048  # tool schemas are long in a byte-level vocabulary: nothing is cut
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": r["prompt"], "response": r["chosen"], "tools": r["tools"],
+             "chat_template_kwargs": r["chat_template_kwargs"]} for r in tool_rows()]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    score_file(str(tmp_path / "model"), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"))
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for row, result in zip(rows, scored, strict=True):
+        text = tokenizer.apply_chat_template(row["prompt"] + row["response"], tools=row["tools"], tokenize=False,
+                                             **row["chat_template_kwargs"])
+        assert '"name": "' in text  # the row's tools are in what is scored
+        with torch.no_grad():
+            expected = model(torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
+        assert result["reward"] == pytest.approx(expected, abs=1e-5)
