@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def _code_version() -> str:
-    """A hash of the code that prepares pairs. `datasets` keys its map cache on the mapped function, but hashes a
-    module-level function by its name, not its body: without this, results cached by an older version of this
-    package would be reused after an upgrade."""
+    """A hash of the code that prepares pairs and lists (this module, the collator's, `listwise.py`). `datasets`
+    keys its map cache on the mapped function, but hashes a module-level function by its name, not its body: without
+    this, results cached by an older version of this package would be reused after an upgrade."""
     digest = hashlib.sha256()
-    for path in (__file__, collator.__file__):
+    for path in (__file__, collator.__file__, os.path.join(os.path.dirname(__file__), "listwise.py")):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
