@@ -1,15 +1,20 @@
 """Scoring a collated batch of pairs or lists: the plain layout (a row per sequence) and the shared-prompt layout
-(packed segments), plus the check that the two agree on a model.
+(packed segments), plus the check that the two agree on a model (made on the first batch of a run).
 
 Rewards are read from the reward head's own output (captured with a forward hook), at explicit end positions, so the
 model's "last non-pad token" guess is never used; they are returned in fp32 whatever the model's dtype.
 """
 
+import logging
+
 import torch
 from accelerate.utils import extract_model_from_parallel
 
 from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_lists, unpack_pairs
+from .config import ConfigError
 from .modeling import find_reward_head
+
+logger = logging.getLogger(__name__)
 
 
 def forward_with_head_output(model, **inputs) -> tuple:
@@ -128,3 +133,21 @@ def list_layout_difference(model, inputs, pad_token_id, full_precision: bool) ->
         lambda: score_lists(model, plain_inputs(lists, {"input_ids": packed["input_ids"]}, pad_token_id), False),
         full_precision,
     )
+
+
+def shared_prompt_agrees(model, inputs, pad_token_id, full_precision: bool, required: bool) -> bool:
+    """Whether a shared-prompt batch's rewards equal the plain forward's on this model; when they differ, stop if the
+    shared prompt was `required` (shared_prompt=true), else warn. Guards attention that ignores the layout."""
+    check = list_layout_difference if "completion_ends" in inputs else shared_prompt_difference
+    difference, tolerance = check(model, inputs, pad_token_id, full_precision)
+    if difference <= tolerance:
+        logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
+        return True
+    message = (
+        f"the shared-prompt layout changes this model's rewards (max difference {difference:.3g} on the first "
+        f"batch, tolerance {tolerance:.3g}); its attention does not follow the layout's mask or position ids."
+    )
+    if required:
+        raise ConfigError(f"{message} Set shared_prompt: false.")
+    logger.warning(f"{message} Using the plain layout.")
+    return False

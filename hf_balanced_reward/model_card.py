@@ -1,4 +1,5 @@
-"""README.md model card for a trained reward model: what it was trained on, how, what it scores, how to use it."""
+"""README.md model card for a trained reward model: what it was trained on, how, what it scores, how to use it;
+and the files of a saved model that are pushed to the Hub with it."""
 
 import json
 import os
@@ -53,6 +54,24 @@ The model scores the text's last token; texts are scored as rendered{eos_note}.
 """
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# Files a saved reward model needs to load (weights, config, tokenizer) plus its card and plots: what is pushed.
+HUB_FILES = re.compile(
+    r"(config\.json|generation_config\.json|[^/]*\.safetensors|[^/]*\.safetensors\.index\.json|adapter_config\.json|"
+    r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]*|merges\.txt|[^/]*\.model|"
+    r"chat_template\.jinja|README\.md|plots/[^/]*\.png)"
+)
+
+
+def hub_files(folder: str) -> list[str]:
+    """The files of a saved model that load it, plus its card and plots; not args pickles, logs or checkpoints."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if HUB_FILES.fullmatch(relative):
+                found.append(relative)
+    return sorted(found)
 
 
 def public_name(name_or_path: str | None) -> str | None:

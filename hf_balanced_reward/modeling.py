@@ -1,5 +1,7 @@
-"""Loading reward models and checking what they support, before and after the weights are read."""
+"""Loading reward models, checking what they support (before and after the weights are read), fitting them to the
+tokenizer and LoRA, and the trainable parameters that live beside them."""
 
+import logging
 import os
 
 import torch
@@ -7,6 +9,8 @@ from accelerate.utils import is_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, set_seed
 
 from .config import BalancedRewardConfig, ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Attribute names of the scalar head in *ForSequenceClassification models (decoders: score, encoders: classifier).
 HEAD_NAMES = ("score", "classifier")
@@ -34,6 +38,18 @@ def shared_prompt_blocker(model: torch.nn.Module) -> str | None:
             f"attn_implementation set to one of {', '.join(SHARED_PROMPT_ATTENTION)}"
         )
     return None
+
+
+def use_shared_prompt(model: torch.nn.Module, args: BalancedRewardConfig) -> bool:
+    """Whether to pack pairs with a shared prompt: as asked, or by default where the model supports it."""
+    blocker = shared_prompt_blocker(model)
+    if blocker is None:
+        return args.shared_prompt is not False
+    if args.shared_prompt:
+        raise ConfigError(f"shared_prompt=true does not apply here: {blocker}. Set shared_prompt: false.")
+    if args.shared_prompt is None:
+        logger.info(f"Plain two-sequence layout: {blocker}.")
+    return False
 
 
 def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
@@ -79,6 +95,17 @@ def fold_affine_into_head(model: torch.nn.Module, mean: float, std: float) -> bo
     return True
 
 
+def normalize_head(model: torch.nn.Module, mean: float, std: float, pairs: int) -> dict:
+    """Fold the standardisation of rewards measured on `pairs` pairs into the reward head, and record it in the
+    model's config as `reward_normalization`."""
+    shift_folded = fold_affine_into_head(model, mean, std)
+    record = {"mean": mean, "std": std, "pairs": pairs, "shift_folded": shift_folded}
+    model.config.reward_normalization = record
+    logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {pairs} pairs folded into the head"
+                + ("." if shift_folded else f"; the head has no bias, so the mean stays at {mean / std:.4f} std."))
+    return record
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
 
 
@@ -105,3 +132,80 @@ def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
             raise
         raise ConfigError(f"the weights of model '{model_id}' cannot be read ({err}): the file is corrupt or was cut "
                           "short; save or download it again.") from err
+
+
+def prepare_model(model, tokenizer, args: BalancedRewardConfig, added_tokens: list[int], max_length: int | None):
+    """A loaded model readied for training: matched to the tokenizer, its config carrying what scoring needs."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    match_model_to_tokenizer(model, tokenizer, args, added_tokens)
+    model.config.pad_token_id = tokenizer.pad_token_id  # lets pipeline() batch the saved model
+    # Saved with the model: `evaluate`, `score` and `reward_function` render and cut texts as training did.
+    model.config.reward_max_length = max_length
+    model.config.reward_append_eos_token = args.append_eos_token
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no generation here; a cache only costs memory
+    if args.disable_dropout:
+        disable_dropout_in_model(model)
+
+
+def match_model_to_tokenizer(model, tokenizer, args: BalancedRewardConfig, added_tokens: list[int]) -> None:
+    """After eos_token / chat_template_path changed the tokenizer: the model's eos id, and embeddings for the
+    tokens a copied chat template added (as trl's clone_chat_template does)."""
+    if args.eos_token is not None or args.chat_template_path is not None:
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    if added_tokens and len(tokenizer.get_vocab()) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer.get_vocab()))
+
+
+def wrap_peft(model, peft_config, args: BalancedRewardConfig, added_tokens=()):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    head_name, _ = find_reward_head(model)
+    modules_to_save = list(peft_config.modules_to_save or [])
+    if head_name not in modules_to_save:
+        peft_config.modules_to_save = modules_to_save + [head_name]  # the head is new: it must be trained and saved
+    if added_tokens and not isinstance(peft_config.trainable_token_indices, dict):
+        # Tokens a copied chat template added have untrained embeddings: train them too (a dict names its own).
+        peft_config.trainable_token_indices = list(peft_config.trainable_token_indices or []) + list(added_tokens)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):  # QLoRA
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+    return get_peft_model(model, peft_config)
+
+
+def save_merged(adapter_dir: str, output_dir: str, tokenizer, dtype, trust_remote_code: bool) -> None:
+    """Reload the LoRA model saved in `adapter_dir`, fold its adapters in and save it to `output_dir` as a plain
+    AutoModelForSequenceClassification, with the tokenizer."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
+        adapter_dir, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    merged = reloaded.merge_and_unload()
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+# Trainable parameters beside the model: trained with it, kept in checkpoints, never in the saved model.
+def average_gradients(parameters, accelerator) -> None:
+    """Outside the DDP-wrapped model, so DDP does not average their gradients across processes: do it here."""
+    if accelerator.num_processes > 1:
+        for parameter in parameters:
+            parameter.register_hook(lambda grad: accelerator.reduce(grad, reduction="mean"))
+
+
+def make_length_head(model, device, accelerator) -> torch.nn.Linear:
+    """The second head of `length_head` (ODIN-style): on the reward head's input features, in fp32."""
+    head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(device)
+    average_gradients(head.parameters(), accelerator)
+    return head
+
+
+def make_log_tie(value: float, device, accelerator) -> torch.nn.Parameter:
+    """The tie losses' log_tie when `learn_tie` is set (scoring does not need it)."""
+    log_tie = torch.nn.Parameter(torch.tensor(float(value), device=device))
+    average_gradients([log_tie], accelerator)
+    return log_tie

@@ -1,21 +1,29 @@
-"""Streamed train sets batched by length: pairs of similar length read from a buffer, in a seeded order.
+"""Streamed datasets: batched by length, counted in one pass, their read errors named, padded for evaluation on
+several processes, and the position a run has read a streamed train set up to.
 
-A stream has no length and no random access, so `train_sampling_strategy="group_by_length"` cannot use transformers'
-`LengthGroupedSampler`. `LengthGroupedStream` does the same job a buffer at a time: it reads `buffer_batches` global
-batches of pairs, sorts them by `length` (the unique tokens of a pair, as the in-memory sampler does), cuts them into
-batches and yields the batches in an order shuffled with a seed drawn from (seed, epoch, buffer index, worker). The
-order is a function of the stream and the seed alone, so a resumed run that skips the batches already trained lands
-where the first run was. A buffer's last partial batch (only the stream's last buffer has one) is yielded last, so
-that the DataLoader, which cuts every `batch_size` consecutive pairs into a batch, cuts exactly these batches.
+Batched by length: a stream has no length and no random access, so `train_sampling_strategy="group_by_length"` cannot
+use transformers' `LengthGroupedSampler`. `LengthGroupedStream` does the same job a buffer at a time: it reads
+`buffer_batches` global batches of pairs, sorts them by `length` (the unique tokens of a pair, as the in-memory
+sampler does), cuts them into batches and yields the batches in an order shuffled with a seed drawn from (seed,
+epoch, buffer index, worker). The order is a function of the stream and the seed alone, so a resumed run that skips
+the batches already trained lands where the first run was. A buffer's last partial batch (only the stream's last
+buffer has one) is yielded last, so that the DataLoader, which cuts every `batch_size` consecutive pairs into a
+batch, cuts exactly these batches.
 """
 
+import contextlib
 import json
 import os
+
+import logging
 
 import numpy as np
 import torch
 
-from .data import DataError
+from .balancing import length_cells
+from .data import DataError, report_summary
+
+logger = logging.getLogger(__name__)
 
 
 class LengthGroupedStream(torch.utils.data.IterableDataset):
@@ -88,6 +96,38 @@ def stream_read_error(err: BaseException) -> DataError | None:
     return DataError(f"could not read {where} as it streamed: {what}; the rows before it were read. {fix}.")
 
 
+@contextlib.contextmanager
+def reading_streams():
+    """An error a `datasets` file reader raises while a stream is read becomes a one-line DataError naming the file."""
+    try:
+        yield
+    except Exception as err:
+        if (read_error := stream_read_error(err)) is None:
+            raise
+        raise read_error from err
+
+
+def count_stream(dataset, balance, name: str, report: dict, on_bad_rows: str) -> None:
+    """One pass over a prepared stream before the model is loaded: every row checked (`report` counts them), and
+    the groups and unit sizes the balanced loss weighs by given to `balance`, exactly as for a dataset in memory."""
+    groups, lengths = [], []
+    with reading_streams():
+        for example in dataset:
+            groups.append(example["group"])
+            lengths.append(example["response_lengths"])
+    if not groups:
+        raise DataError(f"{name} dataset has no usable pairs left: all {report['rows']} rows were dropped.")
+    if new := sorted(set(groups) - set(balance.group_names)):  # in order, as for a dataset in memory
+        balance.add_groups(new)
+    index = {group: i for i, group in enumerate(balance.group_names)}
+    group_ids, lengths = torch.tensor([index[g] for g in groups]), torch.tensor(lengths)
+    balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
+    logger.info(f"Counting pass over the streamed {name} set: {len(groups)} pairs in {len(balance.group_names)} "
+                f"group(s).")
+    if summary := report_summary(name, report, on_bad_rows):
+        logger.warning(summary)
+
+
 def first_bad_json_line(path: str) -> tuple[int, str] | None:
     """(line number from 1, the parser's complaint) of the first non-blank line of a JSON Lines file that is not
     one JSON value, or None."""
@@ -130,3 +170,41 @@ class PaddedStream(torch.utils.data.IterableDataset):
             yield example
         for _ in range(-count % self.multiple if first is not None else 0):
             yield {**first, "group_id": PADDING_GROUP}
+
+
+def real_pairs(prediction) -> tuple[tuple, tuple]:
+    """(predictions, label_ids) of an evaluation without the pairs `PaddedStream` added (group_id PADDING_GROUP)."""
+    keep = np.asarray(prediction.label_ids[0]) != PADDING_GROUP
+    if keep.all():
+        return tuple(prediction.predictions), tuple(prediction.label_ids)
+    return tuple(p[keep] for p in prediction.predictions), tuple(l[keep] for l in prediction.label_ids)
+
+
+class StreamPosition:
+    """Where a streamed train set is read up to: its pass (Trainer's epoch) and the batches read into that pass.
+
+    Trainer iterates each epoch (pass) with a new iterator, so a new iterator after the first is the next pass.
+    The position before a step's batches is kept too, for a checkpoint saved before the step finishes.
+    """
+
+    def __init__(self):
+        self.resumed: dict | None = None  # the position the checkpoint being resumed recorded
+        self.start(0, 0, global_step=0)
+
+    def start(self, epoch: int, batches: int, global_step: int) -> None:
+        self.position, self.iterator = {"pass": epoch, "batches": batches}, None
+        self.before_step = (global_step, dict(self.position))
+
+    def read(self, epoch_iterator, num_batches: int, global_step: int) -> None:
+        """Count the batches of one optimizer step, read from `epoch_iterator` before step `global_step` + 1."""
+        self.before_step = (global_step, dict(self.position))
+        if epoch_iterator is not self.iterator:
+            if self.iterator is not None:
+                self.position = {"pass": self.position["pass"] + 1, "batches": 0}
+            self.iterator = epoch_iterator
+        self.position["batches"] += num_batches
+
+    def of_finished_steps(self, global_step: int) -> dict:
+        """The position after the batches of the steps finished by `global_step` (a nan_policy stop saves mid-step)."""
+        step, before = self.before_step
+        return before if step == global_step else dict(self.position)

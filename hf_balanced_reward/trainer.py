@@ -1,24 +1,24 @@
-"""`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses."""
+"""`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses.
 
-import contextlib
-import dataclasses
+The class is Trainer's hooks; the jobs they hand on live beside it: `preflight` (option checks before the model
+loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `train_metrics` and `model_card`.
+"""
+
 import json
 import logging
 import os
-import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
-from trl.trainer.utils import disable_dropout_in_model
 
 from .callbacks import RewardDriftCallback, StopOnSignal
-from .checkpoints import REWARD_STATE, is_complete_checkpoint, list_checkpoints, write_json_atomically
+from .checkpoints import (REWARD_STATE, check_same_model, is_complete_checkpoint, load_reward_state, resolve_checkpoint,
+                          reward_state, write_json_atomically)
 from .collator import PairCollator, unpack_lists, unpack_pairs
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
@@ -34,55 +34,32 @@ from .data import (
     prepare_stream,
     report_summary,
 )
-from .forward import (list_layout_difference, plain_inputs, score_lists, score_plain, score_shared_prompt,
-                      shared_prompt_difference)
+from .forward import plain_inputs, score_lists, score_plain, score_shared_prompt, shared_prompt_agrees
 from .listwise import is_listwise, prepare_lists
-from .losses import LEARN_TIE, LOSSES, as_list_loss, learns_from_ties, list_pairs, trains_lists
+from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
-from .model_card import write_model_card
-from .streaming import PADDING_GROUP, LengthGroupedStream, PaddedStream, stream_read_error
+from .model_card import hub_files, write_model_card
+from .preflight import (as_config, check_list_options, check_model_options, check_stream_options, set_eval_strategy,
+                        warn_unused_ties)
+from .streaming import (LengthGroupedStream, PaddedStream, StreamPosition, count_stream, reading_streams,
+                        real_pairs)
+from .train_metrics import TrainTotals, UnitLosses, all_finite
 from .modeling import (
     find_reward_head,
-    fold_affine_into_head,
     load_config_and_tokenizer,
     load_model,
-    shared_prompt_blocker,
+    make_length_head,
+    make_log_tie,
+    normalize_head,
+    prepare_model,
+    save_merged,
     skeleton_model,
+    use_shared_prompt,
+    wrap_peft,
 )
 
 logger = logging.getLogger(__name__)
-
-# Files a saved reward model needs to load (weights, config, tokenizer) plus its card and plots: what is pushed.
-HUB_FILES = re.compile(
-    r"(config\.json|generation_config\.json|[^/]*\.safetensors|[^/]*\.safetensors\.index\.json|adapter_config\.json|"
-    r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]*|merges\.txt|[^/]*\.model|"
-    r"chat_template\.jinja|README\.md|plots/[^/]*\.png)"
-)
-
-
-def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Widen per-group totals when groups were added since they were started (a new eval set mid-training)."""
-    return F.pad(totals, (0, num_groups - totals.shape[-1]))
-
-
-@contextlib.contextmanager
-def reading_streams():
-    """An error a `datasets` file reader raises while a stream is read becomes a one-line DataError naming the file."""
-    try:
-        yield
-    except Exception as err:
-        if (read_error := stream_read_error(err)) is None:
-            raise
-        raise read_error from err
-
-
-def real_pairs(prediction) -> tuple[tuple, tuple]:
-    """(predictions, label_ids) of an evaluation without the pairs `PaddedStream` added (group_id PADDING_GROUP)."""
-    keep = np.asarray(prediction.label_ids[0]) != PADDING_GROUP
-    if keep.all():
-        return tuple(prediction.predictions), tuple(prediction.label_ids)
-    return tuple(p[keep] for p in prediction.predictions), tuple(l[keep] for l in prediction.label_ids)
 
 
 class TrainingStopped(RuntimeError):
@@ -118,18 +95,19 @@ class BalancedRewardTrainer(Trainer):
         peft_config=None,
         loss_fn=None,
     ):
-        args = self._as_config(args, model)
+        args = as_config(args, model)
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
         for name, dataset in named_datasets.items():
             if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
         if is_stream(train_dataset):
-            self._check_stream_options(args)
+            check_stream_options(args)
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
         # Lists (and pairs with ties) train as lists: every row is K completions with ranks; a pair is K = 2.
         self.trains_lists = trains_lists(self.loss_fn) or (train_dataset is not None and is_listwise(train_dataset))
-        self._check_list_options(named_datasets, args, loss_fn)
+        if self.trains_lists:
+            check_list_options(named_datasets, args, loss_fn)
         list_options = {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
         self.list_loss = as_list_loss(self.loss_fn, list_options)
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -139,31 +117,13 @@ class BalancedRewardTrainer(Trainer):
             model_config, loaded_tokenizer = load_config_and_tokenizer(model_id, args)
             processing_class = processing_class or loaded_tokenizer
             if args.shared_prompt:
-                self._use_shared_prompt(skeleton_model(model_config, args), args)
+                use_shared_prompt(skeleton_model(model_config, args), args)
         else:
             model_config = model.config
             processing_class = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
         # trl.RewardConfig's token options, in trl's order: eos_token, chat_template_path, pad_token.
         added_tokens = apply_token_options(processing_class, args)
-        if args.activation_offloading and args.device.type == "cpu":
-            raise ConfigError(
-                "activation_offloading=true moves activations from accelerator memory to CPU memory, and this run is on "
-                "the CPU; unset it here (it applies on a GPU), or use gradient_checkpointing to save memory."
-            )
-        if model_config.num_labels != 1:
-            raise ConfigError(
-                f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
-                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
-            )
-        if processing_class.pad_token is None:
-            if processing_class.eos_token is None:
-                raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-            processing_class.pad_token = processing_class.eos_token
-        self.max_length = args.max_length
-        positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
-        if positions and (self.max_length is None or self.max_length > positions):
-            logger.warning(f"max_length={self.max_length} is more than the model's {positions} positions; using {positions}.")
-            self.max_length = positions
+        self.max_length = check_model_options(args, model_config, processing_class)  # cut to the model's positions
 
         # The built-in balanced loss's options are read here, by the reduction; a user's loss_fn gets them itself.
         self.uses_balance = args.loss_type == "balanced" and loss_fn is None
@@ -184,7 +144,7 @@ class BalancedRewardTrainer(Trainer):
             if self.uses_balance:
                 logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
         if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
-            self._warn_unused_ties(train_dataset, args, loss_fn)
+            warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
@@ -192,28 +152,14 @@ class BalancedRewardTrainer(Trainer):
 
         if model_id:
             model = load_model(model_id, args)
-        self._match_model_to_tokenizer(model, processing_class, args, added_tokens)
-        model.config.pad_token_id = processing_class.pad_token_id  # lets pipeline() batch the saved model
-        # Saved with the model: `evaluate`, `score` and `reward_function` render and cut texts as training did.
-        model.config.reward_max_length = self.max_length
-        model.config.reward_append_eos_token = args.append_eos_token
-        if getattr(model.config, "use_cache", None):
-            model.config.use_cache = False  # no generation here; a cache only costs memory
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-        self.shared_prompt = self._use_shared_prompt(model, args)
+        prepare_model(model, processing_class, args, added_tokens, self.max_length)
+        self.shared_prompt = use_shared_prompt(model, args)
         self._shared_prompt_checked = False
         if peft_config is not None:
-            model = self._wrap_peft(model, peft_config, args, added_tokens)
+            model = wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
 
-        if eval_dataset is not None and args.eval_strategy == "no" and is_stream(train_dataset):
-            # A streamed epoch may never end within max_steps: evaluate at the last step instead.
-            logger.info(f"An eval set was given with eval_strategy='no': evaluating at the last step ({args.max_steps}).")
-            args.eval_strategy, args.eval_steps = "steps", args.max_steps
-        elif eval_dataset is not None and args.eval_strategy == "no":
-            logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
-            args.eval_strategy = "epoch"
+        set_eval_strategy(args, eval_dataset, train_dataset)
         self.user_compute_metrics = compute_metrics
         super().__init__(
             model=model,
@@ -231,13 +177,15 @@ class BalancedRewardTrainer(Trainer):
         # Evaluation calls compute_loss only when the model "can return a loss" and there are no label columns.
         self.can_return_loss = True
         self.label_names = []
-        self._train_totals, self._group_totals, self._dro_totals = None, None, None
+        self.train_totals, self.unit_losses = TrainTotals(self.accelerator), UnitLosses(self.accelerator)
         self.skipped_batches, self._micro_batches = 0, 0
-        # Where a streamed train set is read up to: its pass (Trainer's epoch) and the batches read into that pass.
-        self.stream_position, self._pass_iterator, self._resumed_stream_position = {"pass": 0, "batches": 0}, None, None
-        self._position_before_step = (0, dict(self.stream_position))
-        self.length_head = self._make_length_head(model) if self.uses_balance and self.balance.length_head else None
-        self.log_tie = self._make_log_tie(args) if args.loss_kwargs.get(LEARN_TIE) else None
+        self.stream_state = StreamPosition()  # where a streamed train set is read up to
+        # Trained with the model (see `create_optimizer`), kept in checkpoints, never saved with the model.
+        self.length_head, self.log_tie = None, None
+        if self.uses_balance and self.balance.length_head:
+            self.length_head = make_length_head(model, args.device, self.accelerator)
+        if args.loss_kwargs.get(LEARN_TIE):
+            self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
         if args.reward_drift_limit is not None:
@@ -251,57 +199,12 @@ class BalancedRewardTrainer(Trainer):
 
     # --- setup -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _as_config(args, model) -> BalancedRewardConfig:
-        """`args` as a BalancedRewardConfig. A trl.RewardConfig (or TrainingArguments, or another trl config) keeps
-        every option: BalancedRewardConfig has a field for each of RewardConfig's. An option it has no field for is
-        refused by name when it is set to anything but its default, never dropped."""
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            return BalancedRewardConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-reward")
-        if isinstance(args, BalancedRewardConfig):
-            return args
-        ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
-        kept = {}
-        for f in dataclasses.fields(args):
-            if not f.init:
-                continue
-            value = getattr(args, f.name)
-            if f.name in ours:
-                kept[f.name] = value
-            elif value != (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
-                raise ConfigError(
-                    f"{type(args).__name__} option {f.name}={value!r} has no counterpart in BalancedRewardConfig, so "
-                    f"this trainer cannot honour it; leave it at its default ({f.default!r}) or train with "
-                    f"{type(args).__name__}'s own trainer."
-                )
-        return BalancedRewardConfig(**kept)
+    _as_config = staticmethod(as_config)  # tests and users call it on the class
 
-    @staticmethod
-    def _match_model_to_tokenizer(model, tokenizer, args, added_tokens: list[int]) -> None:
-        """After eos_token / chat_template_path changed the tokenizer: the model's eos id, and embeddings for the
-        tokens a copied chat template added (as trl's clone_chat_template does)."""
-        if args.eos_token is not None or args.chat_template_path is not None:
-            model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
-        if added_tokens and len(tokenizer.get_vocab()) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer.get_vocab()))
-
-    def _make_length_head(self, model) -> torch.nn.Linear:
-        """The second head of `length_head` (ODIN-style): on the reward head's input features, in fp32, trained with
-        the model (see `create_optimizer`) and never saved with it."""
-        head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1).to(self.args.device)
-        if self.accelerator.num_processes > 1:  # it is outside the DDP-wrapped model: average its gradients here
-            for parameter in head.parameters():
-                parameter.register_hook(lambda grad: self.accelerator.reduce(grad, reduction="mean"))
-        return head
-
-    def _make_log_tie(self, args) -> torch.nn.Parameter:
-        """The tie losses' log_tie when `learn_tie` is set: trained with the model (no weight decay), kept in the
-        checkpoint, never in the saved model (scoring does not need it)."""
-        log_tie = torch.nn.Parameter(torch.tensor(float(args.loss_kwargs.get("log_tie", 0.0)), device=args.device))
-        if self.accelerator.num_processes > 1:  # outside the DDP-wrapped model: average its gradient here
-            log_tie.register_hook(lambda grad: self.accelerator.reduce(grad, reduction="mean"))
-        return log_tie
+    @property
+    def stream_position(self) -> dict:
+        """Where a streamed train set is read up to: its pass (Trainer's epoch) and the batches read into it."""
+        return self.stream_state.position
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -311,40 +214,6 @@ class BalancedRewardTrainer(Trainer):
             optimizer.add_param_group({"params": [self.log_tie], "weight_decay": 0.0})
         return optimizer
 
-    def _warn_unused_ties(self, train_dataset, args, loss_fn) -> None:
-        tied = sum(len(set(ranks)) < len(ranks) for ranks in train_dataset["ranks"])
-        if tied and not learns_from_ties(self.loss_fn, args.loss_kwargs):
-            name = args.loss_type if loss_fn is None else "loss_fn"
-            logger.warning(f"{tied} train lists have tied completions, and loss '{name}' leaves tied pairs out; "
-                           "davidson, rao_kupper or plackett_luce learn from them (they pull tied rewards together).")
-
-    def _check_list_options(self, named_datasets, args, loss_fn) -> None:
-        """What lists cannot be trained with, named before anything is loaded."""
-        if not self.trains_lists:
-            return
-        if args.loss_type == "balanced" and loss_fn is None:
-            raise ConfigError(
-                "loss_type='balanced' weighs pairs by their group and length direction, and this train set holds "
-                "lists ('completions') or pairs with ties ('tie'), which have no one length direction; train them "
-                "with plackett_luce, graded, davidson or bradley_terry, or give the balanced loss pairs without a "
-                "'tie' column."
-            )
-        streamed = [name for name, dataset in named_datasets.items() if is_stream(dataset)]
-        if streamed:
-            raise ConfigError(f"lists (and pairs with ties) cannot be streamed yet: the {streamed[0]} dataset is an "
-                              "IterableDataset; load it into memory (streaming: false), or train pairs.")
-
-    @staticmethod
-    def _use_shared_prompt(model, args) -> bool:
-        blocker = shared_prompt_blocker(model)
-        if blocker is None:
-            return args.shared_prompt is not False
-        if args.shared_prompt:
-            raise ConfigError(f"shared_prompt=true does not apply here: {blocker}. Set shared_prompt: false.")
-        if args.shared_prompt is None:
-            logger.info(f"Plain two-sequence layout: {blocker}.")
-        return False
-
     def _default_collator(self, pad_token_id, args) -> PairCollator:
         return PairCollator(
             pad_token_id,
@@ -353,55 +222,17 @@ class BalancedRewardTrainer(Trainer):
             max_row_tokens=2 * (self.max_length or 1024),  # wider rows waste less padding but cost more attention
         )
 
-    @staticmethod
-    def _wrap_peft(model, peft_config, args, added_tokens=()):
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        head_name, _ = find_reward_head(model)
-        modules_to_save = list(peft_config.modules_to_save or [])
-        if head_name not in modules_to_save:
-            peft_config.modules_to_save = modules_to_save + [head_name]  # the head is new: it must be trained and saved
-        if added_tokens and not isinstance(peft_config.trainable_token_indices, dict):
-            # Tokens a copied chat template added have untrained embeddings: train them too (a dict names its own).
-            peft_config.trainable_token_indices = list(peft_config.trainable_token_indices or []) + list(added_tokens)
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):  # QLoRA
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-        elif args.gradient_checkpointing:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
-        return get_peft_model(model, peft_config)
-
     def save_merged_model(self, output_dir: str) -> None:
         """Save a LoRA-trained model with its adapters folded in: loads as a plain AutoModelForSequenceClassification.
 
         Reloads the adapters saved by `save_model` in `args.output_dir` (call that first), so the model being
         trained is left as it is.
         """
-        from peft import AutoPeftModelForSequenceClassification
-
         if not is_peft_model(self.model):
             raise ConfigError("save_merged_model needs a model trained with peft_config (LoRA adapters).")
-        if not self.args.should_save:
-            return
-        reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
-            self.args.output_dir, num_labels=1, dtype=self.model.dtype, trust_remote_code=self.args.trust_remote_code
-        )
-        merged = reloaded.merge_and_unload()
-        merged.config.pad_token_id = self.processing_class.pad_token_id
-        merged.save_pretrained(output_dir)
-        self.processing_class.save_pretrained(output_dir)
-
-    @staticmethod
-    def _check_stream_options(args) -> None:
-        if args.max_steps is None or args.max_steps <= 0:
-            raise ConfigError(
-                f"the train dataset is streamed (an IterableDataset, which has no length), so max_steps must be set: "
-                f"got max_steps={args.max_steps}. Set it to the number of optimizer steps to train (pairs / "
-                "(per_device_train_batch_size x gradient_accumulation_steps x processes) for one pass)."
-            )
-        if args.accelerator_config.dispatch_batches:
-            logger.warning("dispatch_batches=true is turned off for a streamed train set: batches of different widths "
-                           "cannot be concatenated across processes.")
-        args.accelerator_config.dispatch_batches = False  # every process reads the stream and keeps its share
+        if self.args.should_save:
+            save_merged(self.args.output_dir, output_dir, self.processing_class, self.model.dtype,
+                        self.args.trust_remote_code)
 
     def _prepare(self, dataset, tokenizer, args, name, count: bool = False):
         if dataset is None:
@@ -427,22 +258,7 @@ class BalancedRewardTrainer(Trainer):
             return dataset
         dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, max_length=self.max_length)
         if count:
-            groups, lengths = [], []
-            with reading_streams():
-                for example in dataset:
-                    groups.append(example["group"])
-                    lengths.append(example["response_lengths"])
-            if not groups:
-                raise DataError(f"{name} dataset has no usable pairs left: all {self.data_report[name]['rows']} rows "
-                                "were dropped.")
-            self._register_groups(sorted(set(groups) - set(self.group_names)))  # in order, as for a dataset in memory
-            index = {group: i for i, group in enumerate(self.group_names)}
-            group_ids, lengths = torch.tensor([index[g] for g in groups]), torch.tensor(lengths)
-            self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
-            logger.info(f"Counting pass over the streamed {name} set: {len(groups)} pairs in {len(self.group_names)} "
-                        f"group(s).")
-            if summary := report_summary(name, self.data_report[name], args.on_bad_rows):
-                logger.warning(summary)
+            count_stream(dataset, self.balance, name, self.data_report[name], args.on_bad_rows)
         return dataset.map(self._stream_group_id, input_columns="group")
 
     def _stream_group_id(self, group: str) -> dict:
@@ -495,7 +311,7 @@ class BalancedRewardTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
-        self._resumed_stream_position = None
+        self.stream_state.resumed = None
         if checkpoint:
             self._load_reward_state(checkpoint)
         if self.args.should_save and self.data_report:
@@ -508,7 +324,7 @@ class BalancedRewardTrainer(Trainer):
             self.signal_stop.on_train_end(self.args, self.state, self.control)  # give back the signal handlers
             raise DataError(self._save_stopped_on_data(err)) from err
         finally:
-            self._pass_iterator = None  # an unfinished pass's iterator holds its loader workers
+            self.stream_state.iterator = None  # an unfinished pass's iterator holds its loader workers
         streamed = {name: report for name, report in self.data_report.items() if report.get("streamed")}
         if streamed and self.args.should_save:  # their counts grew as the rows streamed by
             for name, report in streamed.items():
@@ -555,79 +371,17 @@ class BalancedRewardTrainer(Trainer):
         if not std > 0:
             raise TrainingStopped(f"normalize_rewards: the rewards on {pairs} pairs all equal {mean}; there is "
                                   "no scale to normalise.")
-        model = self.accelerator.unwrap_model(self.model)
-        shift_folded = fold_affine_into_head(model, mean, std)
-        record = {"mean": mean, "std": std, "pairs": pairs, "shift_folded": shift_folded}
-        model.config.reward_normalization = record
-        logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {pairs} pairs folded into the head"
-                    + ("." if shift_folded else f"; the head has no bias, so the mean stays at {mean / std:.4f} std."))
-        return record
+        return normalize_head(self.accelerator.unwrap_model(self.model), mean, std, pairs)
 
     def _resolve_checkpoint(self, resume) -> str | None:
-        """A checkpoint folder to resume from: the last complete one for True/"true"/"last", or the one named."""
-        if resume is None or resume is False or str(resume).lower() in ("", "false", "none"):
-            return None
-        output_dir = self.args.output_dir
-        if resume is True or str(resume).lower() in ("true", "last"):
-            checkpoints = list_checkpoints(output_dir)
-            complete = [c for c in checkpoints if is_complete_checkpoint(c)]
-            for unfinished in checkpoints[checkpoints.index(complete[-1]) + 1 :] if complete else checkpoints:
-                logger.warning(f"Ignoring {unfinished}: unfinished, the run stopped while writing it.")
-            if not complete:
-                raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} has no complete checkpoint to resume.")
-            logger.info(f"Resuming from {complete[-1]}.")
-            return complete[-1]
-        if not os.path.isdir(resume):
-            raise ConfigError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder.")
-        if not is_complete_checkpoint(resume):
-            complete = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(resume))) if is_complete_checkpoint(c)]
-            suggestion = f"; the last complete one is {complete[-1]}" if complete else ""
-            raise ConfigError(
-                f"checkpoint '{resume}' is unfinished (no {REWARD_STATE}: the run stopped while writing it, or "
-                f"another trainer wrote it){suggestion}."
-            )
-        return resume
-
-    def _check_same_model(self, checkpoint: str) -> None:
-        """A checkpoint of another model fails deep inside weight or optimizer loading; name the mismatch instead."""
-        path = os.path.join(checkpoint, "config.json")
-        if not os.path.isfile(path):
-            return  # adapter checkpoints (PEFT) carry no config.json
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        ours = self.accelerator.unwrap_model(self.model).config.to_dict()
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-        theirs = {k: saved.get(k) for k in keys if k in ours}
-        mine = {k: ours[k] for k in theirs}
-        if theirs != mine:
-            raise ConfigError(
-                f"checkpoint '{checkpoint}' holds a different model ({theirs}) from the one this run trains ({mine}); "
-                "resume with the model it was trained from, or start the new model in another output_dir."
-            )
+        return resolve_checkpoint(self.args.output_dir, resume)
 
     def _load_reward_state(self, checkpoint: str) -> None:
-        self._check_same_model(checkpoint)
-        with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
-            state = json.load(f)
-        saved = state["group_names"]
-        if saved != self.group_names and is_stream(self.train_dataset) and saved[: len(self.group_names)] == self.group_names:
-            # A stream without a counting pass names its groups as they come, in stream order: the checkpoint's run
-            # had seen more of them. The same stream gives them the same ids.
-            self._register_groups(saved[len(self.group_names) :])
-        if saved != self.group_names:
-            raise ConfigError(
-                f"checkpoint '{checkpoint}' was trained with groups {state['group_names']}, this data has "
-                f"{self.group_names}; resume with the same data and group_column."
-            )
-        if "balance" in state:  # absent in checkpoints of versions before length cells: start from the fitted q
-            self.balance.load_state_dict(state["balance"])
-        if self.length_head is not None:
-            self.length_head.load_state_dict({k: torch.tensor(v) for k, v in state["length_head"].items()})
-        if self.log_tie is not None and "log_tie" in state:
-            with torch.no_grad():
-                self.log_tie.fill_(state["log_tie"])
+        check_same_model(checkpoint, self.accelerator.unwrap_model(self.model).config)
+        streamed = is_stream(self.train_dataset)
+        state = load_reward_state(checkpoint, self.balance, self.length_head, self.log_tie, streamed)
         self.skipped_batches = state["skipped_batches"]
-        self._resumed_stream_position = state.get("stream_position")  # absent before versions that recorded it
+        self.stream_state.resumed = state.get("stream_position")  # absent before versions that recorded it
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial) -> tuple[int, int]:
@@ -639,27 +393,20 @@ class BalancedRewardTrainer(Trainer):
         epoch, batches = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                       resume_from_checkpoint, trial)
         if is_stream(self.train_dataset) and not self.args.ignore_data_skip and resume_from_checkpoint is not None:
-            if (position := self._resumed_stream_position) is not None:
+            if (position := self.stream_state.resumed) is not None:
                 epoch, batches = position["pass"], position["batches"]
             else:
                 logger.warning(f"checkpoint '{resume_from_checkpoint}' does not record its position in the stream (an "
                                f"earlier version wrote it): skipping {batches} batches from the stream's start, which "
                                "is the right position only if the run was still in its first pass over the stream.")
-        self.stream_position, self._pass_iterator = {"pass": epoch, "batches": batches}, None
-        self._position_before_step = (self.state.global_step, dict(self.stream_position))
+        self.stream_state.start(epoch, batches, self.state.global_step)
         return epoch, batches
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's next batches (those of one optimizer step), counted into `stream_position` once read (a read that
-        fails counts none): Trainer iterates each epoch (pass) with a new iterator, so a new iterator after the first
-        is the next pass. The position before them is kept for a checkpoint saved before the step finishes."""
+        fails counts none)."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._position_before_step = (self.state.global_step, dict(self.stream_position))
-        if epoch_iterator is not self._pass_iterator:
-            if self._pass_iterator is not None:
-                self.stream_position = {"pass": self.stream_position["pass"] + 1, "batches": 0}
-            self._pass_iterator = epoch_iterator
-        self.stream_position["batches"] += len(batches)
+        self.stream_state.read(epoch_iterator, len(batches), self.state.global_step)
         return batches, num_items
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -672,15 +419,9 @@ class BalancedRewardTrainer(Trainer):
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            state = {"group_names": self.group_names, "balance": self.balance.state_dict(),
-                     "skipped_batches": self.skipped_batches}
-            if is_stream(self.train_dataset):  # the batches of the steps finished (nan_policy stop saves mid-step)
-                step, before = self._position_before_step
-                state["stream_position"] = before if step == self.state.global_step else dict(self.stream_position)
-            if self.length_head is not None:
-                state["length_head"] = {k: v.tolist() for k, v in self.length_head.state_dict().items()}
-            if self.log_tie is not None:
-                state["log_tie"] = self.log_tie.item()
+            streamed = is_stream(self.train_dataset)
+            position = self.stream_state.of_finished_steps(self.state.global_step) if streamed else None
+            state = reward_state(self.balance, self.skipped_batches, position, self.length_head, self.log_tie)
             write_json_atomically(os.path.join(folder, REWARD_STATE), state)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -703,16 +444,7 @@ class BalancedRewardTrainer(Trainer):
         if self.is_world_process_zero():
             self.write_card(self.args.output_dir, repo=self.hub_model_id)
 
-    @staticmethod
-    def hub_files(folder: str) -> list[str]:
-        """The files of a saved model that load it, plus its card and plots; not args pickles, logs or checkpoints."""
-        found = []
-        for root, _, files in os.walk(folder):
-            for name in files:
-                relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-                if HUB_FILES.fullmatch(relative):
-                    found.append(relative)
-        return sorted(found)
+    hub_files = staticmethod(hub_files)  # the files `push_to_hub` uploads (see `model_card.hub_files`)
 
     def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token: str | None = None,
                     revision: str | None = None, **kwargs):
@@ -750,9 +482,7 @@ class BalancedRewardTrainer(Trainer):
         the features the reward head read for each (see `forward.score_plain`)."""
         if "segment_ids" not in inputs:
             return score_plain(model, inputs, with_features)
-        if not self._shared_prompt_checked:
-            self._shared_prompt_checked = True
-            self._check_shared_prompt(model, inputs)
+        self._check_shared_prompt(model, inputs)
         if self.shared_prompt:
             return score_shared_prompt(model, inputs, with_features)
         return score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs), with_features)
@@ -764,30 +494,21 @@ class BalancedRewardTrainer(Trainer):
         """Rewards [lists, K] (fp32, 0 in padded slots) of a collated list batch, in one forward pass."""
         if "segment_ids" not in inputs:
             return score_lists(model, inputs, shared_prompt=False)
-        if not self._shared_prompt_checked:
-            self._shared_prompt_checked = True
-            self._check_shared_prompt(model, inputs)
+        self._check_shared_prompt(model, inputs)
         if self.shared_prompt:
             return score_lists(model, inputs, shared_prompt=True)
         return score_lists(model, self._plain_inputs(unpack_lists(inputs), inputs), shared_prompt=False)
 
     def _check_shared_prompt(self, model, inputs) -> None:
-        """Fall back to the plain layout (or stop, when shared_prompt=true was asked for) if the first batch's
-        shared-prompt rewards differ from the plain forward's: guards attention that ignores the layout."""
-        full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
-        check = list_layout_difference if "completion_ends" in inputs else shared_prompt_difference
-        difference, tolerance = check(model, inputs, self.processing_class.pad_token_id, full_precision)
-        if difference <= tolerance:
-            logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
+        """On the first packed batch: fall back to the plain layout (or stop, when shared_prompt=true was asked for)
+        if its shared-prompt rewards differ from the plain forward's (see `forward.shared_prompt_agrees`)."""
+        if self._shared_prompt_checked:
             return
-        message = (
-            f"the shared-prompt layout changes this model's rewards (max difference {difference:.3g} on the first "
-            f"batch, tolerance {tolerance:.3g}); its attention does not follow the layout's mask or position ids."
-        )
-        if self.args.shared_prompt:
-            raise ConfigError(f"{message} Set shared_prompt: false.")
-        logger.warning(f"{message} Using the plain layout.")
-        self.shared_prompt = False
+        self._shared_prompt_checked = True
+        full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
+        if not shared_prompt_agrees(model, inputs, self.processing_class.pad_token_id, full_precision,
+                                    required=bool(self.args.shared_prompt)):
+            self.shared_prompt = False
 
     def pair_weights(self, inputs) -> torch.Tensor | None:
         weights = inputs.get("weight")
@@ -826,7 +547,7 @@ class BalancedRewardTrainer(Trainer):
         loss = weighted.mean() if penalty is None else weighted.mean() + penalty
         if model.training:
             self._micro_batches += 1
-            if not self._all_finite(loss, chosen, rejected):
+            if not all_finite(self.accelerator, loss, chosen, rejected):
                 return self._non_finite(model, loss, chosen, rejected)
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs)
@@ -849,7 +570,7 @@ class BalancedRewardTrainer(Trainer):
         loss = weighted.mean()
         if model.training:
             self._micro_batches += 1
-            if not self._all_finite(loss, rewards[mask]):
+            if not all_finite(self.accelerator, loss, rewards[mask]):
                 return self._non_finite(model, loss, rewards[mask], rewards[:0, 0])
             with torch.no_grad():  # training accuracy and reward scale over the lists' decisive pairs
                 pairs = list_pairs(rewards, inputs["ranks"], mask)
@@ -875,12 +596,6 @@ class BalancedRewardTrainer(Trainer):
                 torch.cat([chosen, rejected]), length_scores, log_lengths, inputs["group_id"].repeat(2))
         return shift, penalty
 
-    def _all_finite(self, *tensors) -> bool:
-        bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
-        if self.accelerator.num_processes > 1:  # every rank must take the same branch below
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bad.item() == 0
-
     def _non_finite(self, model, loss, chosen, rejected):
         """Apply nan_policy to a batch whose loss or rewards are NaN or inf (the optimizer has not stepped yet)."""
         rewards = torch.cat([chosen, rejected]).detach()
@@ -905,36 +620,14 @@ class BalancedRewardTrainer(Trainer):
 
     def _record_train_step(self, chosen, rejected, per_pair, inputs):
         group_ids = inputs.get("group_id")
-        rewards = torch.cat([chosen, rejected])
-        correct = (chosen > rejected).float()
-        totals = torch.stack(
-            [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum()]
-        )
-        self._train_totals = totals if self._train_totals is None else self._train_totals + totals
-        if group_ids is None:
-            return
-        num_groups = len(self.group_names)
-        per_group = torch.stack(
-            [
-                torch.bincount(group_ids, minlength=num_groups).float(),
-                torch.bincount(group_ids, weights=correct, minlength=num_groups),
-                torch.bincount(group_ids, weights=per_pair.detach(), minlength=num_groups),
-            ]
-        )
-        self._group_totals = per_group if self._group_totals is None else pad_to(self._group_totals, num_groups) + per_group
-        if self.uses_balance and self.balance.group_dro:
-            units = group_ids * 3 + self._cells_of(inputs)
-            size = 3 * num_groups
-            per_unit = torch.stack([torch.bincount(units, minlength=size).float(),
-                                    torch.bincount(units, weights=per_pair.detach(), minlength=size)])
-            self._dro_totals = per_unit if self._dro_totals is None else pad_to(self._dro_totals, size) + per_unit
+        self.train_totals.add(chosen, rejected, per_pair, group_ids, len(self.group_names))
+        if group_ids is not None and self.uses_balance and self.balance.group_dro:
+            self.unit_losses.add(group_ids * 3 + self._cells_of(inputs), per_pair, 3 * len(self.group_names))
             if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
-                count, loss_sum = self.accelerator.reduce(self._dro_totals, reduction="sum")
-                self.balance.dro_update(loss_sum.reshape(-1, 3), count.reshape(-1, 3))
-                self._dro_totals = None
+                self.balance.dro_update(*self.unit_losses.take())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and self._train_totals is not None:
+        if self.model.training and self.train_totals.totals is not None:
             logs.update(self._train_metrics())
         if self.model.training and self.skipped_batches:
             logs["skipped_batches"] = self.skipped_batches
@@ -942,28 +635,13 @@ class BalancedRewardTrainer(Trainer):
 
     def _train_metrics(self) -> dict[str, float]:
         """Training metrics since the last log, summed over all processes."""
-        totals = self.accelerator.reduce(self._train_totals, reduction="sum").tolist()
-        pairs, correct, margin_sum, reward_sum, reward_sq_sum = totals
-        metrics = {}
-        if pairs:  # lists whose completions are all tied have no pair to count
-            reward_mean = reward_sum / (2 * pairs)
-            metrics = {
-                "accuracy": correct / pairs,
-                "margin": margin_sum / pairs,
-                "reward_mean": reward_mean,
-                "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
-            }
+        metrics, group_accuracy = self.train_totals.take(self.group_names)
         if self.log_tie is not None:
             metrics["tie_parameter"] = self.log_tie.exp().item()
-        if self._group_totals is not None:
-            group_counts, group_correct, _ = self.accelerator.reduce(self._group_totals, reduction="sum").tolist()
-            for name, count, right in zip(self.group_names, group_counts, group_correct):
-                if count:
-                    metrics[f"accuracy_{metric_name(name)}"] = right / count
+        metrics.update(group_accuracy)
         if self.uses_balance and self.balance.group_dro:
             for name, unit in self.balance.summary()["units"].items():
                 metrics[f"unit_weight_{metric_name(name)}"] = unit["weight"]
-        self._train_totals, self._group_totals = None, None
         return metrics
 
     # --- evaluation --------------------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""Checks of a run's options against its data and model, made by the trainer before the (slow) weight load; and
+`as_config`, which takes in a trl or transformers config without losing an option."""
+
+import dataclasses
+import logging
+import os
+
+from .config import BalancedRewardConfig, ConfigError
+from .data import is_stream
+from .losses import learns_from_ties
+
+logger = logging.getLogger(__name__)
+
+
+def as_config(args, model) -> BalancedRewardConfig:
+    """`args` as a BalancedRewardConfig. A trl.RewardConfig (or TrainingArguments, or another trl config) keeps
+    every option: BalancedRewardConfig has a field for each of RewardConfig's. An option it has no field for is
+    refused by name when it is set to anything but its default, never dropped."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return BalancedRewardConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-reward")
+    if isinstance(args, BalancedRewardConfig):
+        return args
+    ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
+    kept = {}
+    for f in dataclasses.fields(args):
+        if not f.init:
+            continue
+        value = getattr(args, f.name)
+        if f.name in ours:
+            kept[f.name] = value
+        elif value != (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+            raise ConfigError(
+                f"{type(args).__name__} option {f.name}={value!r} has no counterpart in BalancedRewardConfig, so "
+                f"this trainer cannot honour it; leave it at its default ({f.default!r}) or train with "
+                f"{type(args).__name__}'s own trainer."
+            )
+    return BalancedRewardConfig(**kept)
+
+
+def check_stream_options(args: BalancedRewardConfig) -> None:
+    """A streamed train set needs max_steps, and every process reading the stream itself (no dispatch_batches)."""
+    if args.max_steps is None or args.max_steps <= 0:
+        raise ConfigError(
+            f"the train dataset is streamed (an IterableDataset, which has no length), so max_steps must be set: "
+            f"got max_steps={args.max_steps}. Set it to the number of optimizer steps to train (pairs / "
+            "(per_device_train_batch_size x gradient_accumulation_steps x processes) for one pass)."
+        )
+    if args.accelerator_config.dispatch_batches:
+        logger.warning("dispatch_batches=true is turned off for a streamed train set: batches of different widths "
+                       "cannot be concatenated across processes.")
+    args.accelerator_config.dispatch_batches = False  # every process reads the stream and keeps its share
+
+
+def check_list_options(named_datasets: dict, args: BalancedRewardConfig, loss_fn) -> None:
+    """What lists cannot be trained with (when a run trains lists), named before anything is loaded."""
+    if args.loss_type == "balanced" and loss_fn is None:
+        raise ConfigError(
+            "loss_type='balanced' weighs pairs by their group and length direction, and this train set holds "
+            "lists ('completions') or pairs with ties ('tie'), which have no one length direction; train them "
+            "with plackett_luce, graded, davidson or bradley_terry, or give the balanced loss pairs without a "
+            "'tie' column."
+        )
+    streamed = [name for name, dataset in named_datasets.items() if is_stream(dataset)]
+    if streamed:
+        raise ConfigError(f"lists (and pairs with ties) cannot be streamed yet: the {streamed[0]} dataset is an "
+                          "IterableDataset; load it into memory (streaming: false), or train pairs.")
+
+
+def warn_unused_ties(train_dataset, args: BalancedRewardConfig, loss, loss_fn) -> None:
+    """`loss` is the loss trained with; `loss_fn` the user's, or None for args.loss_type."""
+    tied = sum(len(set(ranks)) < len(ranks) for ranks in train_dataset["ranks"])
+    if tied and not learns_from_ties(loss, args.loss_kwargs):
+        name = args.loss_type if loss_fn is None else "loss_fn"
+        logger.warning(f"{tied} train lists have tied completions, and loss '{name}' leaves tied pairs out; "
+                       "davidson, rao_kupper or plackett_luce learn from them (they pull tied rewards together).")
+
+
+def check_model_options(args: BalancedRewardConfig, model_config, tokenizer) -> int | None:
+    """Options the model's config (read without its weights) and tokenizer rule out; sets a missing pad token to
+    eos. Returns max_length, cut to the model's positions."""
+    if args.activation_offloading and args.device.type == "cpu":
+        raise ConfigError(
+            "activation_offloading=true moves activations from accelerator memory to CPU memory, and this run is on "
+            "the CPU; unset it here (it applies on a GPU), or use gradient_checkpointing to save memory."
+        )
+    if model_config.num_labels != 1:
+        raise ConfigError(
+            f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
+            "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    max_length = args.max_length
+    positions = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if positions and (max_length is None or max_length > positions):
+        logger.warning(f"max_length={max_length} is more than the model's {positions} positions; using {positions}.")
+        max_length = positions
+    return max_length
+
+
+def set_eval_strategy(args: BalancedRewardConfig, eval_dataset, train_dataset) -> None:
+    """An eval set given with eval_strategy='no' is evaluated: at the end of every epoch, or at the last step for
+    a streamed train set (a streamed epoch may never end within max_steps)."""
+    if eval_dataset is None or args.eval_strategy != "no":
+        return
+    if is_stream(train_dataset):
+        logger.info(f"An eval set was given with eval_strategy='no': evaluating at the last step ({args.max_steps}).")
+        args.eval_strategy, args.eval_steps = "steps", args.max_steps
+    else:
+        logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
+        args.eval_strategy = "epoch"

@@ -1,0 +1,86 @@
+"""Sums over the micro-batches of a run, reduced over processes when they are used: training metrics between two
+logs, and group DRO's unit losses over one optimizer step; and the check that a batch's numbers are finite."""
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import metric_name
+
+
+def pad_to(totals: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Widen per-group totals when groups were added since they were started (a new eval set mid-training)."""
+    return F.pad(totals, (0, num_groups - totals.shape[-1]))
+
+
+def all_finite(accelerator, *tensors) -> bool:
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
+    if accelerator.num_processes > 1:  # every rank must take the same branch after this check
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+class TrainTotals:
+    """Pairs, correct pairs, margin and reward sums (and per group: pairs, correct pairs, losses) since the last log."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.totals, self.group_totals = None, None
+
+    def add(self, chosen, rejected, per_pair, group_ids=None, num_groups: int = 0) -> None:
+        rewards = torch.cat([chosen, rejected])
+        correct = (chosen > rejected).float()
+        totals = torch.stack(
+            [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum()]
+        )
+        self.totals = totals if self.totals is None else self.totals + totals
+        if group_ids is None:
+            return
+        per_group = torch.stack(
+            [
+                torch.bincount(group_ids, minlength=num_groups).float(),
+                torch.bincount(group_ids, weights=correct, minlength=num_groups),
+                torch.bincount(group_ids, weights=per_pair.detach(), minlength=num_groups),
+            ]
+        )
+        self.group_totals = per_group if self.group_totals is None else pad_to(self.group_totals, num_groups) + per_group
+
+    def take(self, group_names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+        """(accuracy, margin and reward scale; accuracy per group) since the last log, summed over all processes;
+        the next sums start from zero."""
+        totals = self.accelerator.reduce(self.totals, reduction="sum").tolist()
+        pairs, correct, margin_sum, reward_sum, reward_sq_sum = totals
+        metrics, per_group = {}, {}
+        if pairs:  # lists whose completions are all tied have no pair to count
+            reward_mean = reward_sum / (2 * pairs)
+            metrics = {
+                "accuracy": correct / pairs,
+                "margin": margin_sum / pairs,
+                "reward_mean": reward_mean,
+                "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
+            }
+        if self.group_totals is not None:
+            group_counts, group_correct, _ = self.accelerator.reduce(self.group_totals, reduction="sum").tolist()
+            for name, count, right in zip(group_names, group_counts, group_correct):
+                if count:
+                    per_group[f"accuracy_{metric_name(name)}"] = right / count
+        self.totals, self.group_totals = None, None
+        return metrics, per_group
+
+
+class UnitLosses:
+    """Pairs and loss sums per balancing unit (group x length cell) over one optimizer step: group DRO's evidence."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.sums = None
+
+    def add(self, units, per_pair, num_units: int) -> None:
+        per_unit = torch.stack([torch.bincount(units, minlength=num_units).float(),
+                                torch.bincount(units, weights=per_pair.detach(), minlength=num_units)])
+        self.sums = per_unit if self.sums is None else pad_to(self.sums, num_units) + per_unit
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sums, pairs) per unit [groups, 3], summed over all processes; the next sums start from zero."""
+        count, loss_sum = self.accelerator.reduce(self.sums, reduction="sum")
+        self.sums = None
+        return loss_sum.reshape(-1, 3), count.reshape(-1, 3)
