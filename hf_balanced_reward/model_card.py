@@ -14,7 +14,7 @@ TEMPLATE = """---
 # {name}
 
 A reward model: it reads a prompt and a response and returns one number, higher for the response people
-prefer. Trained on preference pairs with `hf_balanced_reward` ({loss_line}).
+prefer. Trained on human preferences with `hf_balanced_reward` ({loss_line}).
 
 ## Training
 
@@ -97,7 +97,7 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
     source = report or {k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}
     if not source:
         return "No evaluation was run with this model; `hf-balanced-reward evaluate --model DIR --dataset FILE` adds one."
-    rows = [("pairs", source.get("pairs")), ("accuracy", source.get("accuracy"))]
+    rows = [("lists", source.get("lists")), ("pairs", source.get("pairs")), ("accuracy", source.get("accuracy"))]
     if "accuracy_ci_low" in source:
         rows.append(("accuracy, 95% interval", f"{source['accuracy_ci_low']:.4f} - {source['accuracy_ci_high']:.4f}"))
     rows += [(name, source.get(key)) for name, key in (
@@ -112,6 +112,10 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
         ("reward-length correlation", "reward_length_correlation"),
         ("calibration error (ECE)", "calibration_error"),
         ("ties", "ties"),
+        ("Kendall tau per list (mean)", "kendall_tau"),  # an eval set of lists: its ranking metrics
+        ("Spearman rho per list (mean)", "spearman_rho"),
+        ("top-1 accuracy", "top1_accuracy"),
+        ("tie accuracy (labelled ties scored within the tolerance)", "tie_accuracy"),
     )]
     rows += [(f"accuracy: {k[len('accuracy_'):]}", v) for k, v in source.items()
              if k.startswith("accuracy_") and not k.startswith("accuracy_ci")]
@@ -146,7 +150,7 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         ("epochs", args.num_train_epochs),
         ("learning rate", args.learning_rate),
         ("batch size per device", args.per_device_train_batch_size),
-        ("training pairs", train.get("pairs", "unknown")),
+        ("training lists" if "lists" in train else "training pairs", train.get("lists", train.get("pairs", "unknown"))),
         ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
     if normalization:

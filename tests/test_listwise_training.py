@@ -245,3 +245,15 @@ def test_a_model_that_breaks_the_k_branch_layout_falls_back_to_plain_rows(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(trainer.score_lists(trainer.model, batch),
                                    score_lists(trainer.model, trainer._plain_inputs(unpack_lists(batch), batch), False))
+
+
+def test_the_model_card_of_a_list_model_shows_lists_and_ranking_metrics(tmp_path, model_dir):
+    data = Dataset.from_list(list_rows(8))
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="plackett_luce", max_steps=1),
+                                    train_dataset=data, eval_dataset=data)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "| training lists | 8 |" in card and "| loss | plackett_luce |" in card
+    assert "| Kendall tau per list (mean) |" in card and "| lists | 8 |" in card
