@@ -46,7 +46,8 @@ CODE_VERSION = _code_version()
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
-# Columns the collator reads (pairs, then lists); `length` (unique tokens of a pair) feeds train_sampling_strategy="group_by_length".
+# Columns the collator reads (pairs, then lists); `length` (unique tokens of a row) feeds
+# train_sampling_strategy="group_by_length".
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
                  "scores"]
 

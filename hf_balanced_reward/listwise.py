@@ -232,7 +232,8 @@ def tokenize_list(example, tokenizer, max_length, append_eos, group_column, spec
         ranks, scores, empty = ([1, 1] if example.get("tie") is True else [1, 2]), None, False
     else:
         row = canonical_row(example, group_column, allow_empty_response)
-        sequences = [tokenizer(render_completion(row, c, tokenizer, append_eos))["input_ids"] for c in row["completions"]]
+        texts = [render_completion(row, completion, tokenizer, append_eos) for completion in row["completions"]]
+        sequences = [tokenizer(text)["input_ids"] for text in texts]
         ranks, scores = row["ranks"], row["scores"]
         empty = any(isinstance(c, str) and not c.strip() for c in row["completions"])
     sequences, status = truncate_list(sequences, max_length, special_ids)
@@ -242,12 +243,15 @@ def tokenize_list(example, tokenizer, max_length, append_eos, group_column, spec
     lengths = [len(s) - prompt for s in sequences]
     return {"completion_ids": sequences, "ranks": ranks, "scores": scores,
             "group": str(example[group_column]) if group_column else "all", "response_lengths": lengths,
-            "fit": status, "length": prompt + sum(lengths), "problem": too_long(max_length) if status == "dropped" else ""}
+            "fit": status, "length": prompt + sum(lengths),
+            "problem": too_long(max_length) if status == "dropped" else ""}
 
 
+# The prepared columns' types, given to `map` so that `scores` may be null in some rows (lists with ranks only).
 LIST_FEATURES = {"completion_ids": Sequence(Sequence(Value("int64"))), "ranks": Sequence(Value("int64")),
-                 "scores": Sequence(Value("float64")), "group": Value("string"), "response_lengths": Sequence(Value("int64")),
-                 "fit": Value("string"), "length": Value("int64"), "problem": Value("string")}
+                 "scores": Sequence(Value("float64")), "group": Value("string"),
+                 "response_lengths": Sequence(Value("int64")), "fit": Value("string"), "length": Value("int64"),
+                 "problem": Value("string")}
 
 
 def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
@@ -270,8 +274,8 @@ def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int
     keep = numeric_columns(dataset, ("weight",), name)
     if len(dataset):
         first = dataset[0]
-        check_chat_template((first.get("completions") or [None])[0] if "completions" in columns else first.get("chosen"),
-                            tokenizer, name)
+        text = (first.get("completions") or [None])[0] if "completions" in columns else first.get("chosen")
+        check_chat_template(text, tokenizer, name)
     features = Features({**{k: dataset.features[k] for k in keep}, **LIST_FEATURES})
     prepared, report = tokenize_and_collect(dataset, tokenize_list, tokenizer, args, name, max_length, keep,
                                             unit="lists", features=features)
