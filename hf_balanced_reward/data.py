@@ -311,6 +311,7 @@ def text_problem(value, allow_empty: bool = False) -> str | None:
 
 
 IDENTICAL = "chosen is identical to rejected (no preference to learn)"
+ALL_IDENTICAL = "all completions are identical (no preference to learn)"  # a list's IDENTICAL
 
 
 def too_long(max_length) -> str:
@@ -319,7 +320,7 @@ def too_long(max_length) -> str:
 
 def droppable(problem: str) -> bool:
     """Rows that are well-formed but carry no usable pair: dropped and counted by default, as trl drops them."""
-    return problem == IDENTICAL or problem.startswith("a response alone is longer")
+    return problem in (IDENTICAL, ALL_IDENTICAL) or problem.startswith("a response alone is longer")
 
 
 # Which bad rows stop the run: "auto" only rows that cannot be read; "skip" none; "error" all.
@@ -512,29 +513,32 @@ def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str,
     return tokenized.remove_columns(["fit", "problem"]), report
 
 
-def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train", max_length: int | None = None
-                   ) -> tuple[IterableDataset, dict]:
+def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train", max_length: int | None = None,
+                   tokenize=None, unit: str = "pairs", keep=("margin", "weight")) -> tuple[IterableDataset, dict]:
     """`prepare_dataset` for a stream: the same checks and tokenisation, done as the rows stream by.
 
     Returns the prepared stream and its report, a dict filled in as rows pass (and restarted with each pass over the
     stream): rows, pairs, truncated, empty_responses, dropped per reason. A bad row that `on_bad_rows` stops on
     raises DataError when it is reached, naming its position in the stream; the others are dropped and counted.
     The columns and the first row are checked now. Counting happens where the rows are read: with
-    dataloader_num_workers > 0 the counts stay in the worker processes.
+    dataloader_num_workers > 0 the counts stay in the worker processes. `tokenize`, `unit` and `keep` are those of
+    lists for `listwise.prepare_list_stream` (which has checked the columns).
     """
     dataset = rename_legacy_columns(dataset, name)
     columns = column_names(dataset)
     if not columns:
         raise DataError(f"{name} dataset is empty: it has no rows.")
-    check_columns(dataset, args.group_column, name)
-    check_chat_template(next(iter(dataset)).get("chosen"), tokenizer, name)
-    keep = [c for c in ("margin", "weight") if c in columns]
-    report = {"rows": 0, "pairs": 0, "truncated": 0, "empty_responses": 0, "dropped": {}, "streamed": True}
+    if tokenize is None:
+        tokenize = tokenize_example
+        check_columns(dataset, args.group_column, name)
+        check_chat_template(next(iter(dataset)).get("chosen"), tokenizer, name)
+    keep = [c for c in keep if c in columns]
+    report = {"rows": 0, unit: 0, "truncated": 0, "empty_responses": 0, "dropped": {}, "streamed": True}
     stop_on = STOP_ON[args.on_bad_rows]
 
     def count(example: dict, index: int) -> bool:
         if index == 0:  # a new pass over the stream (an epoch, an evaluation): count it afresh
-            report.update(rows=0, pairs=0, truncated=0, empty_responses=0, dropped={})
+            report.update({"rows": 0, unit: 0, "truncated": 0, "empty_responses": 0, "dropped": {}})
         report["rows"] += 1
         problem = example["problem"]
         if problem:
@@ -543,13 +547,13 @@ def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train
                                 "on_bad_rows: skip to drop such rows (they are counted in data_report.json).")
             report["dropped"][problem] = report["dropped"].get(problem, 0) + 1
             return False
-        report["pairs"] += 1
+        report[unit] += 1
         report["truncated"] += example["fit"] == "truncated"
         report["empty_responses"] += example["fit"] == "empty response"
         return True
 
     tokenized = dataset.map(
-        tokenize_example,
+        tokenize,
         fn_kwargs={
             "tokenizer": tokenizer,
             "max_length": max_length if max_length is not None else args.max_length,

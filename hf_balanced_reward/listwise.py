@@ -16,29 +16,17 @@ order of the completions is kept and carries no meaning. Bad rows are named as `
 import json
 import math
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from datasets import Features, Sequence, Value
 from trl.data_utils import maybe_extract_prompt
 
 from .collator import list_prefix_length
-from .data import (DataError, bad_rows_error, check_chat_template, column_names, droppable, drop_nulls,
-                   number_problem, numeric_columns, rename_legacy_columns, render_texts, row_problem,
+from .data import (ALL_IDENTICAL, DataError, check_chat_template, column_names, drop_nulls,
+                   number_problem, numeric_columns, prepare_stream, rename_legacy_columns, render_texts, row_problem,
                    template_options_problem, text_problem, tokenize_and_collect, too_long, truncate_list)
 
 LABELS = ("ranks", "scores")
-ALL_IDENTICAL = "all completions are identical (no preference to learn)"
-
-
-def list_droppable(problem: str) -> bool:
-    """Well-formed rows with nothing to learn, dropped and counted by default (as `data.droppable` for pairs)."""
-    return droppable(problem) or problem == ALL_IDENTICAL
-
-
-LIST_STOP_ON = {"error": lambda problem: True, "skip": lambda problem: False,
-                "auto": lambda problem: not list_droppable(problem)}
-
-
 def _label_problem(column: str, values, size: int) -> str | None:
     if not isinstance(values, (list, tuple)):
         return f"column '{column}' is {type(values).__name__}, not a list of {size} numbers (one per completion)"
@@ -171,31 +159,6 @@ def canonical_row(example: dict, group_column: str | None = None, allow_empty_re
     return row
 
 
-def prepare_rows(rows, name: str = "train", on_bad_rows: str = "auto", group_column: str | None = None
-                 ) -> tuple[list[dict], dict]:
-    """Check every row and return (canonical rows, report). `on_bad_rows` as for pairs: "auto" drops rows with
-    nothing to learn (all completions identical, too long) and stops on unreadable ones; "skip" drops every bad
-    row; "error" stops on any. The report counts rows, lists, completions and the rows dropped per reason."""
-    if on_bad_rows not in LIST_STOP_ON:
-        raise ValueError(f"on_bad_rows={on_bad_rows!r} is not one of {', '.join(LIST_STOP_ON)}.")
-    rows = list(rows)
-    if not rows:
-        raise DataError(f"{name} dataset is empty: it has no rows.")
-    problems = [(n, list_problem(row, group_column, on_bad_rows != "error")) for n, row in enumerate(rows)]
-    problems = [(n, problem) for n, problem in problems if problem]
-    bad = [(n, problem) for n, problem in problems if LIST_STOP_ON[on_bad_rows](problem)]
-    if bad:
-        raise bad_rows_error(name, bad, len(rows))
-    dropped_rows = {n for n, _ in problems}
-    kept = [canonical_row(row, group_column, on_bad_rows != "error") for n, row in enumerate(rows)
-            if n not in dropped_rows]
-    if not kept:
-        raise DataError(f"{name} dataset has no usable lists left: all {len(rows)} rows were dropped.")
-    report = {"rows": len(rows), "lists": len(kept), "completions": sum(len(r["completions"]) for r in kept),
-              "dropped": dict(Counter(problem for _, problem in problems).most_common())}
-    return kept, report
-
-
 # Tokenised lists for training and evaluation -------------------------------------------------------------------
 
 
@@ -259,7 +222,40 @@ def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int
     and cut to `max_length` (the shared prompt from the left), with `on_bad_rows` applied as for pairs. Returns the
     prepared lists and a report (rows, lists, completions, truncated, empty responses, dropped per reason)."""
     dataset = rename_legacy_columns(dataset, name)
-    columns = set(dataset.column_names)
+    check_list_columns(set(dataset.column_names), args, name)
+    keep = numeric_columns(dataset, ("weight",), name)
+    if len(dataset):
+        check_first_text(dataset[0], tokenizer, name)
+    features = Features({**{k: dataset.features[k] for k in keep}, **LIST_FEATURES})
+    prepared, report = tokenize_and_collect(dataset, tokenize_list, tokenizer, args, name, max_length, keep,
+                                            unit="lists", features=features)
+    report["completions"] = sum(map(len, prepared["response_lengths"]))
+    if all(scores is None for scores in prepared["scores"]):
+        prepared = prepared.remove_columns("scores")
+    return prepared, report
+
+
+def prepare_list_stream(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
+    """`prepare_lists` for a stream (`data.prepare_stream` with the list tokenisation): rows are checked and
+    tokenised as they stream by, and counted in the report (rows, lists, dropped per reason) pass by pass."""
+    dataset = rename_legacy_columns(dataset, name)
+    columns = set(column_names(dataset))
+    if not columns:
+        raise DataError(f"{name} dataset is empty: it has no rows.")
+    check_list_columns(columns, args, name)
+    check_first_text(next(iter(dataset)), tokenizer, name)
+    return prepare_stream(dataset, tokenizer, args, name, max_length, tokenize=tokenize_list, unit="lists",
+                          keep=("weight",))
+
+
+def check_first_text(first: dict, tokenizer, name: str) -> None:
+    """Conversations need a chat template: judged on the first row's first completion (or chosen response)."""
+    completions = first.get("completions")
+    check_chat_template(completions[0] if completions else first.get("chosen"), tokenizer, name)
+
+
+def check_list_columns(columns: set, args, name: str) -> None:
+    """Columns a dataset of lists (or pairs trained as lists) must have, and the ones it must not."""
     pairs = {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns
     if "completions" not in columns and not pairs:
         raise DataError(f"{name} dataset has neither a 'completions' column (lists, with 'ranks' or 'scores') nor "
@@ -271,18 +267,6 @@ def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int
     if args.group_column is not None and args.group_column not in columns:
         raise DataError(f"group_column='{args.group_column}' is not a column of the {name} dataset; its columns are "
                         f"{sorted(columns)}.")
-    keep = numeric_columns(dataset, ("weight",), name)
-    if len(dataset):
-        first = dataset[0]
-        text = (first.get("completions") or [None])[0] if "completions" in columns else first.get("chosen")
-        check_chat_template(text, tokenizer, name)
-    features = Features({**{k: dataset.features[k] for k in keep}, **LIST_FEATURES})
-    prepared, report = tokenize_and_collect(dataset, tokenize_list, tokenizer, args, name, max_length, keep,
-                                            unit="lists", features=features)
-    report["completions"] = sum(map(len, prepared["response_lengths"]))
-    if all(scores is None for scores in prepared["scores"]):
-        prepared = prepared.remove_columns("scores")
-    return prepared, report
 
 
 # Scored pairs back into lists (SummEval) ---------------------------------------------------------------------------

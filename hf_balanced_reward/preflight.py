@@ -52,7 +52,7 @@ def check_stream_options(args: BalancedRewardConfig) -> None:
     args.accelerator_config.dispatch_batches = False  # every process reads the stream and keeps its share
 
 
-def check_list_options(named_datasets: dict, args: BalancedRewardConfig, loss_fn) -> None:
+def check_list_options(args: BalancedRewardConfig, loss_fn) -> None:
     """What lists cannot be trained with (when a run trains lists), named before anything is loaded."""
     if args.loss_type == "balanced" and loss_fn is None:
         raise ConfigError(
@@ -61,10 +61,6 @@ def check_list_options(named_datasets: dict, args: BalancedRewardConfig, loss_fn
             "with plackett_luce, graded, davidson or bradley_terry, or give the balanced loss pairs without a "
             "'tie' column."
         )
-    streamed = [name for name, dataset in named_datasets.items() if is_stream(dataset)]
-    if streamed:
-        raise ConfigError(f"lists (and pairs with ties) cannot be streamed yet: the {streamed[0]} dataset is an "
-                          "IterableDataset; load it into memory (streaming: false), or train pairs.")
 
 
 def warn_unused_ties(train_dataset, args: BalancedRewardConfig, loss, loss_fn) -> None:

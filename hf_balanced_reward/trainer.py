@@ -35,7 +35,7 @@ from .data import (
     report_summary,
 )
 from .forward import plain_inputs, score_lists, score_plain, score_shared_prompt, shared_prompt_agrees
-from .listwise import is_listwise, prepare_lists
+from .listwise import is_listwise, prepare_list_stream, prepare_lists
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
@@ -107,7 +107,7 @@ class BalancedRewardTrainer(Trainer):
         # Lists (and pairs with ties) train as lists: every row is K completions with ranks; a pair is K = 2.
         self.trains_lists = trains_lists(self.loss_fn) or (train_dataset is not None and is_listwise(train_dataset))
         if self.trains_lists:
-            check_list_options(named_datasets, args, loss_fn)
+            check_list_options(args, loss_fn)
         list_options = {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
         self.list_loss = as_list_loss(self.loss_fn, list_options)
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -238,9 +238,6 @@ class BalancedRewardTrainer(Trainer):
         if dataset is None:
             return None
         if is_stream(dataset):
-            if is_listwise(dataset):
-                raise ConfigError(f"the {name} dataset streams lists or pairs with ties, which cannot be streamed yet; "
-                                  "load it into memory (streaming: false).")
             return self._prepare_stream(dataset, tokenizer, args, name, count)
         if "group_id" not in dataset.column_names:
             prepare = prepare_lists if self.trains_lists or is_listwise(dataset) else prepare_dataset
@@ -256,7 +253,8 @@ class BalancedRewardTrainer(Trainer):
         weighs by, exactly as for a dataset in memory."""
         if "group_id" in column_names(dataset):
             return dataset
-        dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, max_length=self.max_length)
+        prepare = prepare_list_stream if self.trains_lists or is_listwise(dataset) else prepare_stream
+        dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
         if count:
             count_stream(dataset, self.balance, name, self.data_report[name], args.on_bad_rows)
         return dataset.map(self._stream_group_id, input_columns="group")

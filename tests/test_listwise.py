@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED_DATA
 from hf_balanced_reward.data import IDENTICAL, DataError
 from hf_balanced_reward.listwise import (ALL_IDENTICAL, canonical_row, list_problem, load_summeval_lists,
-                                         prepare_rows, split_by_document)
+                                         prepare_lists, split_by_document)
 from hf_balanced_reward.losses import (LISTWISE_LOSSES, LOSSES, TIE_LOSSES, bradley_terry, davidson, graded,
                                        list_pairs, pairwise, plackett_luce, rao_kupper)
 from hf_balanced_reward.ranking_metrics import ranking_metrics
@@ -408,20 +408,30 @@ def test_bad_pair_rows_are_named_as_data_py_names_them():
     assert list_problem({"text": "a"}).startswith("has neither 'completions' (a list with 'ranks' or 'scores') nor")
 
 
-def test_prepare_rows_names_bad_rows_and_counts_dropped_ones():
+def test_prepare_lists_names_bad_rows_and_counts_dropped_ones(tokenizer, tmp_path):
+    from datasets import Dataset
+
+    from hf_balanced_reward import BalancedRewardConfig
+
     rows = [GOOD, {**GOOD, "completions": ["a", "a", "a"], "ranks": [1, 1, 1]}, {**GOOD, "ranks": [0, 1, 2]},
-            {"prompt": "Q", "chosen": "a", "rejected": "b", "tie": True}]
+            {"prompt": "Q", "completions": None, "ranks": None, "chosen": "a", "rejected": "b", "tie": True}]
+    rows = [{"chosen": None, "rejected": None, "tie": None, **row} for row in rows]  # every row every column
+
+    def prepare(rows, **options):
+        args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", **options)
+        return prepare_lists(Dataset.from_list(rows), tokenizer, args)
+
     with pytest.raises(DataError, match=r"^train dataset has 1 bad row\(s\) of 4: row 2: column 'ranks' item 0 is 0; "
                                         r"ranks are whole numbers from 1 \(best\), equal for ties\. Fix them, or set "
                                         r"on_bad_rows: skip"):
-        prepare_rows(rows)
-    with pytest.raises(DataError, match=r"eval dataset has 2 bad row\(s\) of 4: row 1: all completions are identical"):
-        prepare_rows(rows, name="eval", on_bad_rows="error")
-    kept, report = prepare_rows(rows, on_bad_rows="skip")
-    assert [r["ranks"] for r in kept] == [[1, 2, 3], [1, 1]]
-    assert report == {"rows": 4, "lists": 2, "completions": 5, "dropped": {ALL_IDENTICAL: 1,
-                      "column 'ranks' item 0 is 0; ranks are whole numbers from 1 (best), equal for ties": 1}}
-    kept, report = prepare_rows([rows[0], rows[1], rows[3]])  # auto drops the list with nothing to learn
+        prepare(rows)
+    with pytest.raises(DataError, match=r"train dataset has 2 bad row\(s\) of 4: row 1: all completions are identical"):
+        prepare(rows, on_bad_rows="error")
+    kept, report = prepare(rows, on_bad_rows="skip")
+    assert kept["ranks"] == [[1, 2, 3], [1, 1]]
+    assert report == {"rows": 4, "lists": 2, "completions": 5, "truncated": 0, "empty_responses": 0, "dropped": {
+        ALL_IDENTICAL: 1, "column 'ranks' item 0 is 0; ranks are whole numbers from 1 (best), equal for ties": 1}}
+    kept, report = prepare([rows[0], rows[1], rows[3]])  # auto drops the list with nothing to learn
     assert report["lists"] == 2 and report["dropped"] == {ALL_IDENTICAL: 1}
 
 

@@ -180,9 +180,6 @@ def test_what_lists_cannot_do_is_named_before_loading(tmp_path, model_dir):
     data = Dataset.from_list(list_rows(4))
     with pytest.raises(ConfigError, match="loss_type='balanced' weighs pairs by their group and length direction"):
         BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="balanced"), train_dataset=data)
-    with pytest.raises(ConfigError, match="lists .and pairs with ties. cannot be streamed yet"):
-        BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="plackett_luce", max_steps=2),
-                              train_dataset=Dataset.from_list(preference_rows(4)).to_iterable_dataset())
     with pytest.raises(ConfigError, match="ties='first' is not a tie method of plackett_luce"):
         config(tmp_path, loss_type="plackett_luce", loss_kwargs={"ties": "first"})
 
@@ -257,3 +254,21 @@ def test_the_model_card_of_a_list_model_shows_lists_and_ranking_metrics(tmp_path
     card = (tmp_path / "final" / "README.md").read_text()
     assert "| training lists | 8 |" in card and "| loss | plackett_luce |" in card
     assert "| Kendall tau per list (mean) |" in card and "| lists | 8 |" in card
+
+
+def test_streamed_lists_train_and_evaluate_as_lists_in_memory(tmp_path, model_dir):
+    rows = list_rows(12)
+    rows[6]["completions"] = [" same", " same"]  # tied and identical: nothing to learn, dropped and counted
+    data = Dataset.from_list(rows)
+    args = config(tmp_path, loss_type="plackett_luce", max_steps=3, learning_rate=0.0)
+    streamed = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data.to_iterable_dataset(),
+                                     eval_dataset=data.to_iterable_dataset())
+    in_memory = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data, eval_dataset=data)
+    batch = next(iter(streamed.get_train_dataloader()))
+    assert {"ranks", "list_mask", "completion_ends", "segment_ids"} <= set(batch)
+    streamed.train()
+    metrics, expected = streamed.evaluate(), in_memory.evaluate()
+    for key in ("eval_lists", "eval_pairs", "eval_pairwise_accuracy", "eval_kendall_tau", "eval_loss"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
+    assert streamed.data_report["eval"]["lists"] == 11 and streamed.data_report["eval"]["dropped"] == {
+        "all completions are identical (no preference to learn)": 1}
