@@ -3,14 +3,15 @@
 A listwise row has `prompt` (text or messages, may be empty text), `completions` (a list of K >= 2 texts, or of K
 message lists) and either `ranks` (K integers, 1 = best, equal ranks are ties) or `scores` (K finite numbers, higher
 is better). Optional: `tie` (bool; true on a K = 2 row means the two are tied), `weight` (per-list loss weight),
-`margin` (K = 2 only: a pair's margin; a list's margins come from its scores), the group column, `tools` and
-`chat_template_kwargs`. A pairwise row (`chosen` / `rejected`, optionally `prompt`, `tie`) is the K = 2 list
+the group column, `tools` and `chat_template_kwargs`. (`margin` is a pair's: a row check accepts it on K = 2, and
+`prepare_lists` refuses the column, since a list's margins come from its scores.) A pairwise row (`chosen` / `rejected`, optionally `prompt`, `tie`) is the K = 2 list
 [chosen, rejected] with ranks (1, 2), or (1, 1) when tied.
 
 Canonical form (`canonical_row`): the row's other columns, plus `prompt`, `completions`, `ranks` (dense: 1, 2, ...
 with no gaps, equal for ties, derived from scores when only scores are given) and `scores` (floats, or None). The
 order of the completions is kept and carries no meaning. Bad rows are named as `data.py` names bad pairs:
-"row 3: column 'ranks' item 1 is 0; ...".
+"row 3: column 'ranks' item 1 is 0; ...". `prepare_lists` / `prepare_list_stream` turn rows into tokenised lists for
+the trainer (`completion_ids`, `ranks`, `scores`, ...), the way `data.prepare_dataset` turns rows into pairs.
 """
 
 import json
@@ -27,6 +28,8 @@ from .data import (ALL_IDENTICAL, DataError, check_chat_template, column_names, 
                    template_options_problem, text_problem, tokenize_and_collect, too_long, truncate_list)
 
 LABELS = ("ranks", "scores")
+
+
 def _label_problem(column: str, values, size: int) -> str | None:
     if not isinstance(values, (list, tuple)):
         return f"column '{column}' is {type(values).__name__}, not a list of {size} numbers (one per completion)"
