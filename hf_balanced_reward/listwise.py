@@ -4,8 +4,8 @@ A listwise row has `prompt` (text or messages, may be empty text), `completions`
 message lists) and either `ranks` (K integers, 1 = best, equal ranks are ties) or `scores` (K finite numbers, higher
 is better). Optional: `tie` (bool; true on a K = 2 row means the two are tied), `weight` (per-list loss weight),
 the group column, `tools` and `chat_template_kwargs`. (`margin` is a pair's: a row check accepts it on K = 2, and
-`prepare_lists` refuses the column, since a list's margins come from its scores.) A pairwise row (`chosen` / `rejected`, optionally `prompt`, `tie`) is the K = 2 list
-[chosen, rejected] with ranks (1, 2), or (1, 1) when tied.
+`prepare_lists` refuses the column, since a list's margins come from its scores.) A pairwise row (`chosen` /
+`rejected`, optionally `prompt`, `tie`) is the K = 2 list [chosen, rejected] with ranks (1, 2), or (1, 1) when tied.
 
 Canonical form (`canonical_row`): the row's other columns, plus `prompt`, `completions`, `ranks` (dense: 1, 2, ...
 with no gaps, equal for ties, derived from scores when only scores are given) and `scores` (floats, or None). The
