@@ -23,7 +23,7 @@ file's own pairs of those documents (the binarised test a pairwise benchmark wou
 writes benchmarks/results/summeval_lists/<arm>_seed<seed>.json (with --commit, commits it); a rerun skips what is
 done.
 
-    python benchmarks/summeval_lists.py run --seeds 0 1 2 --commit     # 10-20 min a run on 2 CPU cores
+    python benchmarks/summeval_lists.py run --seeds 0 1 2 --commit     # 6-13 min a run on 2 CPU cores
     python benchmarks/summeval_lists.py table
 """
 

@@ -92,7 +92,7 @@ class GroupBalance:
     `length_expert`, `length_head`.
     """
 
-    def __init__(self, weighting="cells", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.0,
+    def __init__(self, weighting="none", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.5,
                  length_head=0.0):
         self.weighting, self.group_dro = weighting, group_dro
         self.dro_step_size, self.dro_adjustment, self.length_expert = dro_step_size, dro_adjustment, length_expert

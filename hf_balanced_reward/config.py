@@ -220,7 +220,7 @@ class BalancedRewardConfig(TrainingArguments):
 
     @staticmethod
     def validate_balance_options(options: dict) -> None:
-        weighting = options.get("weighting", "cells")
+        weighting = options.get("weighting", "none")
         if weighting not in WEIGHTINGS:
             raise ConfigError(
                 f"loss_kwargs weighting='{weighting}' is not a weighting{did_you_mean(weighting, WEIGHTINGS)}. "

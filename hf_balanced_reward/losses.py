@@ -43,15 +43,18 @@ def hinge(chosen_rewards, rejected_rewards, margin=None, hinge_margin=1.0):
     return F.relu(required - (chosen_rewards - rejected_rewards))
 
 
-def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="cells", group_dro=False, dro_step_size=0.01,
-             dro_adjustment=0.0, length_expert=0.0, length_head=0.0):
+def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="none", group_dro=False, dro_step_size=0.01,
+             dro_adjustment=0.0, length_expert=0.5, length_head=0.0):
     """Bradley-Terry per pair; the trainer weights the pairs and adds the length expert (see `balancing.py`).
 
-    - `weighting`: "cells" (default) gives the chosen-longer and chosen-shorter pairs of each group equal weight, so
-      length direction carries no signal; "groups" gives every group 1/G (inverse frequency); "none" weighs all 1.
+    The defaults (length expert 0.5, no reweighting) are what 3 seeds of `benchmarks/compare_losses.py` chose (README,
+    "Does balancing help?").
+
+    - `weighting`: "none" (default) weighs all pairs 1; "cells" gives the chosen-longer and chosen-shorter pairs of
+      each group equal weight, so length direction carries no signal; "groups" gives every group 1/G.
     - `group_dro`: move weight towards the units (group x length cell) with the highest loss after every step,
       q_u <- q_u * exp(dro_step_size * (loss_u + dro_adjustment / sqrt(n_u))) (Sagawa et al. 2020).
-    - `length_expert`: lambda of a known-bias product of experts; training pairs get the logit
+    - `length_expert` (default 0.5): lambda of a known-bias product of experts; training pairs get the logit
       r_c - r_r + lambda * beta_g * (log(1 + |c|) - log(1 + |r|)), beta_g fitted per group before training.
       Only the loss sees it: the saved model scores as usual.
     - `length_head`: weight of an ODIN-style second head: training pairs are scored by reward + length score, and
