@@ -272,3 +272,19 @@ def test_streamed_lists_train_and_evaluate_as_lists_in_memory(tmp_path, model_di
         assert metrics[key] == pytest.approx(expected[key], abs=1e-5), key
     assert streamed.data_report["eval"]["lists"] == 11 and streamed.data_report["eval"]["dropped"] == {
         "all completions are identical (no preference to learn)": 1}
+
+
+def test_a_users_compute_metrics_gets_the_rewards_ranks_and_mask_of_lists(tmp_path, model_dir):
+    seen = {}
+
+    def compute_metrics(prediction):
+        ranks, mask = prediction.label_ids
+        seen.update(shape=prediction.predictions.shape, ranks=ranks.shape, completions=int(mask.sum()))
+        return {"best_reward_mean": float(prediction.predictions.max(axis=1).mean())}
+
+    data = Dataset.from_list(list_rows(6))  # K = 2, 3, 4, 2, 3, 4: 18 completions
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="plackett_luce"),
+                                    eval_dataset=data, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert seen == {"shape": (6, 4), "ranks": (6, 4), "completions": 18}
+    assert np.isfinite(metrics["eval_best_reward_mean"]) and "eval_kendall_tau" in metrics
