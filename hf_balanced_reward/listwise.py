@@ -238,6 +238,16 @@ def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int
     return prepared, report
 
 
+def check_scored(dataset, name: str) -> None:
+    """Loss `graded` reads every list's scores: say before training which set lacks them, and how many lists."""
+    scores = dataset["scores"] if "scores" in dataset.column_names else [None] * len(dataset)
+    missing = sum(s is None for s in scores)
+    if missing:
+        raise DataError(f"loss 'graded' reads every list's scores, and {missing} of {len(dataset)} {name} lists have "
+                        "none (ranks only, or pairs); give 'scores' for every list, or train with plackett_luce or "
+                        "pairwise, which need ranks only.")
+
+
 def prepare_list_stream(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
     """`prepare_lists` for a stream (`data.prepare_stream` with the list tokenisation): rows are checked and
     tokenised as they stream by, and counted in the report (rows, lists, dropped per reason) pass by pass."""

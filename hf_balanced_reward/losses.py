@@ -245,8 +245,9 @@ def graded(rewards, ranks, mask=None, scores=None, margin_scale=1.0, pair_loss="
     a near-tie then pushes less than a clear win. Needs `scores`.
     """
     if scores is None:
-        raise ValueError("loss 'graded' needs the lists' scores (column 'scores'); these lists have ranks only. Use "
-                         "'plackett_luce' or 'pairwise' for ranked lists, or give the scores.")
+        raise ValueError("loss 'graded' needs the lists' scores (column 'scores'); lists in this batch have none "
+                         "(ranks only, or pairs). Use 'plackett_luce' or 'pairwise' for ranked lists, or give every "
+                         "list its scores.")
     return _over_pairs(rewards, ranks, mask, scores, pair_loss, margin_scale, pair_options)
 
 
@@ -336,5 +337,7 @@ def learns_from_ties(loss_fn, options: dict) -> bool:
         return True
     if "pair_loss" in parameters:
         pair_loss = options.get("pair_loss", parameters["pair_loss"].default)
-        return pair_loss in TIE_LOSSES or pair_loss in TIE_LOSSES.values()
+        if callable(pair_loss):
+            return "tie" in inspect.signature(pair_loss).parameters
+        return pair_loss in TIE_LOSSES
     return False

@@ -35,7 +35,7 @@ from .data import (
     report_summary,
 )
 from .forward import plain_inputs, score_lists, score_plain, score_shared_prompt, shared_prompt_agrees
-from .listwise import is_listwise, prepare_list_stream, prepare_lists
+from .listwise import check_scored, is_listwise, prepare_list_stream, prepare_lists
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
@@ -242,6 +242,8 @@ class BalancedRewardTrainer(Trainer):
         if "group_id" not in dataset.column_names:
             prepare = prepare_lists if self.trains_lists or is_listwise(dataset) else prepare_dataset
             dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
+            if self.loss_fn is LOSSES["graded"] and "completion_ids" in dataset.column_names:
+                check_scored(dataset, name)  # before the model loads, not at the first unscored batch
             new = sorted(set(dataset.unique("group")) - set(self.group_names))
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})

@@ -288,3 +288,13 @@ def test_a_users_compute_metrics_gets_the_rewards_ranks_and_mask_of_lists(tmp_pa
     metrics = trainer.evaluate()
     assert seen == {"shape": (6, 4), "ranks": (6, 4), "completions": 18}
     assert np.isfinite(metrics["eval_best_reward_mean"]) and "eval_kendall_tau" in metrics
+
+
+def test_graded_names_the_set_whose_lists_lack_scores_before_training(tmp_path, model_dir):
+    scored = [{**r, "ranks": None, "scores": [4.0, 3.5, 1.0, 1.0][: len(r["completions"])]} for r in list_rows(6)]
+    ranked = list_rows(4)  # rows 0 and 2 have ranks only
+    args = config(tmp_path, loss_type="graded", max_steps=1)
+    with pytest.raises(DataError, match=r"loss 'graded' reads every list's scores, and 2 of 4 eval lists have none"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(scored),
+                              eval_dataset=Dataset.from_list(ranked))
+    BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(scored))  # every list scored
