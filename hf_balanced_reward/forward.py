@@ -95,51 +95,32 @@ def plain_inputs(examples, like, pad_token_id) -> dict[str, torch.Tensor]:
     return {**like, **{k: v.to(like["input_ids"].device) for k, v in plain.items()}}
 
 
-def layout_difference(model, score_packed, score_reference, full_precision: bool) -> tuple[float, float]:
-    """Largest difference between the rewards of the two scoring functions, in eval mode without gradients, and
-    the tolerance it must stay within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
+def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
+    """Largest reward difference between the shared-prompt (pairs) or K-branch (lists) layout and the plain one, on
+    the first two pairs or lists of a packed batch, in eval mode without gradients; and the tolerance it must stay
+    within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
+    lists = "completion_ends" in inputs
+    examples = (unpack_lists if lists else unpack_pairs)(inputs)[:2]
+    collator = PairCollator(pad_token_id, shared_prompt=True)
+    packed = (collator.list_shared_prompt_batch if lists else collator.shared_prompt_batch)(examples)
+    packed = {k: v.to(inputs["input_ids"].device) for k, v in packed.items()}
+    plain = plain_inputs(examples, {"input_ids": packed["input_ids"]}, pad_token_id)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        fast, plain = score_packed(), score_reference()
+        if lists:
+            fast, reference = score_lists(model, packed, shared_prompt=True), score_lists(model, plain, False)
+        else:
+            fast, reference = torch.cat(score_shared_prompt(model, packed)), torch.cat(score_plain(model, plain))
     model.train(was_training)
-    tolerance = (1e-3 if full_precision else 5e-2) * (1 + plain.abs().max().item())
-    return (fast - plain).abs().max().item(), tolerance
-
-
-def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
-    """`layout_difference` of the shared-prompt and plain layouts on two pairs of a shared-prompt batch."""
-    pairs = unpack_pairs(inputs)[:2]
-    device = inputs["input_ids"].device
-    packed = PairCollator(pad_token_id, shared_prompt=True).shared_prompt_batch(pairs)
-    packed = {k: v.to(device) for k, v in packed.items()}
-    return layout_difference(
-        model,
-        lambda: torch.cat(score_shared_prompt(model, packed)),
-        lambda: torch.cat(score_plain(model, plain_inputs(pairs, {"input_ids": packed["input_ids"]}, pad_token_id))),
-        full_precision,
-    )
-
-
-def list_layout_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
-    """`layout_difference` of the K-branch and plain layouts on the first two lists of a shared-prompt list batch."""
-    lists = unpack_lists(inputs)[:2]
-    device = inputs["input_ids"].device
-    packed = PairCollator(pad_token_id, shared_prompt=True).list_shared_prompt_batch(lists)
-    packed = {k: v.to(device) for k, v in packed.items()}
-    return layout_difference(
-        model,
-        lambda: score_lists(model, packed, shared_prompt=True),
-        lambda: score_lists(model, plain_inputs(lists, {"input_ids": packed["input_ids"]}, pad_token_id), False),
-        full_precision,
-    )
+    tolerance = (1e-3 if full_precision else 5e-2) * (1 + reference.abs().max().item())
+    return (fast - reference).abs().max().item(), tolerance
 
 
 def shared_prompt_agrees(model, inputs, pad_token_id, full_precision: bool, required: bool) -> bool:
     """Whether a shared-prompt batch's rewards equal the plain forward's on this model; when they differ, stop if the
     shared prompt was `required` (shared_prompt=true), else warn. Guards attention that ignores the layout."""
-    check = list_layout_difference if "completion_ends" in inputs else shared_prompt_difference
-    difference, tolerance = check(model, inputs, pad_token_id, full_precision)
+    difference, tolerance = shared_prompt_difference(model, inputs, pad_token_id, full_precision)
     if difference <= tolerance:
         logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
         return True
