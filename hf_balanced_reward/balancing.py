@@ -30,6 +30,7 @@ LONGER, SHORTER, SAME = 0, 1, 2
 # A pair counts as "same length" when its responses differ by at most this fraction of the longer one.
 SAME_LENGTH_TOLERANCE = 0.1
 WEIGHTINGS = ("cells", "groups", "none")
+PARTNER_CHOICES = ("nearest", "random")  # how cross-prompt negatives pick another prompt (see `cross_prompt.py`)
 
 
 def length_cells(chosen_lengths, rejected_lengths):
@@ -89,14 +90,16 @@ class GroupBalance:
     """Per-unit sizes, the mixture q, fitted length slopes and the DRO update; saved with every checkpoint.
 
     Options (the `balanced` loss's `loss_kwargs`): `weighting`, `group_dro`, `dro_step_size`, `dro_adjustment`,
-    `length_expert`, `length_head`.
+    `length_expert`, `length_head`, `cross_prompt`, `cross_prompt_partners` (the last two are used by the trainer
+    and `cross_prompt.py`).
     """
 
     def __init__(self, weighting="none", group_dro=False, dro_step_size=0.01, dro_adjustment=0.0, length_expert=0.5,
-                 length_head=0.0):
+                 length_head=0.0, cross_prompt=0.0, cross_prompt_partners="nearest"):
         self.weighting, self.group_dro = weighting, group_dro
         self.dro_step_size, self.dro_adjustment, self.length_expert = dro_step_size, dro_adjustment, length_expert
         self.length_head = length_head
+        self.cross_prompt, self.cross_prompt_partners = cross_prompt, cross_prompt_partners
         self.group_names: list[str] = []
         self.unit_sizes = torch.zeros(0, 3, dtype=torch.long)
         self.mix = torch.zeros(0, 3)

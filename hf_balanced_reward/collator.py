@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from trl.data_utils import common_prefix_length
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PROMPT, CHOSEN, REJECTED, OFF_PROMPT = 0, 1, 2, 3
 LIST_FIELDS = (("weight", torch.float32), ("group_id", torch.long))
 PAIR_FIELDS = (("margin", torch.float32), *LIST_FIELDS)
 
@@ -133,6 +133,9 @@ class PairCollator:
     `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
     `max_row_tokens` wide unless a single pair needs more. Both layouts add `response_lengths` [B, 2]: tokens of
     each response after the shared prompt.
+    Examples with `off_prompt_ids` (training with cross-prompt negatives, see `cross_prompt.py`) add a third
+    sequence per pair: plain layout, B more rows after the rejected ones; shared-prompt layout, a third branch of the
+    pair's segment. `off_prompt_end` indexes its reward (a row, or a flat cell index).
     Examples with `completion_ids` are lists of K completions of one prompt: see `list_batch`.
     """
 
@@ -156,7 +159,12 @@ class PairCollator:
         return batch
 
     def plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return self.plain_rows([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
+        sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        if "off_prompt_ids" not in examples[0]:
+            return self.plain_rows(sequences)
+        batch = self.plain_rows(sequences + [e["off_prompt_ids"] for e in examples])
+        batch["off_prompt_end"] = torch.arange(2 * len(examples), 3 * len(examples))
+        return batch
 
     def plain_rows(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         """One right-padded row per sequence, in order."""
@@ -175,10 +183,16 @@ class PairCollator:
 
     def shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict[str, torch.Tensor]:
         """`prompts`: each pair's shared prefix length, when the caller has it already."""
-        if prompts is None:
-            prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
-        batch, ends = self.pack_segments([(e["chosen_ids"], e["rejected_ids"]) for e in examples], prompts)
-        batch["chosen_end"], batch["rejected_end"] = (torch.tensor(end) for end in zip(*ends))
+        if "off_prompt_ids" in examples[0]:  # the prompt shared by all three sequences
+            groups = [(e["chosen_ids"], e["rejected_ids"], e["off_prompt_ids"]) for e in examples]
+            prompts = [list_prefix_length(g) for g in groups]
+        else:
+            groups = [(e["chosen_ids"], e["rejected_ids"]) for e in examples]
+            if prompts is None:
+                prompts = [shared_prefix_length(*g) for g in groups]
+        batch, ends = self.pack_segments(groups, prompts)
+        for key, end in zip(("chosen_end", "rejected_end", "off_prompt_end"), zip(*ends)):
+            batch[key] = torch.tensor(end)
         return batch
 
     def pack_segments(self, groups: list, prompts: list[int]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
@@ -261,16 +275,19 @@ class PairCollator:
 
 
 def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
-    """The (chosen_ids, rejected_ids) examples of a shared-prompt batch, in pair order: for checks and fallback."""
+    """The (chosen_ids, rejected_ids[, off_prompt_ids]) examples of a shared-prompt batch, in pair order: for checks
+    and fallback."""
     ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
-    pairs = [{"chosen_ids": [], "rejected_ids": []} for _ in range(len(batch["chosen_end"]))]
+    keys = {CHOSEN: "chosen_ids", REJECTED: "rejected_ids", OFF_PROMPT: "off_prompt_ids"}
+    if "off_prompt_end" not in batch:
+        del keys[OFF_PROMPT]
+    pairs = [{key: [] for key in keys.values()} for _ in range(len(batch["chosen_end"]))]
     for token, pair, branch in zip(ids, segments, branches):
         if pair < 0:
             continue
-        if branch != REJECTED:
-            pairs[pair]["chosen_ids"].append(token)
-        if branch != CHOSEN:
-            pairs[pair]["rejected_ids"].append(token)
+        for sequence_branch, key in keys.items():
+            if branch in (PROMPT, sequence_branch):
+                pairs[pair][key].append(token)
     return pairs
 
 

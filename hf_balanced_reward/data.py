@@ -49,7 +49,7 @@ MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of the
 # Columns the collator reads (pairs, then lists); `length` (unique tokens of a row) feeds
 # train_sampling_strategy="group_by_length".
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
-                 "scores"]
+                 "scores", "off_prompt_ids"]
 
 
 class DataError(ValueError):
@@ -393,6 +393,11 @@ def template_options_problem(example: dict) -> str | None:
     if kwargs is not None and not isinstance(kwargs, dict):
         return f"column 'chat_template_kwargs' is {type(kwargs).__name__}, not a mapping of template arguments"
     return None
+
+
+def has_pair_texts(dataset) -> bool:
+    """Whether a dataset holds explicit-prompt pairs as text (`prompt`, `chosen`, `rejected`), not token ids."""
+    return {"prompt", "chosen", "rejected"} <= set(column_names(dataset))
 
 
 def has_empty_response(example: dict) -> bool:

@@ -61,16 +61,20 @@ def packed_scores(model, inputs) -> tuple:
 
 
 def score_plain(model, inputs, with_features: bool = False) -> tuple:
-    """(chosen, rejected) rewards; with `with_features`, also the head's input features of each, (chosen, rejected)."""
+    """(chosen, rejected) rewards, plus the off-prompt sequences' when the batch has them (`off_prompt_end`); with
+    `with_features`, also the head's input features of each, in the same order."""
     rewards, features = plain_scores(model, inputs)
+    pairs = (len(rewards) - len(inputs.get("off_prompt_end", ()))) // 2
+    ends = [slice(0, pairs), slice(pairs, 2 * pairs)] + ([inputs["off_prompt_end"]] if "off_prompt_end" in inputs else [])
+    scored = tuple(rewards[end].float() for end in ends)
     if with_features:
-        return rewards.float().chunk(2), features.chunk(2)
-    return rewards.float().chunk(2)
+        return scored, tuple(features[end] for end in ends)
+    return scored
 
 
 def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
     scores, features = packed_scores(model, inputs)
-    ends = inputs["chosen_end"], inputs["rejected_end"]
+    ends = [inputs[key] for key in ("chosen_end", "rejected_end", "off_prompt_end") if key in inputs]
     rewards = tuple(scores[end].float() for end in ends)
     if with_features:
         return rewards, tuple(features[end] for end in ends)

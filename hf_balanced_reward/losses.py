@@ -44,7 +44,7 @@ def hinge(chosen_rewards, rejected_rewards, margin=None, hinge_margin=1.0):
 
 
 def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="none", group_dro=False, dro_step_size=0.01,
-             dro_adjustment=0.0, length_expert=0.5, length_head=0.0):
+             dro_adjustment=0.0, length_expert=0.5, length_head=0.0, cross_prompt=0.0, cross_prompt_partners="nearest"):
     """Bradley-Terry per pair; the trainer weights the pairs and adds the length expert (see `balancing.py`).
 
     The defaults (length expert 0.5, no reweighting) are what 3 seeds of `benchmarks/compare_losses.py` chose (README,
@@ -60,6 +60,9 @@ def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="none", gr
     - `length_head`: weight of an ODIN-style second head: training pairs are scored by reward + length score, and
       `length_head` * [(1 - rho(L, length score)) + |rho(L, reward)|] (Pearson, within each group of the batch) is
       added to the loss. The length head is not saved.
+    - `cross_prompt` (gamma): cross-prompt negatives (RRM): each training pair also adds
+      gamma * -log sigmoid(r(x_i, y_i^chosen) - r(x_i, y_j)) for the chosen response y_j of another prompt, the
+      `cross_prompt_partners` ("nearest": most similar prompt of the group by TF-IDF; "random"); see `cross_prompt.py`.
     """
     return bradley_terry(chosen_rewards, rejected_rewards, margin)
 

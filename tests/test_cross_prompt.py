@@ -1,0 +1,131 @@
+"""Cross-prompt negatives: partner choice, the off-prompt sequence, its loss term and both layouts' rewards."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+
+from conftest import build_tokenizer, preference_rows
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
+from hf_balanced_reward.collator import shared_prefix_length, unpack_pairs
+from hf_balanced_reward.cross_prompt import choose_partners, off_prompt_sequence
+from test_shared_prompt import TEXTS, smollm2_shaped
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=4,
+                    learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, loss_type="balanced",
+                    group_column="source")
+    return BalancedRewardConfig(**{**defaults, **kwargs})
+
+
+# Prompts as token lists: 0 and 1 are the same prompt; 2 shares most tokens with 0; 3 and 4 are another group's.
+PROMPTS = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 9], [20, 21], [22, 23, 24]]
+GROUPS = [0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("how", ["nearest", "random"])
+def test_partners_are_another_prompt_of_the_same_group(how):
+    for seed in range(20):
+        partners = choose_partners(PROMPTS, GROUPS, how, seed)
+        for i, j in enumerate(partners):
+            assert PROMPTS[i] != PROMPTS[j]
+            assert GROUPS[i] == GROUPS[j]
+    # Prompts 0 and 1 (equal) have one other prompt in their group; 3 and 4 each have one.
+    assert list(choose_partners(PROMPTS, GROUPS, how, 0)[[0, 1, 3, 4]]) == [2, 2, 4, 3]
+
+
+def test_nearest_partner_is_the_most_similar_prompt():
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 9], [10, 11, 12, 13], [1, 10, 20, 30]]
+    assert list(choose_partners(prompts, [0, 0, 0, 0], "nearest")) == [1, 0, 3, 2]
+    random_partners = {tuple(choose_partners(prompts, [0, 0, 0, 0], "random", seed)) for seed in range(10)}
+    assert len(random_partners) > 1  # random partners depend on the seed
+
+
+def test_a_group_with_one_prompt_borrows_another_groups():
+    partners = choose_partners([[1, 2], [1, 2], [3, 4], [5, 6]], [0, 0, 1, 1], "nearest")
+    assert partners[0] in (2, 3) and partners[1] in (2, 3)
+    with pytest.raises(ValueError, match="at least two different prompts"):
+        choose_partners([[1, 2], [1, 2]], [0, 1])
+
+
+def test_off_prompt_sequence_keeps_the_prompt_and_the_scored_token():
+    own, partner = [1, 5, 6, 7, 30, 2], [1, 8, 9, 40, 41, 42, 2]
+    assert off_prompt_sequence(own, 4, partner, 3, None) == [1, 5, 6, 7, 40, 41, 42, 2]
+    assert off_prompt_sequence(own, 4, partner, 3, 6) == [1, 5, 6, 7, 40, 2]  # cut from the right, end kept
+    assert off_prompt_sequence(own, 4, partner, 3, 5) == [1, 5, 6, 7, 2]
+
+
+def test_cross_prompt_loss_on_hand_worked_rewards(tmp_path, model_dir, pairs, monkeypatch):
+    args = config(tmp_path, loss_kwargs={"weighting": "none", "length_expert": 0.0, "cross_prompt": 0.5})
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    rewards = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 2.0])
+    monkeypatch.setattr(trainer, "score_pairs", lambda model, inputs, with_features=False: rewards)
+    inputs = {"group_id": torch.tensor([0, 1]), "response_lengths": torch.tensor([[3, 3], [3, 3]])}
+    trainer.model.train()
+
+    def nll(d):
+        return math.log1p(math.exp(-d))
+
+    expected = ((nll(1) + 0.5 * nll(1)) + (nll(0) + 0.5 * nll(-2))) / 2
+    assert trainer.compute_loss(trainer.model, inputs).item() == pytest.approx(expected, rel=1e-6)
+    trainer.model.eval()  # evaluation scores pairs only: the term is a training term
+    assert trainer.compute_loss(trainer.model, inputs).item() == pytest.approx((nll(1) + nll(0)) / 2, rel=1e-6)
+
+
+def test_training_adds_off_prompt_sequences_and_learns(tmp_path, model_dir):
+    pairs = Dataset.from_list([{**r, "chosen": r["chosen"] + f" Answer {i}."} for i, r in enumerate(preference_rows())])
+    args = config(tmp_path, loss_kwargs={"cross_prompt": 1.0}, max_steps=3)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
+    train = trainer.train_dataset
+    assert "off_prompt_ids" in train.column_names and "off_prompt_ids" not in trainer.eval_dataset.column_names
+    for example in train:  # the pair's own prompt, then a response that is not its chosen one
+        prompt = shared_prefix_length(example["chosen_ids"], example["rejected_ids"])
+        assert example["off_prompt_ids"][:prompt] == example["chosen_ids"][:prompt]
+        assert example["off_prompt_ids"][prompt:] != example["chosen_ids"][prompt:]
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())
+    assert "eval_accuracy" in trainer.evaluate()
+
+
+def test_packed_off_prompt_branch_equals_the_plain_rows(tmp_path):
+    tokenizer = build_tokenizer(pad_is_eos=True)
+    model = smollm2_shaped(tokenizer).eval()
+    examples = []
+    for (p, c, r), (_, other, _) in zip(TEXTS, TEXTS[1:] + TEXTS[:1]):
+        examples.append({"chosen_ids": tokenizer(p + c)["input_ids"], "rejected_ids": tokenizer(p + r)["input_ids"],
+                         "off_prompt_ids": tokenizer(p + other)["input_ids"]})
+    trainer = BalancedRewardTrainer(model=model, args=config(tmp_path, group_column=None), processing_class=tokenizer)
+    assert trainer.shared_prompt
+    packed = trainer.data_collator(examples)
+    plain = PairCollator(tokenizer.pad_token_id)(examples)
+    assert packed["branch_ids"].max() == 3 and len(packed["off_prompt_end"]) == len(examples)
+    assert len(plain["input_ids"]) == 3 * len(examples)
+    with torch.no_grad():
+        reference = torch.tensor([model(torch.tensor([e[key]])).logits[0, 0].item()
+                                  for key in ("chosen_ids", "rejected_ids", "off_prompt_ids") for e in examples])
+        for batch in (packed, plain):
+            rewards = trainer.score_pairs(model, batch)
+            assert len(rewards) == 3
+            assert (torch.cat(rewards) - reference).abs().max() <= 1e-4
+    # The fallback and the first-batch check rebuild the three sequences from a packed batch exactly.
+    assert unpack_pairs(packed) == examples
+
+
+def test_cross_prompt_options_are_checked_before_training(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match=r"cross_prompt_partners='neerest' is not a choice \(did you mean "
+                                          r"'nearest'\?\). Choose one of: nearest, random"):
+        config(tmp_path, loss_kwargs={"cross_prompt": 1.0, "cross_prompt_partners": "neerest"})
+    with pytest.raises(ConfigError, match="loss_kwargs cross_prompt must be a number >= 0, got -1"):
+        config(tmp_path, loss_kwargs={"cross_prompt": -1})
+    stream = IterableDataset.from_generator(lambda: iter(preference_rows()))
+    with pytest.raises(ConfigError, match="cross_prompt needs a train set of pairs in memory.*streaming: false"):
+        BalancedRewardTrainer(model=model_dir, train_dataset=stream,
+                              args=config(tmp_path, loss_kwargs={"cross_prompt": 1.0}, max_steps=2))
+    one_prompt = Dataset.from_list([{**r, "prompt": "Same?"} for r in preference_rows()])
+    with pytest.raises(Exception, match="cross_prompt needs at least two different prompts"):
+        BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_kwargs={"cross_prompt": 1.0}),
+                              train_dataset=one_prompt)
