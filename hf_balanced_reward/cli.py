@@ -28,6 +28,9 @@ COMMANDS = ("train", "evaluate", "score", "compare")
 # What `compare` shows first: the summaries that tell a length-biased model from one that is not.
 SHORTCUT_METRICS = ("accuracy", "length_balanced_accuracy", "length_conflicting_accuracy",
                     "within_group_length_correlation", "balanced_accuracy", "worst_group_accuracy")
+# Then the exploit probes (`probes.exploit_probes`), when the runs logged them (`exploit_probes: true`).
+PROBE_METRICS = ("probe_accuracy_without_prompt", "probe_prompt_use", "probe_on_topic_random", "probe_on_topic_nearest",
+                 "probe_padding_rise_rate", "probe_padding_mean_rise")
 
 
 @dataclass
@@ -107,6 +110,11 @@ class EvaluateArguments:
         default=True,
         metadata={"help": "Also report accuracy after post-hoc length calibration: per group, a least-squares fit of "
                   "reward on log(1 + response length), made without labels, is subtracted (Huang et al. 2024)."},
+    )
+    probes: bool = field(
+        default=True,
+        metadata={"help": "Also run the exploit probes (does the model read the prompt, can padding raise its reward; "
+                  "see docs/evaluation.md): about 12 more texts scored per pair. --probes false skips them."},
     )
 
 
@@ -342,7 +350,7 @@ def evaluate(argv: list[str]) -> dict:
             raise UsageError(f"evaluate needs --{required}.")
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
-                            args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration)
+                            args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration, args.probes)
     if "lists" in report:
         print(list_report_lines(report, args.output_dir))
         return report
@@ -365,9 +373,26 @@ def evaluate(argv: list[str]) -> dict:
     if shortcut:
         lines.append(", ".join(shortcut))
     lines += [f"  {name}: {g['accuracy']:.4f} of {g['pairs']}" for name, g in report["groups"].items()]
+    if report.get("probes"):
+        lines += probe_lines(report["probes"])
     lines.append(f"Report and plots in {os.path.abspath(args.output_dir)}")
     print("\n".join(lines))
     return report
+
+
+def probe_lines(probes: dict) -> list[str]:
+    """Two lines of the exploit probes' headline figures (`probes.exploit_probes`)."""
+    from .probes import FILLERS  # imports scikit-learn: only when there are probes to show
+
+    def figure(key):
+        return f"{probes[key]:.4f}" if key in probes else "n/a"
+
+    kinds = ", ".join(f"{kind} {figure(f'probe_padding_rise_rate_{kind}')}" for kind in FILLERS)
+    return [f"exploit probes: accuracy {figure('probe_accuracy')}, without the prompt "
+            f"{figure('probe_accuracy_without_prompt')} (prompt use {figure('probe_prompt_use')}); chosen beats another "
+            f"prompt's chosen: random {figure('probe_on_topic_random')}, nearest {figure('probe_on_topic_nearest')}",
+            f"padding raises the reward in {figure('probe_padding_rise_rate')} of cases ({kinds}), by "
+            f"{figure('probe_padding_mean_rise')} reward sd on average"]
 
 
 def list_report_lines(report: dict, output_dir: str) -> str:
@@ -405,7 +430,7 @@ def compare(run_dirs: list[str]) -> str:
         with open(path, encoding="utf-8") as f:
             results.append(json.load(f))
     cells = sorted({k for r in results for k in r if k.endswith(("_chosen_longer", "_chosen_shorter"))})
-    keys = [f"eval_{k}" for k in SHORTCUT_METRICS] + cells
+    keys = [f"eval_{k}" for k in SHORTCUT_METRICS + PROBE_METRICS] + cells
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     width = max(12, *(len(n) + 2 for n in names))
     rows = [f"{'metric':<44}" + "".join(f"{n:>{width}}" for n in names)]

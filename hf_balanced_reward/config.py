@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .balancing import WEIGHTINGS
+from .balancing import PARTNER_CHOICES, WEIGHTINGS
 from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_loss, trains_lists
 
 
@@ -147,6 +147,15 @@ class BalancedRewardConfig(TrainingArguments):
             "step and batch; 'skip' leaves that batch out of the update and counts it (logged as skipped_batches)."
         },
     )
+    exploit_probes: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure, at every evaluation of an eval set of pairs with text, what an RL policy could "
+            "exploit (logged as eval_probe_*): accuracy with the prompt removed, whether a prompt's own response beats "
+            "another prompt's, and whether appending content-free text raises the reward (docs/evaluation.md). Costs "
+            "about ten forward passes per pair."
+        },
+    )
     reward_drift_limit: float | None = field(
         default=10.0,
         metadata={
@@ -231,10 +240,18 @@ class BalancedRewardConfig(TrainingArguments):
         for name, meaning in (("dro_step_size", "0 keeps the unit weights fixed"),
                               ("dro_adjustment", "0 turns the small-unit adjustment off"),
                               ("length_expert", "0 turns the length expert off"),
-                              ("length_head", "0 turns the length head off")):
+                              ("length_head", "0 turns the length head off"),
+                              ("cross_prompt", "0 turns cross-prompt negatives off")):
             value = options.get(name, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(f"loss_kwargs {name} must be a number >= 0, got {value!r}; {meaning}.")
+
+        partners = options.get("cross_prompt_partners", "nearest")
+        if partners not in PARTNER_CHOICES:
+            raise ConfigError(
+                f"loss_kwargs cross_prompt_partners={partners!r} is not a choice"
+                f"{did_you_mean(str(partners), PARTNER_CHOICES)}. Choose one of: {', '.join(PARTNER_CHOICES)}."
+            )
 
     def validate_list_loss_options(self) -> None:
         """A tie or listwise loss's options, checked by computing the loss once on a small list (its own checks

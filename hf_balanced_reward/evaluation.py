@@ -2,20 +2,27 @@
 metrics, overall and per group).
 
 Scoring goes through `BalancedRewardTrainer.predict` and the metrics through `pair_metrics`, the same code as
-`trainer.evaluate()`, so the command and the trainer agree on the same model and data.
+`trainer.evaluate()`, so the command and the trainer agree on the same model and data. The exploit probes
+(`probes.exploit_probes`) score the same pairs' texts through `scoring`, as training rendered and cut them.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
 from transformers import AutoConfig
+from trl.data_utils import maybe_extract_prompt
 
 from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
+from .data import column_names, tokenize_example
 from .metrics import calibration, pair_metrics, wilson_interval
+from .probes import exploit_probes, model_reward
 from .ranking_metrics import list_metrics, ranking_metrics
+
+logger = logging.getLogger(__name__)
 
 PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "groups": "group_accuracy.png",
          "length_cells": "length_cell_accuracy.png"}
@@ -23,17 +30,22 @@ PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "g
 
 def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
                    max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip",
-                   length_calibration: bool = True) -> dict:
+                   length_calibration: bool = True, probes: bool = True) -> dict:
     """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots.
 
-    `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`)."""
+    `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`). `probes`
+    adds `report["probes"]`, the exploit probes (`probes.exploit_probes`, about 12 texts scored per pair) on the
+    scored pairs' texts; not for lists, nor for data given as token ids only."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
-    if max_length is None:  # the max_length the model was trained with, so the numbers match its card
-        max_length = getattr(AutoConfig.from_pretrained(model), "reward_max_length", None)
+    # Render and cut texts as training did (saved with the model), so the numbers match its card.
+    saved = AutoConfig.from_pretrained(model)
+    if max_length is None:
+        max_length = getattr(saved, "reward_max_length", None)
     args = BalancedRewardConfig(
         output_dir=output_dir, per_device_eval_batch_size=batch_size, group_column=group_column,
         max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
+        append_eos_token=bool(getattr(saved, "reward_append_eos_token", False)),
     )
     trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=dataset)
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
@@ -46,6 +58,13 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
                           length_calibration)
     report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
+    texts = pair_texts(dataset, trainer) if probes else None
+    if texts is not None:
+        reward = model_reward(trainer.model, trainer.processing_class, trainer.max_length,
+                              trainer.args.append_eos_token, batch_size)
+        report["probes"] = exploit_probes(reward, *texts)
+    elif probes:
+        logger.warning("exploit probes skipped: the dataset has no 'chosen' / 'rejected' texts (token ids only).")
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
     paths = {name: os.path.join(output_dir, "plots", file) for name, file in PLOTS.items()}
     plots.margin_histogram(np.asarray(chosen) - np.asarray(rejected), paths["margins"])
@@ -57,6 +76,29 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def pair_texts(dataset, trainer) -> tuple[list, list, list, list | None] | None:
+    """(prompts, chosen, rejected, groups) of the pairs the trainer scored: the dataset's rows less those its
+    preparation dropped, found by the same per-row check (`data.tokenize_example`, so each row is tokenised once
+    more); an implicit prompt is split off as training splits it. None when the rows have no texts."""
+    if not {"chosen", "rejected"} <= set(column_names(dataset)):
+        return None
+    args, tokenizer = trainer.args, trainer.processing_class
+    special_ids = set(tokenizer.all_special_ids)
+    prompts, chosen, rejected, groups = [], [], [], []
+    for example in dataset:
+        checked = tokenize_example(example, tokenizer, trainer.max_length, args.append_eos_token, args.group_column,
+                                   special_ids, args.on_bad_rows != "error")
+        if checked["problem"]:
+            continue
+        pair = example if "prompt" in example else maybe_extract_prompt(
+            {"chosen": example["chosen"], "rejected": example["rejected"]})
+        prompts.append(pair["prompt"])
+        chosen.append(pair["chosen"])
+        rejected.append(pair["rejected"])
+        groups.append(checked["group"])
+    return prompts, chosen, rejected, groups if args.group_column else None
 
 
 def write_list_report(output, trainer, model: str, output_dir: str) -> dict:

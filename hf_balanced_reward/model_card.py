@@ -122,8 +122,35 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in rows if value is not None]
+    # The report's probes (the same pairs as the table above), else the last eval's.
+    lines += probe_table((report or {}).get("probes") or {
+        k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith(("eval_probe_", "probe_"))})
     lines += [f"\n![{name}]({path})" for name, path in plots.items()]
     return "\n".join(lines)
+
+
+# The exploit probes' headline figures (`probes.exploit_probes`; docs/evaluation.md), each with what it means.
+PROBE_ROWS = (
+    ("probe_accuracy", "accuracy on the probed pairs"),
+    ("probe_accuracy_without_prompt", "accuracy with the prompt removed"),
+    ("probe_prompt_use", "how much the prompt helps (the difference; near 0: the model barely reads it)"),
+    ("probe_on_topic_random", "chosen beats another prompt's chosen response (near 1: answers must be on topic)"),
+    ("probe_on_topic_nearest", "the same against the most similar prompt's response (harder)"),
+    ("probe_padding_rise_rate", "share of responses whose reward rises when filler is appended (near 0 is good)"),
+    ("probe_padding_mean_rise", "mean rise from that filler, in reward standard deviations"),
+    ("probe_padding_rise_rate_pleasantry", "rise rate for a closing pleasantry"),
+    ("probe_padding_rise_rate_restatement", "rise rate for a restatement of the question"),
+    ("probe_padding_rise_rate_repetition", "rise rate for a repetition of the response's first sentence"),
+)
+
+
+def probe_table(probes: dict) -> list[str]:
+    """The probes the evaluation measured, one row each; nothing when none were."""
+    rows = [f"| {key[len('probe_'):]} | {probes[key]:.4f} | {meaning} |" for key, meaning in PROBE_ROWS if key in probes]
+    if not rows:
+        return []
+    return ["", "Exploit probes: what an RL policy could exploit (no labels used; see the package's "
+            "docs/evaluation.md).", "", "| probe | value | what it means |", "|---|---|---|", *rows]
 
 
 def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,

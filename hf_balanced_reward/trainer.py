@@ -20,6 +20,7 @@ from .callbacks import RewardDriftCallback, StopOnSignal
 from .checkpoints import (REWARD_STATE, check_same_model, is_complete_checkpoint, load_reward_state, resolve_checkpoint,
                           reward_state, write_json_atomically)
 from .collator import PairCollator, unpack_lists, unpack_pairs
+from .cross_prompt import add_off_prompt_responses
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .data import (
@@ -29,6 +30,7 @@ from .data import (
     apply_token_options,
     check_columns,
     column_names,
+    has_pair_texts,
     is_stream,
     prepare_dataset,
     prepare_stream,
@@ -143,8 +145,13 @@ class BalancedRewardTrainer(Trainer):
             self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
             if self.uses_balance:
                 logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
+        if self.uses_balance and self.balance.cross_prompt:
+            train_dataset = self._with_off_prompt_responses(train_dataset, args)
         if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
             warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
+        # The eval sets' texts, for the exploit probes (they score edited texts, not the tokenised pairs).
+        self.probe_sets = {name: data for name, data in named_datasets.items() if name != "train"
+                           and args.exploit_probes and isinstance(data, Dataset) and has_pair_texts(data)}
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
@@ -248,6 +255,21 @@ class BalancedRewardTrainer(Trainer):
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
         return dataset
+
+    def _with_off_prompt_responses(self, train_dataset, args):
+        """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed."""
+        if not isinstance(train_dataset, Dataset) or "rejected_ids" not in train_dataset.column_names:
+            raise ConfigError("loss_kwargs cross_prompt needs a train set of pairs in memory (it picks each pair's "
+                              "partner among all prompts before training); set streaming: false, or cross_prompt: 0.")
+        try:
+            train_dataset = add_off_prompt_responses(train_dataset, self.balance.cross_prompt_partners, args.seed,
+                                                     self.max_length)
+        except ValueError as err:
+            raise DataError(f"train: {err} Set loss_kwargs cross_prompt: 0.") from err
+        logger.info(f"Cross-prompt negatives: every training pair also scores its prompt with another prompt's "
+                    f"chosen response ({self.balance.cross_prompt_partners} partners, weight "
+                    f"{self.balance.cross_prompt}).")
+        return train_dataset
 
     def _prepare_stream(self, dataset, tokenizer, args, name, count: bool):
         """Tokenised and checked as rows stream by, group ids given on first sight. With `count`, one pass over the
@@ -464,10 +486,34 @@ class BalancedRewardTrainer(Trainer):
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        texts = None
+        if isinstance(eval_dataset, str):  # Trainer's name of one of several eval sets
+            texts = self.probe_sets.get(eval_dataset)
+        elif eval_dataset is None and not isinstance(self.eval_dataset, dict):
+            texts = self.probe_sets.get("eval")
+        elif isinstance(eval_dataset, Dataset) and self.args.exploit_probes and has_pair_texts(eval_dataset):
+            texts = eval_dataset
         if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back here with each one
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
         with reading_streams():
-            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if texts is not None:
+            metrics.update(self._probe_metrics(texts, metric_key_prefix))
+        return metrics
+
+    def _probe_metrics(self, texts: Dataset, prefix: str) -> dict[str, float]:
+        """The exploit probes (see `probes.py`) on an eval set's texts, scored as a client scores them; logged as
+        `<prefix>_probe_*`. Every process computes them on the whole set (no collectives), so all agree."""
+        from .probes import exploit_probes, model_reward
+
+        reward = model_reward(self.model, self.processing_class, max_length=self.max_length,
+                              append_eos=self.args.append_eos_token, batch_size=self.args.per_device_eval_batch_size)
+        groups = texts[self.args.group_column] if self.args.group_column else None
+        figures = exploit_probes(reward, texts["prompt"], texts["chosen"], texts["rejected"],
+                                 [str(g) for g in groups] if groups is not None else None, seed=self.args.seed)
+        metrics = {f"{prefix}_{key}": value for key, value in figures.items()}
+        self.log(metrics)
+        return metrics
 
     # --- forward and loss --------------------------------------------------------------------------------------
 
@@ -478,8 +524,8 @@ class BalancedRewardTrainer(Trainer):
             return super().training_step(*args, **kwargs)
 
     def score_pairs(self, model, inputs, with_features: bool = False) -> tuple:
-        """Chosen and rejected rewards (fp32) of a collated batch, in one forward pass; with `with_features`, also
-        the features the reward head read for each (see `forward.score_plain`)."""
+        """Chosen and rejected rewards (fp32) of a collated batch, and the off-prompt ones when it has them, in one
+        forward pass; with `with_features`, also the features the reward head read for each (`forward.score_plain`)."""
         if "segment_ids" not in inputs:
             return score_plain(model, inputs, with_features)
         self._check_shared_prompt(model, inputs)
@@ -526,9 +572,10 @@ class BalancedRewardTrainer(Trainer):
             return self.compute_list_loss(model, inputs, return_outputs)
         shortcut_terms = model.training and self.uses_balance
         if shortcut_terms and self.length_head is not None:
-            (chosen, rejected), features = self.score_pairs(model, inputs, with_features=True)
+            (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs, with_features=True)
+            features = features[:2]
         else:
-            (chosen, rejected), features = self.score_pairs(model, inputs), None
+            (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs), None
         margin, penalty = inputs.get("margin"), None
         if shortcut_terms:
             shift, penalty = self._training_only_terms(chosen, rejected, features, inputs)
@@ -540,6 +587,8 @@ class BalancedRewardTrainer(Trainer):
                 f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
                 f"it returned shape {tuple(per_pair.shape)}."
             )
+        if shortcut_terms and off_prompt:  # cross-prompt negatives: the chosen response beats another prompt's
+            per_pair = per_pair + self.balance.cross_prompt * self.loss_fn(chosen, off_prompt[0], **self.args.loss_kwargs)
         if self.args.center_rewards_coefficient:
             per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
         weights = self.pair_weights(inputs)

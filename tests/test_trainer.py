@@ -25,11 +25,12 @@ LOSS_SETTINGS = [
     ("balanced", {"group_dro": True, "dro_step_size": 0.5}),
     ("balanced", {"length_expert": 1.0, "weighting": "groups"}),
     ("balanced", {"length_head": 1.0}),
+    ("balanced", {"cross_prompt": 1.0, "cross_prompt_partners": "random"}),
 ]
 
 
 @pytest.mark.parametrize("loss_type,loss_kwargs", LOSS_SETTINGS,
-                         ids=["bt", "hinge", "balanced", "group_dro", "length_expert", "length_head"])
+                         ids=["bt", "hinge", "balanced", "group_dro", "length_expert", "length_head", "cross_prompt"])
 def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_type, loss_kwargs):
     args = config(tmp_path, loss_type=loss_type, loss_kwargs=loss_kwargs, max_steps=3)
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
@@ -177,3 +178,22 @@ def test_model_with_several_labels_is_refused(tmp_path, tokenizer, pairs):
     model.config.num_labels = 2
     with pytest.raises(ConfigError, match=r"a reward model has one output, this model has num_labels=2"):
         BalancedRewardTrainer(model=model, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
+
+
+PROBE_KEYS = ("probe_accuracy", "probe_accuracy_without_prompt", "probe_prompt_use", "probe_on_topic_random",
+              "probe_on_topic_nearest", "probe_padding_rise_rate", "probe_padding_mean_rise")
+
+
+def test_exploit_probes_are_evaluated_when_asked(tmp_path, model_dir, pairs):
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, exploit_probes=True),
+                                    eval_dataset={"a": pairs, "b": pairs.select(range(12))})
+    metrics = trainer.evaluate()
+    for name in ("a", "b"):
+        assert all(0 <= metrics[f"eval_{name}_{key}"] <= 1 for key in PROBE_KEYS[:-2])
+    # The probe's plain accuracy scores the texts as a client does: the evaluation's own accuracy on the same pairs.
+    assert metrics["eval_a_probe_accuracy"] == pytest.approx(metrics["eval_a_accuracy"])
+    logged = [log for log in trainer.state.log_history if "eval_a_probe_on_topic_random" in log]
+    assert len(logged) == 1
+    assert set(PROBE_KEYS) <= {k[len("eval_"):] for k in trainer.evaluate(pairs)}  # a set given to evaluate()
+    plain = BalancedRewardTrainer(model=model_dir, args=config(tmp_path), eval_dataset=pairs)
+    assert not any("probe" in key for key in plain.evaluate())
