@@ -6,6 +6,7 @@ import logging
 import os
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers.trainer_utils import sort_checkpoints
 
 from .config import ConfigError
@@ -58,6 +59,36 @@ def resolve_checkpoint(output_dir: str, resume) -> str | None:
             f"another trainer wrote it){suggestion}."
         )
     return resume
+
+
+# What `save_model` writes as weights: a model or LoRA adapters, safetensors or pickled, whole or sharded.
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def has_final_model(output_dir: str) -> bool:
+    """Whether `output_dir` holds a saved model's weights that read back whole. A save cut short (a kill during the
+    final save) leaves a safetensors file whose header promises more bytes than it holds: that counts as missing."""
+    files = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    for index in SHARD_INDEXES:
+        path = os.path.join(output_dir, index)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    files += sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError):
+                return False
+    return bool(files) and all(_readable(os.path.join(output_dir, f)) for f in files)
+
+
+def _readable(path: str) -> bool:
+    if not path.endswith(".safetensors"):
+        return os.path.isfile(path)
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except (SafetensorError, OSError):  # cut short, or a shard that is not there
+        return False
 
 
 def check_same_model(checkpoint: str, config) -> None:

@@ -7,6 +7,8 @@
 Precedence for `train`: the config's defaults, then the YAML recipe, then command-line flags.
 """
 
+from __future__ import annotations  # annotations name classes imported only where used
+
 import importlib.util
 import json
 import logging
@@ -16,12 +18,11 @@ import sys
 from dataclasses import dataclass, field, fields
 
 import yaml
-from transformers import HfArgumentParser
+# Only the stdlib and light modules at the top: `--help` and a mistyped command answer without torch or
+# transformers; each command imports what it uses.
+from .errors import ConfigError, DataError, TrainingStopped, did_you_mean
 
-from .config import BalancedRewardConfig, ConfigError, did_you_mean
-from .data import DataError, check_columns, load_preference_dataset
-from .listwise import is_listwise
-from .scoring import score_main
+logger = logging.getLogger(__name__)
 
 PROG = "hf-balanced-reward"
 COMMANDS = ("train", "evaluate", "score", "compare")
@@ -144,10 +145,25 @@ def resolve_model_path(name: str) -> str:
     return path
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: str, valid_keys: list[str]) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+            values = yaml.load(f, Loader=UniqueKeyLoader)
     except OSError as err:
         raise UsageError(f"cannot read config '{path}': {err.strerror}.") from None
     except yaml.YAMLError as err:
@@ -187,6 +203,10 @@ def checked_recipe_values(parser, values: dict, path: str) -> dict:
         try:
             if many != isinstance(value, list) or isinstance(value, dict):
                 raise TypeError
+            for one in value if many else [value]:
+                # int() would truncate 4.7 to 4 and read true as 1: an integer option takes an integer only.
+                if convert is int and (isinstance(one, bool) or not isinstance(one, (int, str))):
+                    raise TypeError
             checked[key] = [convert(v) for v in value] if many else convert(value)
         except (TypeError, ValueError):
             shape = f"a list of {expected}" if many else expected
@@ -198,6 +218,10 @@ def checked_recipe_values(parser, values: dict, path: str) -> dict:
 
 
 def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardConfig]:
+    from transformers import HfArgumentParser
+
+    from .config import BalancedRewardConfig
+
     parser = HfArgumentParser((ScriptArguments, BalancedRewardConfig), prog=f"{PROG} train")
     valid_keys = [f.name for dc in (ScriptArguments, BalancedRewardConfig) for f in fields(dc) if f.init]
     config_path = None
@@ -253,6 +277,9 @@ def peft_setup(script_args: ScriptArguments, config: BalancedRewardConfig):
 
 
 def load_datasets(script_args: ScriptArguments, seed: int):
+    from .data import check_columns, load_preference_dataset
+    from .listwise import is_listwise
+
     streaming = script_args.streaming
     if streaming and script_args.eval_split_ratio is not None:
         raise UsageError(f"eval_split_ratio={script_args.eval_split_ratio} cannot split a streamed dataset (its length "
@@ -293,6 +320,23 @@ def format_table(before: dict | None, after: dict | None) -> str:
     return "\n".join(rows)
 
 
+def final_evaluation(trainer) -> dict:
+    """The eval metrics of the trained model, computed once: those of an evaluation the run made at its last step
+    (eval_strategy), else a new one (with a note when eval_strategy is 'no': the CLI evaluates a named eval set)."""
+    step, metrics = trainer.state.global_step, {}
+    for log in reversed(trainer.state.log_history):  # one log per eval set
+        if log.get("step") != step:
+            break
+        if any(k.startswith("eval_") and k.endswith("accuracy") for k in log):
+            metrics.update({k: v for k, v in log.items() if k.startswith("eval_") or k == "epoch"})
+    if metrics and step > 0:
+        return metrics
+    if trainer.args.eval_strategy == "no":
+        logger.info("Evaluating the trained model on the eval set once (eval_strategy is 'no', so not during "
+                    "training).")
+    return trainer.evaluate()
+
+
 def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
 
@@ -323,7 +367,7 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     trainer.save_metrics("train", result.metrics)
     after = None
     if eval_dataset is not None:
-        after = trainer.evaluate()
+        after = final_evaluation(trainer)
         trainer.save_metrics("eval", after)
         if trainer.args.should_save:
             trainer.write_card(config.output_dir)  # now with the final evaluation
@@ -336,6 +380,10 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
 
 def evaluate(argv: list[str]) -> dict:
     from .evaluation import evaluate_model
+
+    from transformers import HfArgumentParser
+
+    from .data import load_preference_dataset
 
     parser = HfArgumentParser(EvaluateArguments, prog=f"{PROG} evaluate")
     try:
@@ -471,12 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
               f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
-    from .trainer import TrainingStopped
-
     try:
         if command == "evaluate":
             evaluate(rest)
         elif command == "score":  # `package:` model names resolve here, as for train and evaluate
+            from .scoring import score_main
+
             return score_main([resolve_model_path(a) if a.startswith("package:") else a for a in rest])
         elif command == "compare":
             print(compare(rest))

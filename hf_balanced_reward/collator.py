@@ -156,6 +156,8 @@ class PairCollator:
         for key, dtype in PAIR_FIELDS:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+        # Tokens of both full texts of every pair, prompt counted in each: trl's num_tokens, whatever the layout.
+        batch["text_tokens"] = torch.tensor(sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples))
         return batch
 
     def plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -253,6 +255,7 @@ class PairCollator:
         for key, dtype in LIST_FIELDS:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
+        batch["text_tokens"] = torch.tensor(sum(len(s) for e in examples for s in e["completion_ids"]))
         return batch
 
     def list_plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:

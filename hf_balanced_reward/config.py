@@ -1,6 +1,5 @@
 """`BalancedRewardConfig`: every reward-specific option, validated before any model is loaded."""
 
-import difflib
 import inspect
 import json
 import os
@@ -9,21 +8,13 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .balancing import PARTNER_CHOICES, WEIGHTINGS
+from .errors import ConfigError, did_you_mean
 from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_loss, trains_lists
 
 
 ON_BAD_ROWS = ("auto", "skip", "error")
 NAN_POLICIES = ("stop", "skip")
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake. The CLI prints its message without a traceback."""
-
-
-def did_you_mean(value: str, choices) -> str:
-    """' (did you mean 'x'?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def loss_option_names(loss_fn) -> list[str]:

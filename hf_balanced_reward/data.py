@@ -25,6 +25,7 @@ from trl.data_utils import get_dataset_column_names, maybe_apply_chat_template, 
 
 from . import collator
 from .config import ConfigError
+from .errors import DataError
 from .collator import list_prefix_length, shared_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of the
 # train_sampling_strategy="group_by_length".
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
                  "scores", "off_prompt_ids"]
-
-
-class DataError(ValueError):
-    """A problem with the user's data. The CLI prints its message without a traceback."""
 
 
 def load_preference_dataset(name_or_path: str, split: str = "train", streaming: bool = False
@@ -311,7 +308,12 @@ def text_problem(value, allow_empty: bool = False) -> str | None:
 
 
 IDENTICAL = "chosen is identical to rejected (no preference to learn)"
+# Texts that differ only in what the tokenizer erases (case for an uncased one, some whitespace): the model sees one
+# sequence twice, so the pair carries no preference either.
+IDENTICAL_TOKENS = "chosen and rejected are identical after tokenisation (no preference to learn)"
 ALL_IDENTICAL = "all completions are identical (no preference to learn)"  # a list's IDENTICAL
+# The collator hands margin and weight to the loss as float32: a larger value becomes inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def too_long(max_length) -> str:
@@ -320,7 +322,7 @@ def too_long(max_length) -> str:
 
 def droppable(problem: str) -> bool:
     """Rows that are well-formed but carry no usable pair: dropped and counted by default, as trl drops them."""
-    return problem in (IDENTICAL, ALL_IDENTICAL) or problem.startswith("a response alone is longer")
+    return problem in (IDENTICAL, IDENTICAL_TOKENS, ALL_IDENTICAL) or problem.startswith("a response alone is longer")
 
 
 # Which bad rows stop the run: "auto" only rows that cannot be read; "skip" none; "error" all.
@@ -374,9 +376,33 @@ def number_problem(example: dict, column: str) -> str | None:
         return f"column '{column}' is {type(value).__name__}, not a number"
     if math.isnan(value) or math.isinf(value):
         return f"column '{column}' is {'NaN' if math.isnan(value) else 'infinite'}"
+    if abs(value) > FLOAT32_MAX:
+        return (f"column '{column}' is {value:g}, outside float32's range (magnitude up to 3.4e38), so training would "
+                "see it as infinite")
     if column == "weight" and value < 0:
         return f"column 'weight' is negative ({value})"
     return None
+
+
+def check_hinge_margins(dataset: Dataset, name: str, hinge_margin: float) -> None:
+    """Loss hinge asks chosen to lead rejected by hinge_margin + margin; refuse rows where that gap is negative, as
+    the config refuses a negative hinge_margin. Rows are numbered as the user's dataset numbers them (checked before
+    tokenisation); non-numbers are left to `number_problem`."""
+    if "margin" not in dataset.column_names:
+        return
+    bad = [(row, m) for row, m in enumerate(dataset["margin"]) if isinstance(m, (int, float)) and not
+           isinstance(m, bool) and hinge_margin + m < 0]
+    if not bad:
+        return
+    shown = ", ".join(f"row {row}: {m:g}" for row, m in bad[:MAX_SHOWN])
+    more = f" and {len(bad) - MAX_SHOWN} more" if len(bad) > MAX_SHOWN else ""
+    raise DataError(
+        f"{name} dataset has {len(bad)} row(s) of {len(dataset)} whose 'margin' is below -hinge_margin "
+        f"({-hinge_margin:g}) ({shown}{more}): loss hinge then asks for a negative gap hinge_margin + margin between "
+        "chosen and rejected, and a negative required gap rewards ranking the rejected response higher. Fix the "
+        "margins' sign (a margin says how far chosen should lead), raise loss_kwargs hinge_margin, or train with "
+        "loss_type bradley_terry, which allows a negative margin."
+    )
 
 
 def template_options_problem(example: dict) -> str | None:
@@ -419,7 +445,9 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
         chosen_ids = tokenizer(chosen_text)["input_ids"]
         rejected_ids = tokenizer(rejected_text)["input_ids"]
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
-    if status == "dropped":
+    if chosen_ids == rejected_ids:  # given as identical ids, or texts the tokenizer made identical
+        problem = IDENTICAL if "chosen_ids" in example else IDENTICAL_TOKENS
+    elif status == "dropped":
         problem = too_long(max_length)
     elif has_empty_response(example):
         status = "empty response"
@@ -513,6 +541,10 @@ def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str,
         tokenized = tokenized.filter(lambda problem: not problem, input_columns="problem")
     if len(tokenized) == 0:
         raise DataError(f"{name} dataset has no usable {unit} left: all {len(dataset)} rows were dropped.")
+    if "weight" in tokenized.column_names and not any(tokenized["weight"]):
+        raise DataError(f"{name} dataset: column 'weight' is 0 in all {len(tokenized)} {unit} kept, so every loss is "
+                        "multiplied by 0 and training would not change the model. Give the rows that should count a "
+                        "weight > 0, or drop the 'weight' column to weigh every row 1.")
     report = {"rows": len(dataset), unit: len(tokenized), "truncated": fits["truncated"],
               "empty_responses": fits["empty response"], "dropped": dropped}
     return tokenized.remove_columns(["fit", "problem"]), report

@@ -75,6 +75,10 @@ def pair_metrics(chosen, rejected, group_ids, group_names, chosen_lengths=None, 
         "margin": float((chosen - rejected).mean()),
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
+        # trl.RewardTrainer's names (it averages per-batch extremes; these are the whole set's)
+        "min_reward": float(rewards.min()),
+        "mean_reward": float(rewards.mean()),
+        "max_reward": float(rewards.max()),
         "chosen_reward_mean": float(chosen.mean()),
         "chosen_reward_std": float(chosen.std()),
         "rejected_reward_mean": float(rejected.mean()),
@@ -84,8 +88,9 @@ def pair_metrics(chosen, rejected, group_ids, group_names, chosen_lengths=None, 
     group_accuracy = {}
     for group_id in np.unique(group_ids):
         group_accuracy[group_names[group_id]] = float(correct[group_ids == group_id].mean())
-    for group, accuracy in group_accuracy.items():
-        metrics[f"accuracy_{metric_name(group)}"] = accuracy
+    if len(group_names) > 1:  # per-group names only when there are groups
+        for group, accuracy in group_accuracy.items():
+            metrics[f"accuracy_{metric_name(group)}"] = accuracy
     metrics["balanced_accuracy"] = float(np.mean(list(group_accuracy.values())))
     metrics["worst_group_accuracy"] = float(min(group_accuracy.values()))
     if chosen_lengths is not None and rejected_lengths is not None:

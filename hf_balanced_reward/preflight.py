@@ -95,16 +95,3 @@ def check_model_options(args: BalancedRewardConfig, model_config, tokenizer) -> 
         logger.warning(f"max_length={max_length} is more than the model's {positions} positions; using {positions}.")
         max_length = positions
     return max_length
-
-
-def set_eval_strategy(args: BalancedRewardConfig, eval_dataset, train_dataset) -> None:
-    """An eval set given with eval_strategy='no' is evaluated: at the end of every epoch, or at the last step for
-    a streamed train set (a streamed epoch may never end within max_steps)."""
-    if eval_dataset is None or args.eval_strategy != "no":
-        return
-    if is_stream(train_dataset):
-        logger.info(f"An eval set was given with eval_strategy='no': evaluating at the last step ({args.max_steps}).")
-        args.eval_strategy, args.eval_steps = "steps", args.max_steps
-    else:
-        logger.info("An eval set was given with eval_strategy='no': evaluating at the end of every epoch.")
-        args.eval_strategy = "epoch"

@@ -25,12 +25,17 @@ class TrainTotals:
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.totals, self.group_totals = None, None
+        self.num_tokens = 0  # since the start of training, over all processes (trl's num_tokens)
 
-    def add(self, chosen, rejected, per_pair, group_ids=None, num_groups: int = 0) -> None:
+    def add(self, chosen, rejected, per_pair, group_ids=None, num_groups: int = 0, text_tokens=None) -> None:
         rewards = torch.cat([chosen, rejected])
         correct = (chosen > rejected).float()
+        # trl's min_reward / max_reward: the mean over micro-batches of each one's extreme reward.
+        extremes = [rewards.min(), rewards.max()] if len(rewards) else [rewards.new_zeros(()), rewards.new_zeros(())]
+        tokens = correct.new_tensor(float(text_tokens) if text_tokens is not None else 0.0)
         totals = torch.stack(
-            [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum()]
+            [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum(),
+             correct.new_tensor(float(len(rewards) > 0)), *extremes, tokens]
         )
         self.totals = totals if self.totals is None else self.totals + totals
         if group_ids is None:
@@ -48,7 +53,8 @@ class TrainTotals:
         """(accuracy, margin and reward scale; accuracy per group) since the last log, summed over all processes;
         the next sums start from zero."""
         totals = self.accelerator.reduce(self.totals, reduction="sum").tolist()
-        pairs, correct, margin_sum, reward_sum, reward_sq_sum = totals
+        pairs, correct, margin_sum, reward_sum, reward_sq_sum, batches, min_sum, max_sum, tokens = totals
+        self.num_tokens += int(tokens)
         metrics, per_group = {}, {}
         if pairs:  # lists whose completions are all tied have no pair to count
             reward_mean = reward_sum / (2 * pairs)
@@ -57,8 +63,14 @@ class TrainTotals:
                 "margin": margin_sum / pairs,
                 "reward_mean": reward_mean,
                 "reward_std": max(reward_sq_sum / (2 * pairs) - reward_mean**2, 0.0) ** 0.5,
+                # the names trl.RewardTrainer logs, so a dashboard built on trl reads a run of this trainer
+                "min_reward": min_sum / batches,
+                "mean_reward": reward_mean,
+                "max_reward": max_sum / batches,
             }
-        if self.group_totals is not None:
+        if tokens:
+            metrics["num_tokens"] = float(self.num_tokens)
+        if self.group_totals is not None and len(group_names) > 1:  # per-group names only when there are groups
             group_counts, group_correct, _ = self.accelerator.reduce(self.group_totals, reduction="sum").tolist()
             for name, count, right in zip(group_names, group_counts, group_correct):
                 if count:

@@ -4,6 +4,7 @@ The class is Trainer's hooks; the jobs they hand on live beside it: `preflight` 
 loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `train_metrics` and `model_card`.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -16,19 +17,21 @@ from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
 
-from .callbacks import RewardDriftCallback, StopOnSignal
-from .checkpoints import (REWARD_STATE, check_same_model, is_complete_checkpoint, load_reward_state, resolve_checkpoint,
-                          reward_state, write_json_atomically)
+from .callbacks import RewardDriftCallback, SkipEmptySteps, StopOnSignal
+from .checkpoints import (REWARD_STATE, check_same_model, has_final_model, is_complete_checkpoint, load_reward_state,
+                          resolve_checkpoint, reward_state, write_json_atomically)
 from .collator import PairCollator, unpack_lists, unpack_pairs
 from .cross_prompt import add_off_prompt_responses
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
+from .errors import TrainingStopped
 from .data import (
     MODEL_COLUMNS,
     DataError,
     add_group_ids,
     apply_token_options,
     check_columns,
+    check_hinge_margins,
     column_names,
     has_pair_texts,
     is_stream,
@@ -42,7 +45,7 @@ from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
 from .model_card import hub_files, write_model_card
-from .preflight import (as_config, check_list_options, check_model_options, check_stream_options, set_eval_strategy,
+from .preflight import (as_config, check_list_options, check_model_options, check_stream_options,
                         warn_unused_ties)
 from .streaming import (LengthGroupedStream, PaddedStream, StreamPosition, count_stream, reading_streams,
                         real_pairs)
@@ -62,10 +65,6 @@ from .modeling import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on a numerical fault; the message names the step and the checkpoint to resume from."""
 
 
 class BalancedRewardTrainer(Trainer):
@@ -166,7 +165,6 @@ class BalancedRewardTrainer(Trainer):
             model = wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
 
-        set_eval_strategy(args, eval_dataset, train_dataset)
         self.user_compute_metrics = compute_metrics
         super().__init__(
             model=model,
@@ -195,6 +193,9 @@ class BalancedRewardTrainer(Trainer):
             self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
+        self.skip_steps = SkipEmptySteps(self.accelerator)  # nan_policy skip: a skipped step changes nothing
+        self.add_callback(self.skip_steps)
+        self.finished_checkpoint = None  # set when train() resumes a checkpoint at or past the run's last step
         if args.reward_drift_limit is not None:
             self.add_callback(RewardDriftCallback(args.reward_drift_limit))
         if self.accelerator.dataloader_config.dispatch_batches is None:
@@ -219,6 +220,8 @@ class BalancedRewardTrainer(Trainer):
             optimizer.add_param_group({"params": list(self.length_head.parameters()), "weight_decay": 0.0})
         if self.log_tie is not None:
             optimizer.add_param_group({"params": [self.log_tie], "weight_decay": 0.0})
+        if self.args.nan_policy == "skip" and not self.is_deepspeed_enabled:  # DeepSpeed steps inside its engine
+            self.skip_steps.guard(optimizer)
         return optimizer
 
     def _default_collator(self, pad_token_id, args) -> PairCollator:
@@ -247,7 +250,10 @@ class BalancedRewardTrainer(Trainer):
         if is_stream(dataset):
             return self._prepare_stream(dataset, tokenizer, args, name, count)
         if "group_id" not in dataset.column_names:
-            prepare = prepare_lists if self.trains_lists or is_listwise(dataset) else prepare_dataset
+            lists = self.trains_lists or is_listwise(dataset)
+            if self.loss_fn is LOSSES["hinge"] and not lists:  # before tokenising: rows named as the user's
+                check_hinge_margins(dataset, name, self._hinge_margin(args))
+            prepare = prepare_lists if lists else prepare_dataset
             dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
             if self.loss_fn is LOSSES["graded"] and "completion_ids" in dataset.column_names:
                 check_scored(dataset, name)  # before the model loads, not at the first unscored batch
@@ -255,6 +261,10 @@ class BalancedRewardTrainer(Trainer):
             self._register_groups(new)
             dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
         return dataset
+
+    def _hinge_margin(self, args) -> float:
+        default = inspect.signature(self.loss_fn).parameters["hinge_margin"].default
+        return float(args.loss_kwargs.get("hinge_margin", default))
 
     def _with_off_prompt_responses(self, train_dataset, args):
         """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed."""
@@ -333,7 +343,7 @@ class BalancedRewardTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
-        self.stream_state.resumed = None
+        self.stream_state.resumed, self.finished_checkpoint = None, None
         if checkpoint:
             self._load_reward_state(checkpoint)
         if self.args.should_save and self.data_report:
@@ -355,7 +365,24 @@ class BalancedRewardTrainer(Trainer):
             write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
         if self.args.normalize_rewards:
             self.normalize_rewards()
+        if self.finished_checkpoint:
+            self._finish_without_steps(self.finished_checkpoint)
+        if "train_loss" in result.metrics:  # `SkipEmptySteps.fix_logs` left skipped batches out of it
+            result = result._replace(training_loss=result.metrics["train_loss"])
         return result
+
+    def _finish_without_steps(self, checkpoint: str) -> None:
+        """After a resume from a checkpoint at or past the run's last step, which trained nothing: save the final
+        model if `output_dir` has none that reads back whole (a kill during the final save leaves such a run)."""
+        missing = torch.tensor(float(not has_final_model(self.args.output_dir)), device=self.args.device)
+        if self.accelerator.num_processes > 1:  # every process saves, or none (FSDP gathers the weights to save)
+            missing = self.accelerator.reduce(missing, reduction="sum")
+        save = bool(missing.item())
+        if save:
+            self.save_model()
+        logger.warning(f"{os.path.basename(os.path.normpath(checkpoint))} is at step {self.state.global_step} of "
+                       f"{self.state.max_steps}: nothing left to train; {'saved' if save else 'kept'} the final model "
+                       f"in {self.args.output_dir}.")
 
     def _save_stopped_on_data(self, err: DataError) -> str:
         """The message for a run that data stopped mid-training, after saving what it had trained.
@@ -422,6 +449,11 @@ class BalancedRewardTrainer(Trainer):
                                f"earlier version wrote it): skipping {batches} batches from the stream's start, which "
                                "is the right position only if the run was still in its first pass over the stream.")
         self.stream_state.start(epoch, batches, self.state.global_step)
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            # Trainer checks for the end only after a step, so it would train one step past the end (checkpoint-5 of
+            # 4). Starting after the last epoch trains none; `train` then saves the final model if it is missing.
+            self.finished_checkpoint = resume_from_checkpoint
+            return num_train_epochs, 0
         return epoch, batches
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -497,6 +529,9 @@ class BalancedRewardTrainer(Trainer):
             eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
         with reading_streams():
             metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.args.should_save and any(report.get("streamed") for report in self.data_report.values()):
+            os.makedirs(self.args.output_dir, exist_ok=True)  # a streamed set's counts grew as it was read
+            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
         if texts is not None:
             metrics.update(self._probe_metrics(texts, metric_key_prefix))
         return metrics
@@ -598,6 +633,7 @@ class BalancedRewardTrainer(Trainer):
             self._micro_batches += 1
             if not all_finite(self.accelerator, loss, chosen, rejected):
                 return self._non_finite(model, loss, chosen, rejected)
+            self.skip_steps.batch(loss)
             with torch.no_grad():
                 self._record_train_step(chosen, rejected, per_pair, inputs)
         return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
@@ -621,11 +657,13 @@ class BalancedRewardTrainer(Trainer):
             self._micro_batches += 1
             if not all_finite(self.accelerator, loss, rewards[mask]):
                 return self._non_finite(model, loss, rewards[mask], rewards[:0, 0])
+            self.skip_steps.batch(loss)
             with torch.no_grad():  # training accuracy and reward scale over the lists' decisive pairs
                 pairs = list_pairs(rewards, inputs["ranks"], mask)
                 decisive = pairs.valid & ~pairs.tie
                 per_pair = {"group_id": inputs["group_id"][:, None].expand_as(decisive)[decisive]} \
                     if "group_id" in inputs else {}
+                per_pair["text_tokens"] = inputs.get("text_tokens")
                 self._record_train_step(pairs.chosen[decisive], pairs.rejected[decisive],
                                         per_list[:, None].expand_as(decisive)[decisive], per_pair)
         return (loss, {"rewards": rewards, "list_losses": weighted}) if return_outputs else loss
@@ -656,8 +694,10 @@ class BalancedRewardTrainer(Trainer):
         )
         if self.args.nan_policy == "skip":
             self.skipped_batches += 1
+            self.skip_steps.batch(None)
             logger.warning(f"Skipped a non-finite batch at {where}) (nan_policy=skip).")
-            # Zero gradients for every trainable weight: the batch counts for nothing, accumulation stays in step.
+            # Zero gradients for every trainable weight: the batch counts for nothing, accumulation stays in step (and
+            # a step of skipped batches only does not run: `SkipEmptySteps`).
             return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
         self._save_checkpoint(self.model_wrapped, trial=None)  # the weights are still the last good step's
         checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -669,13 +709,14 @@ class BalancedRewardTrainer(Trainer):
 
     def _record_train_step(self, chosen, rejected, per_pair, inputs):
         group_ids = inputs.get("group_id")
-        self.train_totals.add(chosen, rejected, per_pair, group_ids, len(self.group_names))
+        self.train_totals.add(chosen, rejected, per_pair, group_ids, len(self.group_names), inputs.get("text_tokens"))
         if group_ids is not None and self.uses_balance and self.balance.group_dro:
             self.unit_losses.add(group_ids * 3 + self._cells_of(inputs), per_pair, 3 * len(self.group_names))
             if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
                 self.balance.dro_update(*self.unit_losses.take())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.skip_steps.fix_logs(logs)  # the loss of the micro-batches that trained, not a skipped one's 0
         if self.model.training and self.train_totals.totals is not None:
             logs.update(self._train_metrics())
         if self.model.training and self.skipped_batches:

@@ -78,6 +78,29 @@ BAD_DATA = [
      r"train dataset has no usable pairs left: all 1 rows were dropped"),
     ("every-row-identical", [{"prompt": "a", "chosen": "b", "rejected": "b"}], {},
      r"train dataset has no usable pairs left: all 1 rows were dropped"),
+    ("margin-beyond-float32", with_row(margin=1e39), {},
+     r"row 3: column 'margin' is 1e\+39, outside float32's range \(magnitude up to 3.4e38\), so training would see it "
+     r"as infinite\. Fix them, or set on_bad_rows: skip"),
+    ("weight-beyond-float32", with_row(weight=5e38), {}, r"row 3: column 'weight' is 5e\+38, outside float32's range"),
+    ("tokenized-identical-strict", [{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]},
+                                    {"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 6]}], {"on_bad_rows": "error"},
+     r"row 1: chosen is identical to rejected \(no preference to learn\)"),
+    ("every-weight-0", [{**row, "weight": 0.0} for row in good_rows()], {},
+     r"train dataset: column 'weight' is 0 in all 3 pairs kept, so every loss is multiplied by 0 and training would "
+     r"not change the model\. Give the rows that should count a weight > 0, or drop the 'weight' column to weigh "
+     r"every row 1\.$"),
+    ("weight-0-in-every-kept-row", [{**row, "weight": 0.0} for row in good_rows()] + with_row(chosen=None)[3:],
+     {"on_bad_rows": "skip"}, r"train dataset: column 'weight' is 0 in all 3 pairs kept"),
+    ("hinge-negative-gap", with_row(margin=-2.0), {"loss_type": "hinge"},
+     r"train dataset has 1 row\(s\) of 4 whose 'margin' is below -hinge_margin \(-1\) \(row 3: -2\): loss hinge then "
+     r"asks for a negative gap hinge_margin \+ margin between chosen and rejected, and a negative required gap "
+     r"rewards ranking the rejected response higher\. Fix the margins' sign \(a margin says how far chosen should "
+     r"lead\), raise loss_kwargs hinge_margin, or train with loss_type bradley_terry, which allows a negative "
+     r"margin\.$"),
+    ("hinge-negative-gaps-counted", [{**row, "margin": -3.0 - i} for i, row in enumerate(good_rows(8))],
+     {"loss_type": "hinge", "loss_kwargs": {"hinge_margin": 0.5}},
+     r"has 8 row\(s\) of 8 whose 'margin' is below -hinge_margin \(-0.5\) \(row 0: -3, row 1: -4, row 2: -5, "
+     r"row 3: -6, row 4: -7 and 3 more\)"),
 ]
 
 
@@ -190,6 +213,47 @@ def test_by_default_pairs_without_signal_are_dropped_and_empty_responses_kept(tm
     # a row that cannot be read still stops the run, before the model loads
     with pytest.raises(DataError, match=r"row 7: column 'chosen' is null"):
         BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows + with_row(chosen=None)[3:]))
+
+
+def uncased_tokenizer():
+    """The tests' tokenizer, lowercasing every text first (as an uncased BERT's does)."""
+    from tokenizers import normalizers
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return tokenizer
+
+
+def test_pairs_the_tokenizer_makes_identical_are_dropped_and_counted(tmp_path, model_dir, caplog):
+    rows = with_row(chosen=" Sure, Hello there.", rejected=" sure, hello THERE.")  # differ only in case
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows),
+                                    processing_class=uncased_tokenizer())
+    reason = "chosen and rejected are identical after tokenisation (no preference to learn)"
+    assert trainer.data_report["train"] == {"rows": 4, "pairs": 3, "truncated": 0, "empty_responses": 0,
+                                            "dropped": {reason: 1}}
+    assert f"train: 3 of 4 pairs used; dropped 1 x {reason} (on_bad_rows=auto)." in caplog.text
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", on_bad_rows="error")
+    with pytest.raises(DataError, match=r"train dataset has 1 bad row\(s\) of 4: row 3: chosen and rejected are "
+                                        r"identical after tokenisation \(no preference to learn\)\. Fix them"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=uncased_tokenizer())
+
+
+@pytest.mark.parametrize("loss_type,loss_kwargs,margin", [
+    ("bradley_terry", {}, -2.0),  # a weaker preference: the loss is met before chosen leads
+    ("hinge", {}, -0.5),  # required gap hinge_margin + margin = 0.5: chosen must still lead
+    ("hinge", {"hinge_margin": 3.0}, -2.0),
+])
+def test_negative_margins_that_ask_no_reversed_ranking_are_allowed(tmp_path, model_dir, loss_type, loss_kwargs,
+                                                                    margin):
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", loss_type=loss_type,
+                                loss_kwargs=loss_kwargs)
+    data = Dataset.from_list(with_row(margin=margin))
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data)
+    assert trainer.train_dataset["margin"] == [1.0, 1.0, 1.0, margin]
 
 
 BAD_FILES = [

@@ -59,6 +59,13 @@ def test_yaml_values_and_flags_reach_the_config(recipe):
     assert script_args.eval_split_ratio == 0.25
 
 
+def duplicated_key(path: str) -> str:
+    """The recipe with learning_rate given a second time, at the end (plain YAML would keep 5.0 silently)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("learning_rate: 5.0\n")
+    return path
+
+
 ERRORS = [
     (lambda r: ["train", "--config", r(loss_tpye="hinge")],
      r"config '.*recipe.yaml' has unknown key 'loss_tpye' \(did you mean 'loss_type'\?\)"),
@@ -74,6 +81,14 @@ ERRORS = [
     (lambda r: ["tran"], r"unknown command 'tran' \(did you mean 'train'\?\)"),
     (lambda r: ["train", "--config", r(model_name_or_path=None)], r"model_name_or_path is required"),
     (lambda r: ["train", "--config", r(), "--lr_scheduler_type", "cosin"], r"cosin"),
+    (lambda r: ["train", "--config", r(per_device_train_batch_size=4.7)],
+     r"config '.*recipe.yaml': per_device_train_batch_size must be an integer, got 4.7"),
+    (lambda r: ["train", "--config", r(gradient_accumulation_steps=True)],
+     r"config '.*recipe.yaml': gradient_accumulation_steps must be an integer, got True"),
+    (lambda r: ["train", "--config", r(learning_rate="fast")],
+     r"config '.*recipe.yaml': learning_rate must be a number, got 'fast'"),
+    (lambda r: ["train", "--config", duplicated_key(r())],
+     r"config '.*recipe.yaml' is not valid YAML: key 'learning_rate' is given twice \(lines \d+ and \d+\); keep one"),
 ]
 
 
@@ -158,3 +173,44 @@ def test_compare_prints_runs_side_by_side(tmp_path, capsys):
     assert not any("same_length" in line for line in lines)  # the cells that show the shortcut, not the third
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert f"'{tmp_path / 'missing'}' has no eval_results.json" in capsys.readouterr().err
+
+
+def test_help_and_a_mistyped_command_import_no_heavy_library():
+    """`--help`, a typo in the command and `import hf_balanced_reward` answer without importing torch, transformers,
+    datasets or trl (several seconds each): heavy modules are imported where first used."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import hf_balanced_reward\n"
+        "from hf_balanced_reward.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['--help']) == 0 and main(['trian']) == 2\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("strategy,expected", [("no", 1), ("steps", 1), ("epoch", 1)])
+def test_the_trained_model_is_evaluated_once(recipe, monkeypatch, strategy, expected, caplog):
+    """eval_strategy is honoured as Trainer honours it, and the CLI adds one final evaluation only when the run did
+    not evaluate at its last step (eval_steps 2 of max_steps 2; the one epoch of 'epoch' ends at the last step)."""
+    from hf_balanced_reward.trainer import BalancedRewardTrainer
+
+    calls = []
+    original = BalancedRewardTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BalancedRewardTrainer, "evaluate", counted)
+    overrides = dict(eval_strategy=strategy, evaluate_before_training=False)
+    if strategy == "epoch":
+        overrides.update(max_steps=-1, num_train_epochs=1, eval_split_ratio=0.5, per_device_train_batch_size=12)
+    elif strategy == "steps":
+        overrides["eval_steps"] = 2
+    with caplog.at_level("INFO", logger="hf_balanced_reward"):
+        assert main(["train", "--config", recipe(**overrides)]) == 0
+    assert len(calls) == expected
+    assert ("evaluating the trained model on the eval set once" in caplog.text.lower()) == (strategy == "no")

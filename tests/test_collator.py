@@ -25,7 +25,8 @@ def test_the_scored_token_is_the_last_one_that_is_not_pad():
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]))
     assert torch.equal(batch["end_positions"], torch.tensor([0, 1]))
     assert torch.equal(batch["response_lengths"], torch.tensor([[2, 3]]))  # no shared prompt: whole sequences
-    assert set(batch) == {"input_ids", "attention_mask", "end_positions", "response_lengths"}
+    assert batch["text_tokens"].item() == 5  # both texts' tokens, trl's num_tokens
+    assert set(batch) == {"input_ids", "attention_mask", "end_positions", "response_lengths", "text_tokens"}
 
 
 def test_shared_prompt_layout_reads_the_same_tokens():

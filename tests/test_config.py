@@ -39,7 +39,8 @@ def test_unknown_balance_weighting():
 
 def test_old_balance_method_option_names_the_new_ones():
     with pytest.raises(ConfigError, match=r"unknown option 'method' for loss 'balanced'.*Options of 'balanced': "
-                       r"weighting, group_dro, dro_step_size, dro_adjustment, length_expert, length_head\."):
+                       r"weighting, group_dro, dro_step_size, dro_adjustment, length_expert, length_head, cross_prompt, "
+                       r"cross_prompt_partners\."):
         make(loss_type="balanced", loss_kwargs={"method": "group_dro"})
 
 

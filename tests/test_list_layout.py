@@ -110,7 +110,7 @@ def test_a_list_of_two_is_laid_out_as_the_pair():
     as_list = {"completion_ids": [pair["chosen_ids"], pair["rejected_ids"]], "ranks": [1, 2], "weight": 1.0}
     collator = PairCollator(0)
     pairs, lists = collator([pair]), collator([as_list])
-    assert set(pairs) == {"input_ids", "attention_mask", "end_positions", "response_lengths", "weight"}
+    assert set(pairs) == {"input_ids", "attention_mask", "end_positions", "response_lengths", "weight", "text_tokens"}
     for key in pairs:
         assert torch.equal(pairs[key], lists[key])
     assert lists["completion_ends"].tolist() == [[0, 1]]
@@ -118,8 +118,8 @@ def test_a_list_of_two_is_laid_out_as_the_pair():
     collator = PairCollator(0, shared_prompt=True, pad_to_multiple_of=8)
     pairs, lists = collator([pair]), collator([as_list])
     assert set(pairs) == {"input_ids", "position_ids", "segment_ids", "branch_ids", "chosen_end", "rejected_end",
-                          "response_lengths", "weight"}
-    for key in ("input_ids", "position_ids", "segment_ids", "branch_ids", "response_lengths", "weight"):
+                          "response_lengths", "weight", "text_tokens"}
+    for key in ("input_ids", "position_ids", "segment_ids", "branch_ids", "response_lengths", "weight", "text_tokens"):
         assert torch.equal(pairs[key], lists[key])
     assert torch.equal(lists["completion_ends"], torch.stack([pairs["chosen_end"], pairs["rejected_end"]], dim=1))
 

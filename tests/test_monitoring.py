@@ -51,16 +51,17 @@ def test_reward_drift_is_flagged(tmp_path, model_dir, pairs, caplog):
     assert not any(isinstance(cb, RewardDriftCallback) for cb in quiet.callback_handler.callbacks)
 
 
-def test_an_eval_set_is_evaluated_every_epoch_by_default(tmp_path, model_dir, pairs):
-    args = config(tmp_path, max_steps=-1, num_train_epochs=2)
+@pytest.mark.parametrize("strategy,epochs", [("no", []), ("epoch", [1.0, 2.0])])
+def test_eval_strategy_is_honoured_as_trainer_honours_it(tmp_path, model_dir, pairs, strategy, epochs):
+    args = config(tmp_path, max_steps=-1, num_train_epochs=2, eval_strategy=strategy)
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
     trainer.train()
-    assert [log["epoch"] for log in trainer.state.log_history if "eval_accuracy" in log] == [1.0, 2.0]
+    assert [log["epoch"] for log in trainer.state.log_history if "eval_accuracy" in log] == epochs
 
 
 @pytest.fixture
 def trained(tmp_path, model_dir, pairs):
-    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="balanced"),
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="balanced", eval_strategy="epoch"),
                                     train_dataset=pairs, eval_dataset=pairs)
     trainer.train()
     return trainer

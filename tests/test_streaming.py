@@ -107,9 +107,9 @@ def test_streamed_evaluation_is_exact(tmp_path, model_dir, pairs):
 
 def test_streamed_eval_sets_given_to_the_trainer(tmp_path, model_dir, pairs):
     evals = {"held_out": pairs.to_iterable_dataset(), "same": pairs}
-    trainer = BalancedRewardTrainer(model_dir, config(tmp_path, max_steps=2), train_dataset=pairs.to_iterable_dataset(),
-                                    eval_dataset=evals)
-    trainer.train()  # eval_strategy "no" with a streamed train set: evaluated at the last step
+    args = config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2)
+    trainer = BalancedRewardTrainer(model_dir, args, train_dataset=pairs.to_iterable_dataset(), eval_dataset=evals)
+    trainer.train()
     logged = [log for log in trainer.state.log_history if "eval_held_out_accuracy" in log]
     assert len(logged) == 1 and logged[0]["step"] == 2
     final = trainer.evaluate()

@@ -197,3 +197,22 @@ def test_exploit_probes_are_evaluated_when_asked(tmp_path, model_dir, pairs):
     assert set(PROBE_KEYS) <= {k[len("eval_"):] for k in trainer.evaluate(pairs)}  # a set given to evaluate()
     plain = BalancedRewardTrainer(model=model_dir, args=config(tmp_path), eval_dataset=pairs)
     assert not any("probe" in key for key in plain.evaluate())
+
+
+def test_trl_metric_names_are_logged(tmp_path, model_dir, pairs):
+    """A dashboard built on trl.RewardTrainer's logs reads a run of this trainer: num_tokens (both texts of every
+    pair, prompt counted in each, since the start), min/mean/max_reward; per-group names only when there are groups."""
+    args = config(tmp_path, group_column=None, max_steps=-1, num_train_epochs=1, logging_steps=6,
+                  eval_strategy="epoch")
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
+    trainer.train()
+    train_logs = [log for log in trainer.state.log_history if "num_tokens" in log]
+    expected_tokens = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in trainer.train_dataset)
+    assert [log["num_tokens"] for log in train_logs] == [expected_tokens]  # 6 steps x 4 pairs: the whole set
+    log = train_logs[0]
+    assert log["min_reward"] <= log["mean_reward"] <= log["max_reward"]
+    assert log["mean_reward"] == log["reward_mean"]
+    evaluation = [log for log in trainer.state.log_history if "eval_accuracy" in log][-1]
+    assert evaluation["eval_min_reward"] <= evaluation["eval_mean_reward"] <= evaluation["eval_max_reward"]
+    logged_keys = {key for entry in trainer.state.log_history for key in entry}
+    assert not logged_keys & {"accuracy_all", "eval_accuracy_all"}  # no group column: no per-group accuracy

@@ -1,0 +1,22 @@
+"""The errors a user meets, and the did-you-mean hint: stdlib only, so the command line can answer a typo or
+`--help` without importing torch or transformers."""
+
+import difflib
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake. The CLI prints its message without a traceback."""
+
+
+class DataError(ValueError):
+    """A problem with the user's data. The CLI prints its message without a traceback."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a numerical fault; the message names the step and the checkpoint to resume from."""
+
+
+def did_you_mean(value: str, choices) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,176 @@
+"""Runs that finish or fault change nothing they should not: a resume past the end trains no step, and a skipped
+non-finite batch leaves the weights and the optimizer exactly as a run that never saw it."""
+
+import logging
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from conftest import preference_rows
+from transformers import AutoModelForSequenceClassification
+
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer
+
+
+def config(output_dir, **kwargs):
+    defaults = dict(output_dir=str(output_dir), report_to="none", per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, save_strategy="no", seed=0, group_column="source", loss_type="balanced",
+                    loss_kwargs={"group_dro": True, "dro_step_size": 0.5})
+    return BalancedRewardConfig(**{**defaults, **kwargs})
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+# --- resume at or past the end ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule,last,final_model", [
+    ({"max_steps": 4, "save_steps": 2}, 4, "deleted"),
+    ({"num_train_epochs": 1, "save_steps": 3}, 6, "cut short"),  # 24 pairs in batches of 4: 6 steps
+])
+def test_resume_at_the_last_step_trains_nothing_and_saves_the_final_model(tmp_path, model_dir, pairs, caplog,
+                                                                           schedule, last, final_model):
+    args = config(tmp_path, save_strategy="steps", **schedule)
+    first = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    first.train()
+    first.save_model()
+    # As if killed during the final save: checkpoint-<last> is complete, the final model gone or half written.
+    if final_model == "deleted":
+        for name in ("model.safetensors", "config.json"):
+            os.remove(tmp_path / name)
+    else:
+        data = (tmp_path / "model.safetensors").read_bytes()
+        (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    resumed = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == last
+    assert not os.path.exists(tmp_path / f"checkpoint-{last + 1}")  # Trainer alone trains one step past the end
+    assert not [log for log in resumed.state.log_history if log.get("step", 0) > last]
+    saved, checkpoint = weights(tmp_path), weights(tmp_path / f"checkpoint-{last}")
+    assert saved.keys() == checkpoint.keys()
+    assert all(torch.equal(saved[name], checkpoint[name]) for name in saved)  # the same tensors, saved again
+    assert (f"checkpoint-{last} is at step {last} of {last}: nothing left to train; saved the final model in "
+            f"{tmp_path}.") in caplog.text
+
+    # Resumed once more, with the final model in place: still no step, and the model is kept as it is.
+    caplog.clear()
+    again = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        again.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{last}"))
+    assert not os.path.exists(tmp_path / f"checkpoint-{last + 1}")
+    assert f"nothing left to train; kept the final model in {tmp_path}." in caplog.text
+
+
+def test_resume_past_a_shorter_runs_end_trains_nothing(tmp_path, model_dir, pairs, caplog):
+    """The same output_dir rerun with a smaller max_steps: the checkpoint is past this run's end."""
+    BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=4, save_strategy="steps", save_steps=4),
+                          train_dataset=pairs).train()
+    shorter = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=2), train_dataset=pairs)
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        shorter.train(resume_from_checkpoint=True)
+    assert shorter.state.global_step == 4
+    assert "checkpoint-4 is at step 4 of 2: nothing left to train; saved the final model" in caplog.text
+    assert os.path.isfile(tmp_path / "model.safetensors")
+
+
+# --- nan_policy: skip --------------------------------------------------------------------------------------------
+
+
+def nan_on_call(bad_call):
+    """Bradley-Terry, except that training call number `bad_call` (a micro-batch) returns NaN."""
+    calls = []
+
+    def loss(chosen_rewards, rejected_rewards, margin=None):
+        if torch.is_grad_enabled():
+            calls.append(1)
+        per_pair = LOSSES["bradley_terry"](chosen_rewards, rejected_rewards, margin)
+        return per_pair * float("nan") if len(calls) == bad_call else per_pair
+
+    return loss
+
+
+def adam_config(output_dir, **kwargs):
+    """Adam with weight decay (both move weights on a zero gradient), constant rate, batches in dataset order (so
+    that two runs on different rows meet the same batches)."""
+    return config(output_dir, loss_type="bradley_terry", loss_kwargs={}, group_column=None, optim="adamw_torch",
+                  learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="constant",
+                  train_sampling_strategy="sequential", **kwargs)
+
+
+def assert_same_training_state(a, b):
+    """Weights and optimizer state equal exactly: both runs apply the same operations to the same batches (one CPU
+    process, the same shapes), so there is no rounding to allow for."""
+    for name, value in b.model.state_dict().items():
+        assert torch.equal(a.model.state_dict()[name], value), name
+    state_a, state_b = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for index in state_b:
+        for key, value in state_b[index].items():  # Adam: step, exp_avg, exp_avg_sq; SGD: momentum_buffer
+            assert torch.equal(state_a[index][key], value), (index, key)
+
+
+def training_logs(trainer):
+    return [log for log in trainer.state.log_history if "learning_rate" in log]
+
+
+def sgd_trainer(model_dir, args, rows, **kwargs):
+    """A trainer given the user's own optimizer (SGD with momentum and weight decay) and scheduler."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return BalancedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                 optimizers=(optimizer, scheduler), **kwargs)
+
+
+def adam_trainer(model_dir, args, rows, **kwargs):
+    return BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows), **kwargs)
+
+
+@pytest.mark.parametrize("make_trainer", [adam_trainer, sgd_trainer], ids=["adamw", "own-sgd-momentum"])
+def test_a_skipped_step_leaves_weights_and_optimizer_as_a_run_without_its_batch(tmp_path, model_dir, make_trainer,
+                                                                                recwarn):
+    rows = preference_rows(16)
+    # Step 2 (rows 4-7) goes NaN and is skipped; the other run never sees rows 4-7.
+    skipped = make_trainer(model_dir, adam_config(tmp_path / "skip", max_steps=4, nan_policy="skip"), rows,
+                           loss_fn=nan_on_call(2))
+    skipped.train()
+    without = make_trainer(model_dir, adam_config(tmp_path / "without", max_steps=3), rows[:4] + rows[8:])
+    without.train()
+    assert_same_training_state(skipped, without)
+    assert skipped.lr_scheduler.last_epoch == 4  # the schedule still counts the skipped step
+    assert not [w for w in recwarn if "optimizer.step()" in str(w.message)]  # torch's schedulers see a normal step
+    logs, reference = training_logs(skipped), training_logs(without)
+    assert [log.get("skipped_batches", 0) for log in logs] == [0, 1, 1, 1]
+    assert "loss" not in logs[1]  # nothing trained at step 2: no loss to log, not a 0
+    assert [logs[i]["loss"] for i in (0, 2, 3)] == [log["loss"] for log in reference]
+    final = skipped.state.log_history[-1]  # train_loss over the micro-batches that trained
+    assert final["train_loss"] == pytest.approx(sum(logs[i]["loss"] for i in (0, 2, 3)) / 3, rel=1e-6)
+    assert skipped.skip_steps.steps_skipped == 1
+
+
+def test_with_accumulation_a_skipped_micro_batch_adds_nothing_and_the_rest_still_counts(tmp_path, model_dir):
+    rows = [{**row, "weight": 1.0} for row in preference_rows(12)]
+    options = dict(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    # Step 2's first micro-batch (rows 4-5) goes NaN and is skipped; its second (rows 6-7) trains.
+    skipped = BalancedRewardTrainer(model=model_dir, args=adam_config(tmp_path / "skip", nan_policy="skip", **options),
+                                    train_dataset=Dataset.from_list(rows), loss_fn=nan_on_call(3))
+    skipped.train()
+    # The same step with rows 4-5 weighted 0: their gradient is exactly 0, as the skipped micro-batch's is.
+    zero_weighted = [{**row, "weight": 0.0} if i in (4, 5) else row for i, row in enumerate(rows)]
+    weighted = BalancedRewardTrainer(model=model_dir, args=adam_config(tmp_path / "weighted", **options),
+                                     train_dataset=Dataset.from_list(zero_weighted))
+    weighted.train()
+    assert_same_training_state(skipped, weighted)
+    assert skipped.skip_steps.steps_skipped == 0  # the step ran, on the micro-batch that trained
+    logs, reference = training_logs(skipped), training_logs(weighted)
+    assert [log.get("skipped_batches", 0) for log in logs] == [0, 1, 1]
+    # Trainer averages the zero-weighted micro-batch in as a loss of 0; the skipped one is left out of the mean.
+    assert logs[1]["loss"] == pytest.approx(2 * reference[1]["loss"], rel=1e-6)
+    assert logs[0]["loss"] == reference[0]["loss"] and logs[2]["loss"] == reference[2]["loss"]
