@@ -46,12 +46,13 @@ MODEL_SETTINGS = {
 # name -> (loss_type, loss_kwargs), in the order they run.
 ARMS = {
     "bradley_terry": ("bradley_terry", {}),
-    "balanced_cells": ("balanced", {"weighting": "cells"}),
+    # Arms measured when the balanced loss's default length_expert was 0: spelled out, so a rerun is the same run.
+    "balanced_cells": ("balanced", {"weighting": "cells", "length_expert": 0.0}),
     "cells+expert_0.5": ("balanced", {"weighting": "cells", "length_expert": 0.5}),
-    "length_head_1": ("balanced", {"weighting": "none", "length_head": 1.0}),
+    "length_head_1": ("balanced", {"weighting": "none", "length_head": 1.0, "length_expert": 0.0}),
     "length_expert_0.5": ("balanced", {"weighting": "none", "length_expert": 0.5}),
     "cells+group_dro": ("balanced", {"weighting": "cells", "group_dro": True, "dro_step_size": 0.01,
-                                     "dro_adjustment": 1.0}),
+                                     "dro_adjustment": 1.0, "length_expert": 0.0}),
     # Cross-prompt negatives (RRM): each pair also ranks its chosen response above another prompt's chosen one.
     "cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.0, "cross_prompt": 1.0}),
     "expert+cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.5, "cross_prompt": 1.0}),

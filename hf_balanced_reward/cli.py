@@ -112,6 +112,13 @@ class EvaluateArguments:
         metadata={"help": "Also report accuracy after post-hoc length calibration: per group, a least-squares fit of "
                   "reward on log(1 + response length), made without labels, is subtracted (Huang et al. 2024)."},
     )
+    long_responses: str = field(
+        default="cut",
+        metadata={"help": "A pair whose response alone is longer than max_length: 'cut' (default) scores each text cut "
+                  "to its last tokens, as `score` and `pipeline` cut it, so every pair a client would score is "
+                  "scored (counted in the report); 'drop' leaves it out, as training does.",
+                  "choices": ["cut", "drop"]},
+    )
     probes: bool = field(
         default=True,
         metadata={"help": "Also run the exploit probes (does the model read the prompt, can padding raise its reward; "
@@ -398,7 +405,8 @@ def evaluate(argv: list[str]) -> dict:
             raise UsageError(f"evaluate needs --{required}.")
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
-                            args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration, args.probes)
+                            args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration, args.probes,
+                            args.long_responses)
     if "lists" in report:
         print(list_report_lines(report, args.output_dir))
         return report
@@ -408,6 +416,10 @@ def evaluate(argv: list[str]) -> dict:
     dropped = report["data"]["dropped"]
     if dropped:
         lines.append(f"{sum(dropped.values())} rows not scored: " + "; ".join(f"{n} x {r}" for r, n in dropped.items()))
+    if report["data"].get("responses_cut"):
+        lines.append(f"{report['data']['responses_cut']} pairs have a response longer than max_length="
+                     f"{report['max_length']}: scored with each text cut to its last tokens, as `score` and `pipeline` "
+                     "cut it (--long_responses drop leaves them out)")
     if "length_baseline_accuracy" in report:
         lines.append(f"always prefer the longer response: {report['length_baseline_accuracy']:.4f}; "
                      f"reward-length correlation {report.get('reward_length_correlation', float('nan')):.3f}")
@@ -423,7 +435,7 @@ def evaluate(argv: list[str]) -> dict:
     lines += [f"  {name}: {g['accuracy']:.4f} of {g['pairs']}" for name, g in report["groups"].items()]
     if report.get("probes"):
         lines += probe_lines(report["probes"])
-    lines.append(f"Report and plots in {os.path.abspath(args.output_dir)}")
+    lines.append(f"Report, plots and per-pair predictions.jsonl in {os.path.abspath(args.output_dir)}")
     print("\n".join(lines))
     return report
 

@@ -13,6 +13,7 @@ from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_los
 
 
 ON_BAD_ROWS = ("auto", "skip", "error")
+LONG_RESPONSES = ("drop", "cut")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -138,13 +139,23 @@ class BalancedRewardConfig(TrainingArguments):
             "step and batch; 'skip' leaves that batch out of the update and counts it (logged as skipped_batches)."
         },
     )
+    long_responses: str = field(
+        default="drop",
+        metadata={
+            "help": "A pair whose response alone is longer than max_length: 'drop' it (training's default: its text "
+            "cannot fit whole with any of its prompt), or 'cut' each text to its leading special tokens and last "
+            "tokens, as `score` and `pipeline` cut one text (`evaluate`'s default, so it scores every pair a client "
+            "would). Counted in the log and data_report.json either way.",
+            "choices": ["drop", "cut"],
+        },
+    )
     exploit_probes: bool = field(
         default=False,
         metadata={
             "help": "Also measure, at every evaluation of an eval set of pairs with text, what an RL policy could "
             "exploit (logged as eval_probe_*): accuracy with the prompt removed, whether a prompt's own response beats "
             "another prompt's, and whether appending content-free text raises the reward (docs/evaluation.md). Costs "
-            "about ten forward passes per pair."
+            "about 12 texts scored per pair."
         },
     )
     reward_drift_limit: float | None = field(
@@ -269,12 +280,19 @@ class BalancedRewardConfig(TrainingArguments):
             self.validate_balance_options(self.loss_kwargs)
         if trains_lists(LOSSES[self.loss_type]):
             self.validate_list_loss_options()
-        if self.loss_type == "hinge" and float(self.loss_kwargs.get("hinge_margin", 1.0)) < 0:
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}; a negative rate climbs the loss.")
+        hinge_margin = self.loss_kwargs.get("hinge_margin", 1.0)
+        if self.loss_type == "hinge" and (isinstance(hinge_margin, bool) or not isinstance(hinge_margin, (int, float))):
+            raise ConfigError(f"loss_kwargs hinge_margin must be a number, got {hinge_margin!r}; write it without "
+                              "quotes, e.g. hinge_margin: 1.0.")
+        if self.loss_type == "hinge" and hinge_margin < 0:
             raise ConfigError(
                 f"loss_kwargs hinge_margin must be >= 0, got {self.loss_kwargs['hinge_margin']}: "
                 "a negative margin rewards ranking the rejected response higher."
             )
-        for name, choices in (("on_bad_rows", ON_BAD_ROWS), ("nan_policy", NAN_POLICIES)):
+        for name, choices in (("on_bad_rows", ON_BAD_ROWS), ("nan_policy", NAN_POLICIES),
+                              ("long_responses", LONG_RESPONSES)):
             value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(

@@ -49,6 +49,9 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
 # Columns the collator reads (pairs, then lists); `length` (unique tokens of a row) feeds
 # train_sampling_strategy="group_by_length".
+# A dataset's own row numbers, when a caller adds them (`evaluate` does, for predictions.jsonl): kept through
+# preparation, never given to the model.
+ROW_COLUMN = "row_index"
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
                  "scores", "off_prompt_ids"]
 
@@ -251,22 +254,29 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
-def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids):
+def truncate_pair(chosen_ids, rejected_ids, max_length, special_ids, cut_long_responses: bool = False):
     """Fit a pair into `max_length` (see `truncate_list`). Returns (chosen_ids, rejected_ids, status)."""
-    (chosen_ids, rejected_ids), status = truncate_list([chosen_ids, rejected_ids], max_length, special_ids)
+    (chosen_ids, rejected_ids), status = truncate_list([chosen_ids, rejected_ids], max_length, special_ids,
+                                                       cut_long_responses)
     return chosen_ids, rejected_ids, status
 
 
-def truncate_list(sequences, max_length, special_ids):
+def truncate_list(sequences, max_length, special_ids, cut_long_responses: bool = False):
     """Fit K sequences that share a prompt into `max_length` by cutting the prompt from the left, keeping its
     leading special tokens.
 
     The response ends (the scored tokens) are never cut. Returns (sequences, status) with status "kept",
     "truncated" or "dropped" (a response alone, with the leading special tokens, does not fit).
+
+    With `cut_long_responses`, every sequence is cut on its own as a client cuts one text (`scoring.tokenize_texts`:
+    its leading special tokens, then its last tokens), so the pair is scored exactly as `score` or `pipeline` score
+    its texts, and none is dropped; status "response cut" when a cut reaches into a response.
     """
     longest = max(len(s) for s in sequences)
     if max_length is None or longest <= max_length:
         return sequences, "kept"
+    if cut_long_responses:
+        return cut_each_text(sequences, max_length, special_ids)
     # The shared prefix is the prompt (plus any identical opening words of the responses); never the scored token.
     shared = list_prefix_length(sequences)
     lead = 0
@@ -276,6 +286,23 @@ def truncate_list(sequences, max_length, special_ids):
     if excess > shared - lead:
         return sequences, "dropped"
     return [s[:lead] + s[lead + excess :] for s in sequences], "truncated"
+
+
+def cut_each_text(sequences, max_length, special_ids):
+    """Each sequence longer than `max_length` cut on its own to its leading special tokens and its last tokens (the
+    rule of `scoring.tokenize_texts`); status "truncated", or "response cut" when a cut passes the shared prompt."""
+    shared, cut, status = list_prefix_length(sequences), [], "truncated"
+    for sequence in sequences:
+        lead = 0
+        while lead < len(sequence) and sequence[lead] in special_ids:
+            lead += 1
+        excess = len(sequence) - max_length
+        if excess > 0:
+            if excess > shared - lead:
+                status = "response cut"
+            sequence = sequence[:lead] + sequence[lead + excess :]
+        cut.append(sequence)
+    return cut, status
 
 
 def text_problem(value, allow_empty: bool = False) -> str | None:
@@ -432,7 +459,7 @@ def has_empty_response(example: dict) -> bool:
 
 
 def tokenize_example(example, tokenizer, max_length, append_eos, group_column, special_ids, allow_empty_response,
-                     code_version=None):
+                     code_version=None, cut_long_responses=False):
     problem = row_problem(example, group_column, allow_empty_response)
     if problem:
         return {"chosen_ids": [], "rejected_ids": [], "group": "", "response_lengths": [0, 0], "fit": "bad",
@@ -444,7 +471,8 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
         _, chosen_text, rejected_text = render_texts(example, tokenizer, append_eos)
         chosen_ids = tokenizer(chosen_text)["input_ids"]
         rejected_ids = tokenizer(rejected_text)["input_ids"]
-    chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids)
+    chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids,
+                                                     cut_long_responses)
     if chosen_ids == rejected_ids:  # given as identical ids, or texts the tokenizer made identical
         problem = IDENTICAL if "chosen_ids" in example else IDENTICAL_TOKENS
     elif status == "dropped":
@@ -472,7 +500,7 @@ def prepare_dataset(
     """
     dataset = rename_legacy_columns(dataset, name)
     check_columns(dataset, args.group_column, name)
-    keep = numeric_columns(dataset, ("margin", "weight"), name)
+    keep = numeric_columns(dataset, ("margin", "weight", ROW_COLUMN), name)
     if "chosen" in dataset.column_names:
         check_chat_template(dataset[0]["chosen"] if len(dataset) else None, tokenizer, name)
     return tokenize_and_collect(dataset, tokenize_example, tokenizer, args, name, max_length, keep, unit="pairs")
@@ -516,6 +544,7 @@ def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str,
             "special_ids": set(tokenizer.all_special_ids),
             "allow_empty_response": args.on_bad_rows != "error",
             "code_version": CODE_VERSION,  # only part of the cache key
+            "cut_long_responses": args.long_responses == "cut",
         },
         remove_columns=[c for c in dataset.column_names if c not in keep],
         features=features,
@@ -534,6 +563,9 @@ def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str,
         notes.append(f"kept {fits['empty response']} with an empty response")
     if fits["truncated"]:
         notes.append(f"prompt cut from the left to fit max_length={max_length} in {fits['truncated']}")
+    if fits["response cut"]:
+        notes.append(f"a response alone longer than max_length={max_length}, so each text cut to its last tokens as "
+                     f"`score` and `pipeline` cut one text, in {fits['response cut']} (long_responses=cut)")
     if notes:
         logger.warning(f"{name}: {len(dataset) - len(problems)} of {len(dataset)} {unit} used; " + "; ".join(notes)
                        + f" (on_bad_rows={args.on_bad_rows}).")
@@ -547,6 +579,8 @@ def tokenize_and_collect(dataset: Dataset, tokenize, tokenizer, args, name: str,
                         "weight > 0, or drop the 'weight' column to weigh every row 1.")
     report = {"rows": len(dataset), unit: len(tokenized), "truncated": fits["truncated"],
               "empty_responses": fits["empty response"], "dropped": dropped}
+    if fits["response cut"]:
+        report["responses_cut"] = fits["response cut"]
     return tokenized.remove_columns(["fit", "problem"]), report
 
 
@@ -586,6 +620,8 @@ def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train
             return False
         report[unit] += 1
         report["truncated"] += example["fit"] == "truncated"
+        if example["fit"] == "response cut":
+            report["responses_cut"] = report.get("responses_cut", 0) + 1
         report["empty_responses"] += example["fit"] == "empty response"
         return True
 
@@ -598,6 +634,7 @@ def prepare_stream(dataset: IterableDataset, tokenizer, args, name: str = "train
             "group_column": args.group_column,
             "special_ids": set(tokenizer.all_special_ids),
             "allow_empty_response": args.on_bad_rows != "error",
+            "cut_long_responses": args.long_responses == "cut",
         },
         remove_columns=[c for c in columns if c not in keep],
     )

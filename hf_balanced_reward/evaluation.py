@@ -17,7 +17,7 @@ from trl.data_utils import maybe_extract_prompt
 from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
-from .data import column_names, tokenize_example
+from .data import ROW_COLUMN, column_names
 from .metrics import calibration, pair_metrics, wilson_interval
 from .probes import exploit_probes, model_reward
 from .ranking_metrics import list_metrics, ranking_metrics
@@ -30,9 +30,12 @@ PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "g
 
 def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
                    max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip",
-                   length_calibration: bool = True, probes: bool = True) -> dict:
-    """Score `dataset` with the reward model at `model` (a folder or hub id); write the report and plots.
+                   length_calibration: bool = True, probes: bool = True, long_responses: str = "cut") -> dict:
+    """Score `dataset` with the reward model at `model` (a folder or hub id); write the report, plots and
+    `predictions.jsonl` (one line per scored pair, by the dataset's row number).
 
+    `long_responses` "cut" (default) scores a pair whose response alone is longer than max_length as a client would
+    (each text cut to its last tokens, counted in the report); "drop" leaves it out, as training does.
     `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`). `probes`
     adds `report["probes"]`, the exploit probes (`probes.exploit_probes`, about 12 texts scored per pair) on the
     scored pairs' texts; not for lists, nor for data given as token ids only."""
@@ -45,8 +48,10 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     args = BalancedRewardConfig(
         output_dir=output_dir, per_device_eval_batch_size=batch_size, group_column=group_column,
         max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
-        append_eos_token=bool(getattr(saved, "reward_append_eos_token", False)),
+        append_eos_token=bool(getattr(saved, "reward_append_eos_token", False)), long_responses=long_responses,
     )
+    if ROW_COLUMN not in column_names(dataset):  # the row numbers travel through preparation to predictions.jsonl
+        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=dataset)
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
@@ -58,7 +63,10 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
                           length_calibration)
     report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
-    texts = pair_texts(dataset, trainer) if probes else None
+    rows = prepared[ROW_COLUMN]
+    write_predictions(os.path.join(output_dir, "predictions.jsonl"), rows, chosen, rejected,
+                      [trainer.group_names[g] for g in np.asarray(group_ids).reshape(-1)], lengths)
+    texts = pair_texts(dataset, sorted(rows), group_column) if probes else None
     if texts is not None:
         reward = model_reward(trainer.model, trainer.processing_class, trainer.max_length,
                               trainer.args.append_eos_token, batch_size)
@@ -78,27 +86,37 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     return report
 
 
-def pair_texts(dataset, trainer) -> tuple[list, list, list, list | None] | None:
-    """(prompts, chosen, rejected, groups) of the pairs the trainer scored: the dataset's rows less those its
-    preparation dropped, found by the same per-row check (`data.tokenize_example`, so each row is tokenised once
-    more); an implicit prompt is split off as training splits it. None when the rows have no texts."""
+def pair_texts(dataset, rows: list[int], group_column: str | None) -> tuple[list, list, list, list | None] | None:
+    """(prompts, chosen, rejected, groups) of the dataset's `rows` (the pairs that were scored); an implicit prompt is
+    split off as training splits it. None when the rows have no texts (token ids only)."""
     if not {"chosen", "rejected"} <= set(column_names(dataset)):
         return None
-    args, tokenizer = trainer.args, trainer.processing_class
-    special_ids = set(tokenizer.all_special_ids)
     prompts, chosen, rejected, groups = [], [], [], []
-    for example in dataset:
-        checked = tokenize_example(example, tokenizer, trainer.max_length, args.append_eos_token, args.group_column,
-                                   special_ids, args.on_bad_rows != "error")
-        if checked["problem"]:
-            continue
+    for example in dataset.select(rows):
         pair = example if "prompt" in example else maybe_extract_prompt(
             {"chosen": example["chosen"], "rejected": example["rejected"]})
         prompts.append(pair["prompt"])
         chosen.append(pair["chosen"])
         rejected.append(pair["rejected"])
-        groups.append(checked["group"])
-    return prompts, chosen, rejected, groups if args.group_column else None
+        groups.append(str(example[group_column]) if group_column else None)
+    return prompts, chosen, rejected, groups if group_column else None
+
+
+def write_predictions(path: str, rows, chosen, rejected, groups, lengths) -> None:
+    """One JSON line per scored pair, in row order: its rewards, their difference, response lengths in tokens, its
+    length cell and whether the chosen response scored higher; for looking at the errors."""
+    cells = length_cells(lengths[:, 0], lengths[:, 1])
+    lines = []
+    for k in np.argsort(rows, kind="stable"):
+        lines.append(json.dumps({
+            "row": int(rows[k]), "group": groups[k], "chosen_reward": float(chosen[k]),
+            "rejected_reward": float(rejected[k]), "margin": float(chosen[k] - rejected[k]),
+            "chosen_length": int(lengths[k, 0]), "rejected_length": int(lengths[k, 1]),
+            "length_cell": LENGTH_CELLS[cells[k]], "correct": bool(chosen[k] > rejected[k]),
+        }))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_list_report(output, trainer, model: str, output_dir: str) -> dict:

@@ -182,7 +182,7 @@ def render_completion(row: dict, completion, tokenizer, append_eos: bool) -> str
 
 
 def tokenize_list(example, tokenizer, max_length, append_eos, group_column, special_ids, allow_empty_response,
-                  code_version=None):
+                  code_version=None, cut_long_responses=False):
     """One row (a list, a pair, or a tokenised pair) as `completion_ids` (K full sequences), `ranks`, `scores`
     (None without them), `group`, `response_lengths` (tokens after the shared prompt), `length`, `fit`, `problem`;
     a bad row gets its problem and empty values."""
@@ -202,7 +202,7 @@ def tokenize_list(example, tokenizer, max_length, append_eos, group_column, spec
         sequences = [tokenizer(text)["input_ids"] for text in texts]
         ranks, scores = row["ranks"], row["scores"]
         empty = any(isinstance(c, str) and not c.strip() for c in row["completions"])
-    sequences, status = truncate_list(sequences, max_length, special_ids)
+    sequences, status = truncate_list(sequences, max_length, special_ids, cut_long_responses)
     if status != "dropped" and empty:
         status = "empty response"
     prompt = list_prefix_length(sequences)

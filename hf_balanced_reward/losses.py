@@ -47,8 +47,8 @@ def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="none", gr
              dro_adjustment=0.0, length_expert=0.5, length_head=0.0, cross_prompt=0.0, cross_prompt_partners="nearest"):
     """Bradley-Terry per pair; the trainer weights the pairs and adds the length expert (see `balancing.py`).
 
-    The defaults (length expert 0.5, no reweighting) are what 3 seeds of `benchmarks/compare_losses.py` chose (README,
-    "Does balancing help?").
+    The defaults (length expert 0.5, no reweighting) are what 3 seeds of `benchmarks/compare_losses.py` chose
+    (benchmarks/README.md, "Does balancing help?").
 
     - `weighting`: "none" (default) weighs all pairs 1; "cells" gives the chosen-longer and chosen-shorter pairs of
       each group equal weight, so length direction carries no signal; "groups" gives every group 1/G.

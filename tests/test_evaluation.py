@@ -100,3 +100,41 @@ def test_evaluate_command_usage_errors(tmp_path, capsys, model_dir):
     assert main(["evaluate", "--model", model_dir, "--datset", "x.jsonl"]) == 2
     assert "unknown option '--datset' (did you mean 'dataset'?)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "eval_report")
+
+
+def test_evaluate_scores_every_pair_as_a_client_does_and_writes_predictions(tmp_path, model_dir, capsys):
+    """max_length 24: some pairs only need their prompt cut, and in some a response alone is longer. By default each
+    text is cut as `score` / `reward_function` cut it, so every pair is scored with the rewards a client gets;
+    --long_responses drop leaves the long ones out, as training does."""
+    from datasets import Dataset
+
+    from hf_balanced_reward.scoring import reward_function
+
+    rows = [{"prompt": "Question: what is the capital of France?" * (1 + i % 3), "chosen": " Paris." * (1 + 5 * (i % 2)),
+             "rejected": " The quick brown fox.", "source": "a" if i % 2 else "b"} for i in range(8)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cut"
+    assert main(["evaluate", "--model", model_dir, "--dataset", str(path), "--max_length", "24", "--output_dir",
+                 str(out), "--group_column", "source", "--probes", "false"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["pairs"] == 8 and report["data"]["dropped"] == {}
+    assert report["data"]["responses_cut"] == 4 and "4 pairs have a response longer than max_length=24" in printed
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["row"] for p in predictions] == list(range(8))
+    client = reward_function(model_dir, max_length=24)
+    prompts = [r["prompt"] for r in rows]
+    expected_chosen = client(prompts, [r["chosen"] for r in rows])
+    expected_rejected = client(prompts, [r["rejected"] for r in rows])
+    assert np.allclose([p["chosen_reward"] for p in predictions], expected_chosen, atol=1e-5)
+    assert np.allclose([p["rejected_reward"] for p in predictions], expected_rejected, atol=1e-5)
+    assert all(p["correct"] == (p["chosen_reward"] > p["rejected_reward"]) for p in predictions)
+    assert all(p["group"] == rows[p["row"]]["source"] for p in predictions)
+
+    dropped = tmp_path / "drop"
+    assert main(["evaluate", "--model", model_dir, "--dataset", str(path), "--max_length", "24", "--output_dir",
+                 str(dropped), "--long_responses", "drop", "--probes", "false"]) == 0
+    report = json.loads((dropped / "eval_report.json").read_text())
+    assert report["pairs"] == 4 and sum(report["data"]["dropped"].values()) == 4
+    assert [json.loads(line)["row"] for line in (dropped / "predictions.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
