@@ -69,3 +69,13 @@ def test_bad_max_length_and_centering():
         make(max_length=1)
     with pytest.raises(ConfigError, match=r"center_rewards_coefficient must be >= 0, got -0.1"):
         make(center_rewards_coefficient=-0.1)
+
+
+def test_options_that_would_fail_at_the_first_step_fail_here():
+    with pytest.raises(ConfigError, match=r"loss_kwargs hinge_margin must be a number, got '1.0'; write it without "
+                                          r"quotes, e.g. hinge_margin: 1.0\."):
+        make(loss_type="hinge", loss_kwargs={"hinge_margin": "1.0"})
+    with pytest.raises(ConfigError, match=r"learning_rate must be >= 0, got -0.001; a negative rate climbs the loss"):
+        make(learning_rate=-1e-3)
+    with pytest.raises(ConfigError, match=r"long_responses='trim' is not an option; choose one of: drop, cut"):
+        make(long_responses="trim")
