@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 
 import yaml
@@ -334,6 +335,8 @@ def final_evaluation(trainer) -> dict:
 def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
 
+    quiet_libraries()
+
     peft_config = peft_setup(script_args, config)
     train_dataset, eval_dataset = load_datasets(script_args, config.seed)
     trainer = BalancedRewardTrainer(
@@ -374,6 +377,8 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
 
 def evaluate(argv: list[str]) -> dict:
     from .evaluation import evaluate_model
+
+    quiet_libraries()
 
     from transformers import HfArgumentParser
 
@@ -489,10 +494,14 @@ def compare(run_dirs: list[str]) -> str:
     return "\n".join(rows)
 
 
-def show_package_info() -> None:
-    """The CLI shows this package's info messages (fitted length slopes, layout chosen, resume point) on stderr;
-    as a library it leaves logging to the application."""
+def show_package_info(verbose: bool = False) -> None:
+    """The CLI shows this package's info messages (fitted length slopes, layout chosen, resume point) on stderr, on
+    the main process only (under a launcher every process runs this); as a library it leaves logging to the
+    application. Without `verbose`, the libraries' progress bars and the warnings a user cannot act on are hidden."""
     package = logging.getLogger("hf_balanced_reward")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    package.setLevel(logging.INFO if main_process or verbose else logging.WARNING)
+    os.environ["HF_BALANCED_REWARD_QUIET"] = "" if verbose else "1"  # read by `quiet_libraries`, once imported
     ours = [h for h in package.handlers if getattr(h, "hf_balanced_reward_cli", False)]
     if ours:
         ours[0].stream = sys.stderr  # main() called again in one process (tests): today's stderr (the old may be closed)
@@ -501,7 +510,25 @@ def show_package_info() -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.hf_balanced_reward_cli = True
     package.addHandler(handler)
-    package.setLevel(logging.INFO)
+
+
+# Warnings from libraries that say nothing a user of this command can act on.
+NOISE = (r".*'pin_memory' argument is set as true but no accelerator is found.*",
+         r".*TRANSFORMERS_CACHE.*", r".*`resume_download` is deprecated.*")
+
+
+def quiet_libraries() -> None:
+    """Per-row progress bars of datasets, transformers' info and advice, and `NOISE` off, unless --verbose; called
+    by each command once it has imported what it uses (importing them here would slow `--help`)."""
+    if not os.environ.get("HF_BALANCED_REWARD_QUIET"):
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,10 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: {PROG} train [--config recipe.yaml] [--option value ...]\n"
               f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]\n"
               f"       {PROG} score --model PATH --dataset FILE --output OUT.jsonl [--max_length N]\n"
-              f"       {PROG} compare RUN_DIR RUN_DIR ...")
+              f"       {PROG} compare RUN_DIR RUN_DIR ...\n"
+              "Every command takes --verbose: the libraries' progress bars, info messages and warnings, and this "
+              "package's messages from every process.")
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    show_package_info()
+    command, rest = argv[0], [a for a in argv[1:] if a != "--verbose"]
+    show_package_info(verbose="--verbose" in argv[1:])
     if command not in COMMANDS:
         print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
               f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
@@ -524,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "score":  # `package:` model names resolve here, as for train and evaluate
             from .scoring import score_main
 
+            quiet_libraries()
             return score_main([resolve_model_path(a) if a.startswith("package:") else a for a in rest])
         elif command == "compare":
             print(compare(rest))

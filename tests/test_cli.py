@@ -214,3 +214,21 @@ def test_the_trained_model_is_evaluated_once(recipe, monkeypatch, strategy, expe
         assert main(["train", "--config", recipe(**overrides)]) == 0
     assert len(calls) == expected
     assert ("evaluating the trained model on the eval set once" in caplog.text.lower()) == (strategy == "no")
+
+
+def test_quiet_by_default_and_verbose_when_asked(recipe, tmp_path):
+    """The per-row progress bars of datasets and library advice are hidden; this package's one line per stage is
+    shown; --verbose brings the rest back."""
+    def run(*extra):
+        cache = tmp_path / f"cache{len(extra)}"  # its own datasets cache: a cached map shows no progress bar at all
+        done = subprocess.run([sys.executable, "-m", "hf_balanced_reward", "train", "--config",
+                               recipe(evaluate_before_training=False), *extra],
+                              capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    quiet, verbose = run(), run("--verbose")
+    assert "Checking and tokenizing train pairs" not in quiet and "pin_memory" not in quiet
+    assert "Checking and tokenizing train pairs" in verbose
+    assert "Shared-prompt layout checked" in quiet  # the package's own messages stay
