@@ -346,6 +346,14 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
         eval_dataset=eval_dataset,
         peft_config=peft_config,
     )
+    from .model_card import dataset_label
+
+    # The card names the data as the user named it (no local paths).
+    trainer.dataset_names = {"train": dataset_label(script_args.dataset_name)}
+    if eval_dataset is not None:
+        trainer.dataset_names["eval"] = (
+            dataset_label(script_args.eval_dataset_name) if script_args.eval_dataset_name
+            else dataset_label(script_args.dataset_name, held_out=script_args.eval_split_ratio))
     before = trainer.evaluate() if eval_dataset is not None and script_args.evaluate_before_training else None
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if trainer.signal_stop.stopped_at_step is not None:
@@ -359,6 +367,8 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
     trainer.save_model(config.output_dir)
     if peft_config is not None:
         trainer.save_merged_model(os.path.join(config.output_dir, "merged"))
+        if trainer.args.should_save:
+            trainer.write_card(config.output_dir)  # now naming the merged model beside the adapters
     for name, report in trainer.data_report.items():
         result.metrics[f"{name}_dropped_rows"] = sum(report["dropped"].values())
     trainer.save_metrics("train", result.metrics)
@@ -398,7 +408,7 @@ def evaluate(argv: list[str]) -> dict:
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
                             args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration, args.probes,
-                            args.long_responses)
+                            args.long_responses, dataset_name=args.dataset)
     if "lists" in report:
         print(list_report_lines(report, args.output_dir))
         return report

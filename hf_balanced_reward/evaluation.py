@@ -19,6 +19,7 @@ from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
 from .data import ROW_COLUMN, column_names
 from .metrics import calibration, pair_metrics, wilson_interval
+from .model_card import refresh_evaluation
 from .paths import resolve_model_path
 from .probes import exploit_probes, model_reward
 from .ranking_metrics import list_metrics, ranking_metrics
@@ -31,7 +32,8 @@ PLOTS = {"margins": "margin_histogram.png", "calibration": "calibration.png", "g
 
 def evaluate_model(model: str, dataset, output_dir: str, group_column: str | None = None,
                    max_length: int | None = None, batch_size: int = 32, on_bad_rows: str = "skip",
-                   length_calibration: bool = True, probes: bool = True, long_responses: str = "cut") -> dict:
+                   length_calibration: bool = True, probes: bool = True, long_responses: str = "cut",
+                   dataset_name: str | None = None) -> dict:
     """Score `dataset` with the reward model at `model` (a folder or hub id); write the report, plots and
     `predictions.jsonl` (one line per scored pair, by the dataset's row number).
 
@@ -39,7 +41,8 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     (each text cut to its last tokens, counted in the report); "drop" leaves it out, as training does.
     `length_calibration` adds accuracy after post-hoc length calibration (`metrics.length_calibrated`). `probes`
     adds `report["probes"]`, the exploit probes (`probes.exploit_probes`, about 12 texts scored per pair) on the
-    scored pairs' texts; not for lists, nor for data given as token ids only."""
+    scored pairs' texts; not for lists, nor for data given as token ids only. Written into the model's own folder,
+    the report also refreshes the model card's evaluation section (`dataset_name` names the data there)."""
     from .trainer import BalancedRewardTrainer  # the trainer imports this module's siblings; keep start-up light
 
     model = resolve_model_path(model)
@@ -59,12 +62,13 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     prepared = trainer.eval_dataset.sort("length", reverse=True)
     output = trainer.predict(prepared, metric_key_prefix="eval")
     if len(output.predictions) == 2:  # lists: (rewards, list losses)
-        return write_list_report(output, trainer, model, output_dir)
+        return write_list_report(output, trainer, model, output_dir, dataset_name)
     chosen, rejected, _ = output.predictions
     group_ids, lengths = output.label_ids
     report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
                           length_calibration)
     report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
+    report["dataset"] = dataset_name
     rows = prepared[ROW_COLUMN]
     write_predictions(os.path.join(output_dir, "predictions.jsonl"), rows, chosen, rejected,
                       [trainer.group_names[g] for g in np.asarray(group_ids).reshape(-1)], lengths)
@@ -85,7 +89,14 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     report["plots"] = {name: os.path.relpath(path, output_dir) for name, path in paths.items()}
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
+    refresh_card(output_dir, model, report)
     return report
+
+
+def refresh_card(output_dir: str, model: str, report: dict) -> None:
+    """A report written into the model's own folder becomes the card's evaluation section."""
+    if os.path.realpath(output_dir) == os.path.realpath(model):
+        refresh_evaluation(output_dir, report)
 
 
 def pair_texts(dataset, rows: list[int], group_column: str | None) -> tuple[list, list, list, list | None] | None:
@@ -121,7 +132,7 @@ def write_predictions(path: str, rows, chosen, rejected, groups, lengths) -> Non
         f.write("\n".join(lines) + "\n")
 
 
-def write_list_report(output, trainer, model: str, output_dir: str) -> dict:
+def write_list_report(output, trainer, model: str, output_dir: str, dataset_name: str | None = None) -> dict:
     """The report of a dataset of lists: `ranking_metrics` overall and per group (`trainer.evaluate()`'s metrics,
     with counts). The pair plots (margins, calibration, length cells) have no list counterpart and are not drawn."""
     rewards, _ = output.predictions
@@ -131,10 +142,12 @@ def write_list_report(output, trainer, model: str, output_dir: str) -> dict:
     names = trainer.group_names or ["all"]
     report["groups"] = {names[g]: ranking_metrics(rewards[group_ids == g], ranks[group_ids == g], mask[group_ids == g])
                         for g in np.unique(group_ids)}
-    report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length, plots={})
+    report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length, plots={},
+                  dataset=dataset_name)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
+    refresh_card(output_dir, model, report)
     return report
 
 

@@ -1,20 +1,24 @@
-"""README.md model card for a trained reward model: what it was trained on, how, what it scores, how to use it;
-and the files of a saved model that are pushed to the Hub with it."""
+"""README.md model card for a trained reward model: what it was trained from and on, for how long, what it scores
+and how to use it (a folder of LoRA adapters says so, with code that loads it from any directory); and the files of
+a saved model that are pushed to the Hub with it.
 
+A card publishes no local paths: a base model or dataset on this machine is named by its folder or file name, or by
+its place inside an installed Python package (`package:NAME/DIR`, the form the CLI accepts)."""
+
+import importlib.util
 import json
 import os
 import re
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TEMPLATE = """---
+CARD = """---
 {metadata}
 ---
 
-# {name}
+# {title}
 
-A reward model: it reads a prompt and a response and returns one number, higher for the response people
-prefer. Trained on human preferences with `hf_balanced_reward` ({loss_line}).
+{summary}
 
 ## Training
 
@@ -28,10 +32,15 @@ prefer. Trained on human preferences with `hf_balanced_reward` ({loss_line}).
 
 ## Use
 
-```python
+{use}
+"""
+
+EXAMPLE = "Question: how do I boil an egg? Answer: Put it in boiling water for eight minutes."
+
+USE_MODEL = """{where}```python
 from transformers import pipeline
 
-reward = pipeline("text-classification", model="{repo}", function_to_apply="none")
+reward = pipeline("text-classification", model="{model}", function_to_apply="none")
 print(reward("{example}")[0]["score"])  # higher: preferred
 ```
 
@@ -41,17 +50,40 @@ As the reward of trl's GRPO, scoring each completion exactly as training did:
 from hf_balanced_reward import reward_function
 from trl import GRPOConfig, GRPOTrainer
 
-trainer = GRPOTrainer(model=policy, reward_funcs=reward_function("{repo}"), args=GRPOConfig(...),
+trainer = GRPOTrainer(model=policy, reward_funcs=reward_function("{model}"), args=GRPOConfig(...),
                       train_dataset=prompts)
 ```
 
-(`reward_funcs="{repo}"` also works, but trl tokenizes without special tokens: for a tokenizer that adds BOS its
-rewards differ from training's.) To rerank or filter: `hf-balanced-reward score --model {repo} --dataset D --output
+(`reward_funcs="{model}"` also works, but trl tokenizes without special tokens: for a tokenizer that adds BOS its
+rewards differ from training's.) To rerank or filter: `hf-balanced-reward score --model {model} --dataset D --output
 OUT.jsonl`.
 
-As the reward model of trl's PPO: `AutoModelForSequenceClassification.from_pretrained("{repo}", num_labels=1)`.
-The model scores the text's last token; texts are scored as rendered{eos_note}.
+As the reward model of trl's PPO: `AutoModelForSequenceClassification.from_pretrained("{model}", num_labels=1)`.
 """
+
+PEFT_CODE = """The adapters with peft, from any directory (the base model named explicitly, so nothing depends on
+where training ran):
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+{base_line}
+base = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1)
+model = PeftModel.from_pretrained(base, "{model}").merge_and_unload()  # adapters folded in: a plain model
+tokenizer = AutoTokenizer.from_pretrained("{model}")
+reward = pipeline("text-classification", model=model, tokenizer=tokenizer, function_to_apply="none")
+print(reward("{example}")[0]["score"])  # higher: preferred
+```"""
+
+MERGED_CODE = """The merged model in `{model}/merged` (the adapters folded into the base weights) needs neither peft
+nor the base model:
+
+```python
+from transformers import pipeline
+
+reward = pipeline("text-classification", model="{model}/merged", function_to_apply="none")
+```"""
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -61,6 +93,14 @@ HUB_FILES = re.compile(
     r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[^/]*|merges\.txt|[^/]*\.model|"
     r"chat_template\.jinja|README\.md|plots/[^/]*\.png)"
 )
+
+# `datasets`' own builders: a dataset whose name is one of these was read from local files (or built in memory).
+try:
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as _PACKAGED
+
+    PACKAGED_BUILDERS = frozenset(_PACKAGED)
+except ImportError:  # a private name; the usual ones
+    PACKAGED_BUILDERS = frozenset({"json", "csv", "parquet", "arrow", "text", "pandas", "generator", "sql"})
 
 
 def hub_files(folder: str) -> list[str]:
@@ -74,26 +114,143 @@ def hub_files(folder: str) -> list[str]:
     return sorted(found)
 
 
+# --- names without local paths --------------------------------------------------------------------------------------
+
+def package_path(path: str) -> str | None:
+    """'NAME/DIR' when `path` lies inside the installed Python package NAME (a regular package, found the way
+    `import NAME` finds it), else None."""
+    path = os.path.realpath(path)
+    folder = path
+    while os.path.dirname(folder) != folder:
+        name = os.path.basename(folder)
+        if name.isidentifier():
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.origin and any(
+                    os.path.realpath(location) == folder for location in spec.submodule_search_locations or ()):
+                inside = os.path.relpath(path, folder).replace(os.sep, "/")
+                return name if inside == "." else f"{name}/{inside}"
+        folder = os.path.dirname(folder)
+    return None
+
+
+def describe_path(name_or_path: str | None) -> tuple[str | None, str | None]:
+    """(kind, public name) of a model or data name: ('hub', the id), ('package', 'package:NAME/DIR') for a path
+    inside an installed Python package, ('local', the folder's or file's name) for another local path."""
+    if not name_or_path:
+        return None, None
+    if name_or_path.startswith("package:"):
+        return "package", name_or_path
+    if os.path.exists(name_or_path):
+        inside = package_path(name_or_path)
+        if inside:
+            return "package", f"package:{inside}"
+    elif HUB_ID.match(name_or_path):
+        return "hub", name_or_path
+    return "local", os.path.basename(os.path.normpath(name_or_path))
+
+
 def public_name(name_or_path: str | None) -> str | None:
-    """A hub id as it is; a local path as its folder's name, so that a pushed card publishes no local paths."""
-    if not name_or_path or (HUB_ID.match(name_or_path) and not os.path.exists(name_or_path)):
-        return name_or_path
-    return os.path.basename(os.path.normpath(name_or_path))
+    """A hub id as it is; a folder inside an installed Python package as `package:NAME/DIR`; another local path as its
+    folder's name, so that a pushed card publishes no local paths."""
+    return describe_path(name_or_path)[1]
 
 
-def card_metadata(base_model: str | None, loss_type: str, model_tags=()) -> str:
-    tags = ["reward-model", "hf_balanced_reward", loss_type]
+def base_model_label(name_or_path: str | None) -> str:
+    kind, public = describe_path(name_or_path)
+    if kind == "package":
+        package = public.removeprefix("package:").split("/")[0]
+        return f"{public} (a folder inside the installed Python package {package})"
+    if kind == "local":
+        return f"{public} (a local folder)"
+    return public or "unknown"
+
+
+def dataset_label(data, held_out: float | None = None) -> str | None:
+    """How a card names a dataset: a hub id as it is; a local file or folder by its name, or by its place inside an
+    installed Python package; a `datasets` object by its Hub name, or its `save_to_disk` folder, else by how it was
+    built ('in-memory dataset'). `held_out`: the share of it held out for evaluation (`eval_split_ratio`)."""
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        kind, public = describe_path(os.fspath(data))
+        if kind == "package":
+            package, _, inside = public.removeprefix("package:").partition("/")
+            label = f"{inside} in the installed Python package {package}"
+        elif kind == "local":
+            label = f"{public} (a local {'folder' if os.path.isdir(data) else 'file'})"
+        else:
+            label = public
+    else:
+        label = dataset_object_label(data)
+    return f"{label}, {held_out * 100:g}% of its rows held out from training" if held_out else label
+
+
+def dataset_object_label(dataset) -> str:
+    info = getattr(dataset, "info", None)
+    for url in getattr(info, "download_checksums", None) or {}:  # files downloaded from the Hub name its repo
+        found = re.search(r"(?:hf://datasets/|huggingface\.co/datasets/)([\w.-]+/[\w.-]+?)(?:@|/|$)", url)
+        if found:
+            return found.group(1)
+    for record in getattr(dataset, "cache_files", None) or []:
+        folder = os.path.dirname(record["filename"])
+        if os.path.isfile(os.path.join(folder, "state.json")):  # a folder written by save_to_disk
+            parent = os.path.dirname(folder)
+            saved = (f"{os.path.basename(parent)}/" if os.path.isfile(os.path.join(parent, "dataset_dict.json"))
+                     else "") + os.path.basename(folder)
+            return f"{saved} (a local folder saved with save_to_disk)"
+    name, builder = getattr(info, "dataset_name", None), getattr(info, "builder_name", None)
+    if name and name not in PACKAGED_BUILDERS:
+        return name
+    if builder in PACKAGED_BUILDERS and builder not in ("generator", "pandas", "arrow"):
+        return f"a local {builder} file (its name was not recorded)"
+    return "in-memory dataset"
+
+
+# --- the card ---------------------------------------------------------------------------------------------------
+
+def card_metadata(base_model: str | None, loss_type: str, model_tags=(), datasets=(), adapter: bool = False) -> str:
+    tags = ["reward-model", "hf_balanced_reward", loss_type] + (["lora", "peft"] if adapter else [])
+    hub = [name for name in datasets if name and HUB_ID.match(name) and not os.path.exists(name)]
     data = ModelCardData(
-        library_name="transformers",
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification",
         tags=tags + [t for t in model_tags if t not in tags],  # the model's own (trl's, a user's add_model_tags)
-        base_model=base_model if base_model and HUB_ID.match(base_model) and not os.path.exists(base_model) else None,
+        base_model=base_model if describe_path(base_model)[0] == "hub" else None,
+        datasets=hub or None,
     )
     return data.to_yaml()
 
 
-def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]) -> str:
-    """The last evaluation as a table; the `evaluate` command's report and plots when they sit beside the model."""
+def number(value: float) -> str:
+    """0.18, 3, 1.5: two significant digits below 1 (never rounded up to 1), at most two decimals above."""
+    return f"{min(float(f'{value:.2g}'), 0.99):g}" if value < 1 else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def length_rows(args, state) -> list[tuple[str, object]]:
+    """Steps and epochs as trained (`trainer.state`), not as planned in the arguments."""
+    step, epoch = getattr(state, "global_step", None), getattr(state, "epoch", None)
+    if not step:
+        planned = f"max_steps {args.max_steps}" if args.max_steps > 0 else f"{number(args.num_train_epochs)} epochs"
+        return [("training length (as set; the steps run were not recorded)", planned)]
+    planned = getattr(state, "max_steps", None) or 0
+    rows = [("training steps", step if planned <= step else f"{step} (of {planned} planned)")]
+    if epoch is not None:
+        rows.append(("epochs", number(epoch) + (" (less than one pass over the training data)" if epoch < 1 else "")))
+    return rows
+
+
+def adapter_settings(adapter: dict) -> str:
+    targets = adapter.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, (list, set, tuple)) else targets
+    return f"r {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on {targets}; the reward head trained in full"
+
+
+def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str], data: str | None = None) -> str:
+    """The last evaluation as a table; the `evaluate` command's report and plots when they sit beside the model.
+    `data`: the evaluation data's name (`dataset_label`)."""
     source = report or {k[len("eval_"):]: v for k, v in metrics.items() if k.startswith("eval_")}
     if not source:
         return "No evaluation was run with this model; `hf-balanced-reward evaluate --model DIR --dataset FILE` adds one."
@@ -119,7 +276,7 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
     )]
     rows += [(f"accuracy: {k[len('accuracy_'):]}", v) for k, v in source.items()
              if k.startswith("accuracy_") and not k.startswith("accuracy_ci")]
-    lines = ["| metric | value |", "|---|---|"]
+    lines = ([f"On {data}:", ""] if data else []) + ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
               for name, value in rows if value is not None]
     # The report's probes (the same pairs as the table above), else the last eval's.
@@ -153,33 +310,83 @@ def probe_table(probes: dict) -> list[str]:
             "docs/evaluation.md).", "", "| probe | value | what it means |", "|---|---|---|", *rows]
 
 
+def use_section(output_dir: str, repo: str | None, base_model: str | None, adapter: dict | None) -> str:
+    """How to load and call the model; for adapters, code that loads them wherever it runs."""
+    model = repo or os.path.basename(os.path.abspath(output_dir))
+    where = "" if repo else f"Below, `{model}` stands for this folder: give its path (or, once pushed, its Hub id)."
+    if adapter is None:
+        return USE_MODEL.format(where=where + "\n\n" if where else "", model=model, example=EXAMPLE)
+    kind, public = describe_path(base_model)
+    if kind == "hub":
+        base_line = f'base_model = "{public}"'
+    elif kind == "package":
+        base_line = ("from hf_balanced_reward.cli import resolve_model_path  # package:NAME/DIR -> its folder\n"
+                     f'base_model = resolve_model_path("{public}")')
+    else:
+        base_line = f'base_model = "{public or "BASE_MODEL"}"  # the base model\'s folder: give its path'
+    merged = not repo and os.path.isfile(os.path.join(output_dir, "merged", "config.json"))
+    paragraphs = [f"This folder holds **LoRA adapters** and the trained reward head, not a full model: they load on "
+                  f"top of the base model, {base_model_label(base_model)}. {where}".rstrip()]
+    if merged:
+        paragraphs.append(MERGED_CODE.format(model=model))
+    elif not repo:
+        paragraphs.append("`trainer.save_merged_model(DIR)` (the CLI's `--use_peft` runs write it to `merged/`) saves "
+                          "the adapters folded into the base weights: a model that loads with plain transformers.")
+    paragraphs.append(PEFT_CODE.format(base_line=base_line, model=model, example=EXAMPLE))
+    saved_base = adapter.get("base_model_name_or_path") or ""
+    if describe_path(saved_base)[0] == "hub":
+        paragraphs.append(f'`AutoPeftModelForSequenceClassification.from_pretrained("{model}", num_labels=1)` also '
+                          "works anywhere: adapter_config.json names the base model by its Hub id.")
+    else:
+        saved_as = ("its path on the machine that trained it" if os.path.isabs(saved_base) else
+                    "a path relative to the directory training ran in")
+        paragraphs.append(f"adapter_config.json names the base model by {saved_as}, so "
+                          f'`AutoPeftModelForSequenceClassification.from_pretrained("{model}")` and '
+                          f'`pipeline(model="{model}")` find it only there; elsewhere, name the base model as above, '
+                          "or set `base_model_name_or_path` in adapter_config.json to its Hub id or absolute path.")
+    paragraphs.append("As the reward of trl's GRPO, scoring each completion exactly as training did: "
+                      "`GRPOTrainer(..., reward_funcs=hf_balanced_reward.reward_function(model, tokenizer))`, with "
+                      "`model` and `tokenizer` from above. To rerank or filter (`hf-balanced-reward score`) or as the "
+                      "reward model of trl's PPO, use the merged model" + (f" (`{model}/merged`)." if merged else "."))
+    return "\n\n".join(paragraphs)
+
+
 def write_model_card(output_dir: str, args, base_model: str | None, metrics: dict, data_report: dict,
                      repo: str | None = None, balance: dict | None = None, normalization: dict | None = None,
-                     model_tags=()) -> str:
+                     model_tags=(), state=None, datasets: dict[str, str] | None = None) -> str:
     """Write `output_dir/README.md`; returns its path. `metrics` are the last eval metrics (eval_* keys);
     `balance` is the balanced loss's summary (fitted length slopes, unit weights); `normalization` the reward
-    standardisation folded into the head (`normalize_rewards`)."""
+    standardisation folded into the head (`normalize_rewards`); `state` the trainer's `TrainerState` (steps and
+    epochs as trained); `datasets` each dataset's name as the card shows it, by role ('train', 'eval' or an eval
+    set's name), made with `dataset_label`."""
+    datasets = {role: name for role, name in (datasets or {}).items() if name}
     report_path = os.path.join(output_dir, "eval_report.json")
     report = None
     if os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
-    plots = {name: path for name, path in (report or {}).get("plots", {}).items()
-             if os.path.isfile(os.path.join(output_dir, path))}
+    adapter = None
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
+        with open(os.path.join(output_dir, "adapter_config.json"), encoding="utf-8") as f:
+            adapter = json.load(f)
     train = data_report.get("train", {})
-    settings = [
-        ("base model", public_name(base_model) or "unknown"),
+    settings = [("base model", base_model_label(base_model))]
+    settings += [("training data" if role == "train" else "evaluation data" if role == "eval" else
+                  f"evaluation data ({role})", name) for role, name in datasets.items()]
+    settings += [
         ("loss", args.loss_type),
         ("loss options", json.dumps(args.loss_kwargs) if args.loss_kwargs else "defaults"),
         ("groups from", args.group_column or "none (one group)"),
         ("reward centring coefficient", args.center_rewards_coefficient or "off"),
-        ("max_length", args.max_length),
-        ("epochs", args.num_train_epochs),
+        ("max_length", saved_config(output_dir).get("reward_max_length") or args.max_length),  # as cut
+        *length_rows(args, state),
         ("learning rate", args.learning_rate),
         ("batch size per device", args.per_device_train_batch_size),
         ("training lists" if "lists" in train else "training pairs", train.get("lists", train.get("pairs", "unknown"))),
         ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
+    if adapter is not None:
+        settings.append(("LoRA adapters", adapter_settings(adapter)))
     if normalization:
         settings.append(("rewards standardised after training (folded into the head)",
                          f"mean {normalization['mean']:.4f}, std {normalization['std']:.4f} on {normalization['pairs']} "
@@ -191,16 +398,65 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         weights = ", ".join(f"{unit} {u['weight']:.3f} ({u['pairs']} pairs)" for unit, u in balance["units"].items())
         settings.append(("pair weight per group / length cell, at the end of training", weights))
     loss_line = f"loss `{args.loss_type}`" + (f" with {json.dumps(args.loss_kwargs)}" if args.loss_kwargs else "")
-    text = TEMPLATE.format(
-        metadata=card_metadata(base_model, args.loss_type, model_tags).strip(),
-        name=f"{os.path.basename(os.path.abspath(output_dir))} (reward model)",
-        loss_line=loss_line,
+    public = public_name(base_model)
+    title = ("LoRA adapters of a reward model" if adapter is not None else "Reward model") + (
+        f": {public.removeprefix('package:')}" if public else "") + f" trained with the {args.loss_type} loss"
+    summary = ("A reward model: it reads a prompt and a response and returns one number, higher for the response "
+               f"people prefer. Trained with `hf_balanced_reward` ({loss_line}).")
+    summary += f" Base model: {base_model_label(base_model)}." if public else ""
+    summary += f" Training data: {datasets['train']}." if "train" in datasets else ""
+    eval_data = dataset_label(report.get("dataset")) if report else datasets.get("eval")
+    text = CARD.format(
+        metadata=card_metadata(base_model, args.loss_type, model_tags, datasets.values(), adapter is not None).strip(),
+        title=title,
+        summary=summary,
         training_rows="\n".join(f"| {name} | {value} |" for name, value in settings),
-        evaluation=evaluation_section(metrics, report, plots),
-        repo=repo or public_name(os.path.abspath(output_dir)),
-        example="Question: how do I boil an egg? Answer: Put it in boiling water for eight minutes.",
-        eos_note=", with the eos token appended" if args.append_eos_token else " (no eos token appended)",
+        evaluation=evaluation_section(metrics, report, report_plots(output_dir, report), eval_data),
+        use=use_section(output_dir, repo, base_model, adapter).rstrip()
+        + "\n\nThe model scores the text's last token; texts are scored as rendered"
+        + (", with the eos token appended." if args.append_eos_token else " (no eos token appended)."),
     )
     path = os.path.join(output_dir, "README.md")
     ModelCard(text).save(path)
+    return path
+
+
+def saved_config(output_dir: str) -> dict:
+    """The saved model's config.json (it holds `reward_max_length`, the cut training used; an adapter folder has
+    none, its merged model has), or {}."""
+    for path in (os.path.join(output_dir, "config.json"), os.path.join(output_dir, "merged", "config.json")):
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
+def report_plots(output_dir: str, report: dict | None) -> dict[str, str]:
+    """The report's plots that are in `output_dir` (their paths are relative to it)."""
+    return {name: path for name, path in (report or {}).get("plots", {}).items()
+            if os.path.isfile(os.path.join(output_dir, path))}
+
+
+EVALUATION = re.compile(r"(\n## Evaluation\n\n)(.*?)(\n\n## Use\n)", re.S)
+
+
+def refresh_evaluation(output_dir: str, report: dict | None = None) -> str | None:
+    """Rewrite the evaluation section of the card in `output_dir` from an `evaluate` report (default: the folder's
+    eval_report.json); the rest of the card stays as training wrote it. The report's plots are linked when they are
+    in `output_dir` (paths relative to it); `report["dataset"]`, when present, is the evaluation data's name as given
+    (a hub id or path). Returns the card's path, or None when the folder has no card written by this package."""
+    path = os.path.join(output_dir, "README.md")
+    if report is None and os.path.isfile(os.path.join(output_dir, "eval_report.json")):
+        with open(os.path.join(output_dir, "eval_report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+    if not report or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not EVALUATION.search(text):
+        return None
+    section = evaluation_section({}, report, report_plots(output_dir, report), dataset_label(report.get("dataset")))
+    text = EVALUATION.sub(lambda match: match.group(1) + section + match.group(3), text, count=1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
     return path

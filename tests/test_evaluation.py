@@ -138,3 +138,18 @@ def test_evaluate_scores_every_pair_as_a_client_does_and_writes_predictions(tmp_
     report = json.loads((dropped / "eval_report.json").read_text())
     assert report["pairs"] == 4 and sum(report["data"]["dropped"].values()) == 4
     assert [json.loads(line)["row"] for line in (dropped / "predictions.jsonl").read_text().splitlines()] == [0, 2, 4, 6]
+
+
+def test_evaluate_into_the_models_folder_refreshes_its_card(tmp_path, model_dir, pairs, pairs_file, capsys):
+    out = str(tmp_path / "rm")
+    trainer = BalancedRewardTrainer(model=model_dir, args=BalancedRewardConfig(output_dir=out, report_to="none",
+                                                                                max_steps=1, save_strategy="no"),
+                                    train_dataset=pairs)
+    trainer.train()
+    trainer.save_model()
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "pairs.jsonl" not in card
+    assert main(["evaluate", "--model", out, "--dataset", pairs_file, "--output_dir", out, "--probes", "false"]) == 0
+    report = json.loads(open(os.path.join(out, "eval_report.json")).read())
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert f"| accuracy | {report['accuracy']:.4f} |" in card and "pairs.jsonl" in card

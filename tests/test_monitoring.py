@@ -90,6 +90,9 @@ def test_model_card_states_the_measured_numbers(trained, pairs_file, model_dir):
     for path in report["plots"].values():
         assert f"]({path})" in text
     assert 'pipeline("text-classification"' in text and "reward_funcs=" in text
+    assert f"\n# Reward model: {os.path.basename(model_dir)} trained with the balanced loss\n" in text  # not "out"
+    assert f"| base model | {os.path.basename(model_dir)} (a local folder) |" in text
+    assert "| epochs | 3" not in text  # 4 steps ran, not num_train_epochs' 3 epochs
 
 
 def test_model_card_without_an_evaluate_report_uses_the_last_eval(trained):
