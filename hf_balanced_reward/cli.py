@@ -17,12 +17,16 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import yaml
 # Only the stdlib and light modules at the top: `--help` and a mistyped command answer without torch or
 # transformers; each command imports what it uses.
 from .errors import ConfigError, DataError, TrainingStopped, did_you_mean
 from .paths import resolve_model_path
+
+if TYPE_CHECKING:
+    from .config import BalancedRewardConfig
 
 logger = logging.getLogger(__name__)
 
