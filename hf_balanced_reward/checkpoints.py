@@ -1,13 +1,17 @@
-"""Checkpoints: the reward state written last into each one (so a checkpoint without it is known to be cut short),
-finding the checkpoint to resume from, and checking that it fits this run."""
+"""Checkpoints: written beside their place and renamed into it whole, the reward state written last into each one
+(so a checkpoint without it is known to be cut short) with the sizes of its files and the run's fingerprint;
+finding the checkpoint to resume from, and checking that it is intact and of this run."""
 
 import json
 import logging
 import os
+import shutil
+import zipfile
 
 import torch
+from datasets import Dataset, IterableDataset
 from safetensors import SafetensorError, safe_open
-from transformers.trainer_utils import sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from .config import ConfigError
 
@@ -15,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 # Written last into every checkpoint (group DRO weights, skipped batches): a checkpoint without it was cut short.
 REWARD_STATE = "reward_state.json"
+# Its keys for what defines the run (checked on resume) and the size of every other file (checked for damage).
+FINGERPRINT, FILES = "run", "files"
+# Hidden folders beside checkpoint-N: the one being written, and the one a newer checkpoint of that step replaces.
+PARTIAL, REPLACED = ".partial", ".replaced"
 
 
 def write_json_atomically(path: str, value) -> None:
@@ -35,30 +43,181 @@ def is_complete_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, REWARD_STATE))
 
 
+def wants_resume(resume) -> bool:
+    return not (resume is None or resume is False or str(resume).lower() in ("", "false", "none"))
+
+
 def resolve_checkpoint(output_dir: str, resume) -> str | None:
-    """A checkpoint folder to resume from: the last complete one in `output_dir` for True/"true"/"last", or the one
-    named; None for no resume."""
-    if resume is None or resume is False or str(resume).lower() in ("", "false", "none"):
+    """A checkpoint folder to resume from: the newest complete and intact one in `output_dir` for True/"true"/"last",
+    or the one named; None for no resume."""
+    if not wants_resume(resume):
         return None
     if resume is True or str(resume).lower() in ("true", "last"):
         checkpoints = list_checkpoints(output_dir)
         complete = [c for c in checkpoints if is_complete_checkpoint(c)]
         for unfinished in checkpoints[checkpoints.index(complete[-1]) + 1 :] if complete else checkpoints:
             logger.warning(f"Ignoring {unfinished}: unfinished, the run stopped while writing it.")
-        if not complete:
-            raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} has no complete checkpoint to resume.")
-        logger.info(f"Resuming from {complete[-1]}.")
-        return complete[-1]
+        damaged = []
+        for checkpoint in reversed(complete):
+            if problems := checkpoint_damage(checkpoint):
+                logger.warning(f"Ignoring {checkpoint}: damaged ({'; '.join(problems)}).")
+                damaged.append(f"{os.path.basename(checkpoint)} ({'; '.join(problems)})")
+                continue
+            if damaged:
+                logger.warning(f"Resuming from {checkpoint}, the newest intact checkpoint.")
+            logger.info(f"Resuming from {checkpoint}.")
+            return checkpoint
+        detail = f"; damaged: {', '.join(damaged)}" if damaged else ""
+        raise ConfigError(f"resume_from_checkpoint=true, but {output_dir} has no complete checkpoint to resume{detail}.")
     if not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint '{resume}' is not a checkpoint folder.")
     if not is_complete_checkpoint(resume):
-        complete = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(resume))) if is_complete_checkpoint(c)]
-        suggestion = f"; the last complete one is {complete[-1]}" if complete else ""
         raise ConfigError(
             f"checkpoint '{resume}' is unfinished (no {REWARD_STATE}: the run stopped while writing it, or "
-            f"another trainer wrote it){suggestion}."
+            f"another trainer wrote it){_last_intact(resume)}."
         )
+    if problems := checkpoint_damage(resume):
+        raise ConfigError(f"checkpoint '{resume}' is damaged ({'; '.join(problems)}){_last_intact(resume)}; resume "
+                          "from an intact one (resume_from_checkpoint: true picks the newest).")
     return resume
+
+
+def _last_intact(checkpoint: str) -> str:
+    intact = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(checkpoint)))
+              if is_complete_checkpoint(c) and not checkpoint_damage(c)]
+    return f"; the last complete one is {intact[-1]}" if intact else ""
+
+
+def checkpoint_damage(path: str) -> list[str]:
+    """What is damaged in a checkpoint marked complete, found cheaply: a file missing or of another size than the
+    marker recorded, JSON that does not parse, a safetensors header that does not read, a torch file (a zip archive)
+    whose end is gone. Disks, copies and syncs cut files short; Trainer would fail deep in loading, or not at all."""
+    try:
+        with open(os.path.join(path, REWARD_STATE), encoding="utf-8") as f:
+            recorded = json.load(f).get(FILES, {})
+    except (OSError, ValueError):
+        return [f"{REWARD_STATE} does not parse"]
+    problems = {}
+    for name, size in recorded.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            problems[name] = f"{name} is missing"
+        elif os.path.getsize(full) != size:
+            problems[name] = f"{name} has {os.path.getsize(full)} of its {size} bytes"
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        problems["trainer_state.json"] = "trainer_state.json is missing"
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(root, name), path)
+            if relative not in problems and (problem := _unreadable(os.path.join(root, name))):
+                problems[relative] = f"{relative} {problem}"
+    return list(problems.values())
+
+
+def _unreadable(path: str) -> str | None:
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            return "does not parse"
+    elif path.endswith(".safetensors") and not _readable(path):
+        return "is cut short (its header does not read)"
+    elif path.endswith((".pt", ".pth", ".bin")):
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6; older files are not checked
+        if zipped and not zipfile.is_zipfile(path):
+            return "is cut short (its zip directory is gone)"
+    return None
+
+
+def staging_dir(folder: str) -> str:
+    """Where checkpoint `folder` (run_dir/checkpoint-N) is written before `publish_checkpoint`: Trainer names the
+    checkpoint folder inside the run folder it is given, so that is run_dir/.checkpoint-N.partial/checkpoint-N."""
+    parent, name = os.path.split(folder)
+    return os.path.join(parent, f".{name}{PARTIAL}", name)
+
+
+def publish_checkpoint(staged: str, folder: str, state: dict) -> None:
+    """Make the checkpoint written in `staged` appear at `folder` whole: its files synced to disk and their sizes
+    recorded in the marker, the marker written last, then one rename. A checkpoint already at `folder` (another
+    run's, or a damaged one) is replaced by two renames: a kill between them leaves the newest earlier checkpoint."""
+    files = {}
+    for root, _, names in os.walk(staged):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            _fsync(path)
+            files[os.path.relpath(path, staged)] = os.path.getsize(path)
+        _fsync(root)
+    write_json_atomically(os.path.join(staged, REWARD_STATE), {**state, FILES: files})
+    _fsync(staged)
+    parent = os.path.dirname(folder)
+    old = None
+    if os.path.exists(folder):
+        old = os.path.join(parent, f".{os.path.basename(folder)}{REPLACED}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(staged, folder)
+    _fsync(parent)
+    os.rmdir(os.path.dirname(staged))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_unpublished(run_dir: str) -> None:
+    """Delete what a killed save left: checkpoints being written, and checkpoints being replaced."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith(f".{PREFIX_CHECKPOINT_DIR}-") and name.endswith((PARTIAL, REPLACED)):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a folder; its files are synced
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
+
+
+# --- what defines a run -------------------------------------------------------------------------------------------
+
+
+def data_identity(dataset):
+    """What tells one train set from another across processes and runs: an in-memory Dataset's row count and
+    fingerprint (`datasets` derives it from the content, or from the files and transforms that made it); a stream
+    is not read ahead to tell."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, Dataset):
+        return {"rows": len(dataset), "fingerprint": dataset._fingerprint}
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        return "stream"
+    return {"rows": len(dataset)}  # a torch Dataset or a list
+
+
+def check_fingerprint(checkpoint: str, ours: dict) -> None:
+    """Refuse to resume a checkpoint of another run (another model, loss, data, max_length, groups or seed): it
+    would go on training from a state that this run's options did not make. Names each field that differs."""
+    with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
+        saved = json.load(f).get(FINGERPRINT)
+    if saved is None:
+        logger.warning(f"checkpoint '{checkpoint}' records no run fingerprint (an earlier version wrote it): resuming "
+                       "without checking that its model, loss and data are this run's.")
+        return
+    ours = json.loads(json.dumps(ours, default=str))  # as read back from JSON: tuples as lists
+    streamed = "stream" in (saved.get("train_data"), ours.get("train_data"))  # a stream names its groups as read
+    differ = [f"{key} {saved[key]!r} -> {ours[key]!r}" for key in ours
+              if key in saved and saved[key] != ours[key] and not (key == "group_names" and streamed)]
+    if differ:
+        raise ConfigError(
+            f"checkpoint '{checkpoint}' is of another run: {'; '.join(differ)}. Resume it with the options it was "
+            "trained with; for a new run with these options, give another output_dir (or unset "
+            "resume_from_checkpoint and set overwrite_output_dir: true)."
+        )
 
 
 # What `save_model` writes as weights: a model or LoRA adapters, safetensors or pickled, whole or sharded.

@@ -336,28 +336,9 @@ def final_evaluation(trainer) -> dict:
     return trainer.evaluate()
 
 
-def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
-    from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
-
-    quiet_libraries()
-
-    peft_config = peft_setup(script_args, config)
-    train_dataset, eval_dataset = load_datasets(script_args, config.seed)
-    trainer = BalancedRewardTrainer(
-        model=resolve_model_path(script_args.model_name_or_path),
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=peft_config,
-    )
-    from .model_card import dataset_label
-
-    # The card names the data as the user named it (no local paths).
-    trainer.dataset_names = {"train": dataset_label(script_args.dataset_name)}
-    if eval_dataset is not None:
-        trainer.dataset_names["eval"] = (
-            dataset_label(script_args.eval_dataset_name) if script_args.eval_dataset_name
-            else dataset_label(script_args.dataset_name, held_out=script_args.eval_split_ratio))
+def train_and_save(trainer, script_args: ScriptArguments, config: BalancedRewardConfig, eval_dataset, peft_config):
+    """Evaluate first if asked, train, save the model (and the merged model of LoRA adapters), the metrics and the
+    card; evaluate the trained model once. Returns (metrics before, train result, metrics after)."""
     before = trainer.evaluate() if eval_dataset is not None and script_args.evaluate_before_training else None
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if trainer.signal_stop.stopped_at_step is not None:
@@ -382,6 +363,33 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
         trainer.save_metrics("eval", after)
         if trainer.args.should_save:
             trainer.write_card(config.output_dir)  # now with the final evaluation
+    return before, result, after
+
+
+def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
+    from .trainer import BalancedRewardTrainer  # imported here so that `--help` and config errors stay fast
+
+    quiet_libraries()
+
+    peft_config = peft_setup(script_args, config)
+    train_dataset, eval_dataset = load_datasets(script_args, config.seed)
+    trainer = BalancedRewardTrainer(
+        model=resolve_model_path(script_args.model_name_or_path),
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+    )
+    from .model_card import dataset_label
+
+    # The card names the data as the user named it (no local paths).
+    trainer.dataset_names = {"train": dataset_label(script_args.dataset_name)}
+    if eval_dataset is not None:
+        trainer.dataset_names["eval"] = (
+            dataset_label(script_args.eval_dataset_name) if script_args.eval_dataset_name
+            else dataset_label(script_args.dataset_name, held_out=script_args.eval_split_ratio))
+    with trainer.holding_output_dir():  # the run owns its folder through the final save and card too
+        before, result, after = train_and_save(trainer, script_args, config, eval_dataset, peft_config)
     if trainer.is_world_process_zero():
         if after:
             print("\n" + format_table(before, after))

@@ -200,6 +200,15 @@ class BalancedRewardConfig(TrainingArguments):
             "token (or its eos token when it has none). trl deprecates it: setting tokenizer.pad_token does the same."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an output_dir that holds an earlier run's checkpoints (refused without it, so "
+            "that two runs' checkpoints never mix). Those checkpoints are renamed to replaced-checkpoint-N, never "
+            "resumed from, and deleted once this run has saved a checkpoint or finished. To continue the earlier run "
+            "instead, set resume_from_checkpoint."
+        },
+    )
     activation_offloading: bool = field(
         default=False,
         metadata={

@@ -6,7 +6,6 @@ import logging
 import os
 
 from .config import BalancedRewardConfig, ConfigError
-from .data import is_stream
 from .losses import learns_from_ties
 
 logger = logging.getLogger(__name__)
@@ -103,3 +102,17 @@ def check_model_options(args: BalancedRewardConfig, model_config, tokenizer) -> 
         logger.warning(f"max_length={max_length} is more than the model's {positions} positions; using {positions}.")
         max_length = positions
     return max_length
+
+
+def check_launch(args: BalancedRewardConfig) -> None:
+    """A launcher started several processes (WORLD_SIZE > 1) but the run is not distributed: each process would train
+    the whole data alone into the same output_dir. This happens with a GPU launcher config on a machine without GPUs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ConfigError(
+            f"this process is 1 of {launched} started by a launcher (WORLD_SIZE={launched}), but training is not "
+            f"distributed (device {args.device.type}), so each process would train alone on all the data into the "
+            "same output_dir. On CPUs add --use_cpu true --ddp_backend gloo (or launch with "
+            "accelerate_configs/cpu_ddp.yaml and those two options); on GPUs check that they are visible "
+            "(CUDA_VISIBLE_DEVICES)."
+        )

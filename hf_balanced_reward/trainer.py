@@ -4,27 +4,34 @@ The class is Trainer's hooks; the jobs they hand on live beside it: `preflight` 
 loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `train_metrics` and `model_card`.
 """
 
+import contextlib
 import inspect
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
 
 from .callbacks import RewardDriftCallback, SkipEmptySteps, StopOnSignal
-from .checkpoints import (REWARD_STATE, check_same_model, has_final_model, is_complete_checkpoint, load_reward_state,
-                          resolve_checkpoint, reward_state, write_json_atomically)
+from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data_identity,
+                          has_final_model, is_complete_checkpoint, load_reward_state, publish_checkpoint,
+                          remove_unpublished, resolve_checkpoint, reward_state, staging_dir, wants_resume,
+                          write_json_atomically)
+from .run_lock import RunLock, check_new_run, delete_set_aside
 from .collator import PairCollator, unpack_lists, unpack_pairs
 from .cross_prompt import add_off_prompt_responses
 from .balancing import GroupBalance, length_cells, length_head_penalty
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .errors import TrainingStopped
+from .paths import resolve_model_path
 from .data import (
     MODEL_COLUMNS,
     DataError,
@@ -45,7 +52,8 @@ from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
 from .model_card import hub_files, write_model_card
-from .preflight import (as_config, check_list_options, check_model_options, check_stream_options,
+from .paths import dataset_label
+from .preflight import (as_config, check_launch, check_list_options, check_model_options, check_stream_options,
                         warn_unused_ties)
 from .streaming import (LengthGroupedStream, PaddedStream, StreamPosition, count_stream, reading_streams,
                         real_pairs)
@@ -96,8 +104,13 @@ class BalancedRewardTrainer(Trainer):
         peft_config=None,
         loss_fn=None,
     ):
+        model = resolve_model_path(model)  # `package:NAME/SUBDIR` as on the command line
         args = as_config(args, model)
+        check_launch(args)
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
+        # How the card names each dataset (no local paths); the CLI replaces them with the names it was given.
+        self.dataset_names = {name: dataset_label(data) for name, data in named_datasets.items() if data is not None}
+        self.train_data_id = data_identity(train_dataset)  # the user's data, before preparation: for the fingerprint
         for name, dataset in named_datasets.items():
             if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
@@ -196,6 +209,8 @@ class BalancedRewardTrainer(Trainer):
         self.skip_steps = SkipEmptySteps(self.accelerator)  # nan_policy skip: a skipped step changes nothing
         self.add_callback(self.skip_steps)
         self.finished_checkpoint = None  # set when train() resumes a checkpoint at or past the run's last step
+        self.output_dir_lock = RunLock(args.output_dir)  # held by train() on process zero (see `run_lock`)
+        self._saved_here, self._writing_to = set(), None  # checkpoints of this run; where a checkpoint is being written
         if args.reward_drift_limit is not None:
             self.add_callback(RewardDriftCallback(args.reward_drift_limit))
         if self.accelerator.dataloader_config.dispatch_batches is None:
@@ -342,8 +357,50 @@ class BalancedRewardTrainer(Trainer):
     # --- training, checkpoints and resume -----------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """Trainer's train, holding output_dir for the run: a second run into it is refused while this one trains,
+        and a new run over an earlier run's checkpoints needs overwrite_output_dir (see `run_lock`)."""
+        try:
+            self._claim_output_dir(resume_from_checkpoint)
+            return self._train_owned(resume_from_checkpoint, trial, **kwargs)
+        finally:
+            self.output_dir_lock.release()
+
+    @contextlib.contextmanager
+    def holding_output_dir(self):
+        """Keep output_dir locked beyond train(), e.g. through the final save, metrics and model card that follow it
+        (train() takes the lock again inside)."""
+        try:
+            self._claim_output_dir(new_run=False)
+            yield self
+        finally:
+            self.output_dir_lock.release()
+
+    def _claim_output_dir(self, resume=None, new_run: bool = True) -> None:
+        """On world process zero: lock output_dir; for a run (`new_run`), delete what a killed save left, and refuse
+        (or set aside) an earlier run's checkpoints unless it resumes. The other processes share the folder and stop
+        with process zero's refusal."""
+        refusal = None
+        if self.is_world_process_zero():
+            if not self.output_dir_lock.depth:  # args.output_dir may have been changed since __init__
+                self.output_dir_lock = RunLock(self.args.output_dir)
+            try:
+                self.output_dir_lock.acquire()
+                if new_run:
+                    remove_unpublished(self.args.output_dir)
+                if new_run and not wants_resume(resume):
+                    check_new_run(self.args.output_dir, self.args.overwrite_output_dir)
+            except ConfigError as err:
+                refusal = err
+        if self.accelerator.num_processes > 1:
+            message = broadcast_object_list([str(refusal) if refusal else None])[0]
+            refusal = refusal or (ConfigError(message) if message else None)
+        if refusal:
+            raise refusal
+
+    def _train_owned(self, resume_from_checkpoint, trial, **kwargs):
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         self.stream_state.resumed, self.finished_checkpoint = None, None
+        self._saved_here = {os.path.realpath(checkpoint)} if checkpoint else set()
         if checkpoint:
             self._load_reward_state(checkpoint)
         if self.args.should_save and self.data_report:
@@ -369,6 +426,8 @@ class BalancedRewardTrainer(Trainer):
             self._finish_without_steps(self.finished_checkpoint)
         if "train_loss" in result.metrics:  # `SkipEmptySteps.fix_logs` left skipped batches out of it
             result = result._replace(training_loss=result.metrics["train_loss"])
+        if self.is_world_process_zero():  # overwrite_output_dir: the earlier run's checkpoints, now replaced
+            delete_set_aside(self.args.output_dir)
         return result
 
     def _finish_without_steps(self, checkpoint: str) -> None:
@@ -425,8 +484,18 @@ class BalancedRewardTrainer(Trainer):
     def _resolve_checkpoint(self, resume) -> str | None:
         return resolve_checkpoint(self.args.output_dir, resume)
 
+    def run_fingerprint(self) -> dict:
+        """What defines this run: written into every checkpoint, compared on resume (`checkpoints.check_fingerprint`)."""
+        model = self.base_model_name
+        if isinstance(model, str) and os.path.isdir(model):
+            model = os.path.realpath(model)
+        return {"model": model, "loss_type": self.args.loss_type, "loss_kwargs": self.args.loss_kwargs,
+                "train_data": self.train_data_id, "max_length": self.args.max_length,
+                "group_names": list(self.group_names), "seed": self.args.seed}
+
     def _load_reward_state(self, checkpoint: str) -> None:
         check_same_model(checkpoint, self.accelerator.unwrap_model(self.model).config)
+        check_fingerprint(checkpoint, self.run_fingerprint())
         streamed = is_stream(self.train_dataset)
         state = load_reward_state(checkpoint, self.balance, self.length_head, self.log_tie, streamed)
         self.skipped_batches = state["skipped_batches"]
@@ -463,22 +532,48 @@ class BalancedRewardTrainer(Trainer):
         self.stream_state.read(epoch_iterator, len(batches), self.state.global_step)
         return batches, num_items
 
+    def _get_output_dir(self, trial) -> str:
+        # While `_save_checkpoint` runs Trainer's: the staging folder that Trainer writes the checkpoint into.
+        return getattr(self, "_writing_to", None) or super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        # Rotate old checkpoints only once the new one is complete, so a kill never leaves nothing to resume.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        """Trainer's checkpoint, written beside its place and published whole (`checkpoints.publish_checkpoint`), so
+        a kill mid-write never leaves a checkpoint-N that looks complete. A step this run has saved (or resumed from)
+        is not written again: it holds the same state (a NaN stop right after a save_steps checkpoint)."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if os.path.realpath(folder) in self._saved_here:
+            logger.info(f"{folder} already holds step {self.state.global_step}: kept as it was written.")
+            return
+        staged = staging_dir(folder)
+        if self.args.should_save:
+            shutil.rmtree(os.path.dirname(staged), ignore_errors=True)  # left by a save that failed
+        self.accelerator.wait_for_everyone()
+        # Old checkpoints are rotated away (save_total_limit) and pushed only once the new one is in place.
+        limit, push = self.args.save_total_limit, self.args.push_to_hub
+        self.args.save_total_limit, self.args.push_to_hub, self._writing_to = None, False, os.path.dirname(staged)
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self.args.save_total_limit = limit
+            self.args.save_total_limit, self.args.push_to_hub, self._writing_to = limit, push, None
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == os.path.dirname(staged):  # Trainer named it where it was written
+            self.state.best_model_checkpoint = folder
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             streamed = is_stream(self.train_dataset)
             position = self.stream_state.of_finished_steps(self.state.global_step) if streamed else None
             state = reward_state(self.balance, self.skipped_batches, position, self.length_head, self.log_tie)
-            write_json_atomically(os.path.join(folder, REWARD_STATE), state)
+            publish_checkpoint(staged, folder, {**state, FINGERPRINT: self.run_fingerprint()})
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            delete_set_aside(run_dir)
+        self.accelerator.wait_for_everyone()  # in place before any process reads it
+        self._saved_here.add(os.path.realpath(folder))
+        if push:
+            self._push_from_checkpoint(folder)
 
     # --- saving, model card, Hub ----------------------------------------------------------------------------------
 
@@ -492,7 +587,8 @@ class BalancedRewardTrainer(Trainer):
         return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
                                 self.data_report, repo, self.balance.summary() if self.uses_balance else None,
                                 getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None),
-                                getattr(self.model, "model_tags", None) or ())
+                                getattr(self.model, "model_tags", None) or (), state=self.state,
+                                datasets=self.dataset_names)
 
     def create_model_card(self, *args, **kwargs) -> None:
         if self.is_world_process_zero():

@@ -1,8 +1,12 @@
-"""Killed, interrupted and numerically broken runs: nothing lost, resume ends where an uninterrupted run ends."""
+"""Killed, interrupted and numerically broken runs: nothing lost, resume ends where an uninterrupted run ends; a
+checkpoint is written whole or not at all, never rewritten in place, and a damaged one is skipped on resume."""
 
 import json
+import logging
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +14,13 @@ import time
 
 import pytest
 import torch
+from datasets import Dataset
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from conftest import preference_rows
 from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward.checkpoints import checkpoint_damage, is_complete_checkpoint, list_checkpoints, resolve_checkpoint
 from hf_balanced_reward.trainer import REWARD_STATE, TrainingStopped
 
 STEPS = 40
@@ -191,3 +198,150 @@ def test_a_kill_inside_the_first_checkpoint_leaves_nothing_to_resume_and_says_so
     os.makedirs(tmp_path / "checkpoint-2")  # written up to the kill: no reward_state.json, the marker written last
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint=true, but .* has no complete checkpoint to resume"):
         resolve_checkpoint(str(tmp_path), True)
+
+
+# --- checkpoints are written whole, never rewritten in place, and checked before a resume ---------------------------
+
+
+def saving(output_dir, **kwargs):
+    options = dict(max_steps=4, save_strategy="steps", save_steps=2, loss_type="bradley_terry", loss_kwargs={})
+    return config(output_dir, **{**options, **kwargs})
+
+
+def assert_intact(output_dir):
+    """Every checkpoint-N is complete and undamaged, and nothing half-written is left beside them."""
+    for checkpoint in list_checkpoints(str(output_dir)):
+        assert is_complete_checkpoint(checkpoint) and not checkpoint_damage(checkpoint), checkpoint
+    assert not [name for name in os.listdir(output_dir) if name.startswith(".checkpoint-")]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, model_dir):
+    """A run's folder with checkpoint-2 and checkpoint-4 (copied by each test before it damages one)."""
+    output_dir = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    BalancedRewardTrainer(model=model_dir, args=saving(output_dir), train_dataset=Dataset.from_list(preference_rows())
+                          ).train()
+    return output_dir
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return len(data), len(data) // 2
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "model.safetensors", "optimizer.pt"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path, model_dir, pairs,
+                                                                                       two_checkpoints, caplog, name):
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, output_dir)
+    size, cut = cut_in_half(output_dir / "checkpoint-4" / name)
+    damage = f"{name} has {cut} of its {size} bytes"
+    with pytest.raises(ConfigError, match=rf"checkpoint '.*checkpoint-4' is damaged \({re.escape(damage)}\); the last "
+                                          r"complete one is .*checkpoint-2; resume from an intact one "
+                                          r"\(resume_from_checkpoint: true picks the newest\)\.$"):
+        resolve_checkpoint(str(output_dir), str(output_dir / "checkpoint-4"))
+
+    resumed = BalancedRewardTrainer(model=model_dir, args=saving(output_dir), train_dataset=pairs)
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"Ignoring {output_dir / 'checkpoint-4'}: damaged ({damage})." in caplog.text
+    assert f"Resuming from {output_dir / 'checkpoint-2'}, the newest intact checkpoint." in caplog.text
+    assert resumed.state.global_step == 4
+    assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2, 3, 4]  # 3-4 trained again
+    assert_intact(output_dir)  # checkpoint-4 written again, whole, in place of the damaged one
+    for key, value in weights(two_checkpoints / "checkpoint-4").items():
+        torch.testing.assert_close(weights(output_dir / "checkpoint-4")[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("trainer_state.json", "trainer_state.json does not parse"),
+    ("model.safetensors", "model.safetensors is cut short (its header does not read)"),
+    ("optimizer.pt", "optimizer.pt is cut short (its zip directory is gone)"),
+])
+def test_damage_is_found_in_checkpoints_of_earlier_versions_without_recorded_sizes(tmp_path, two_checkpoints, caplog,
+                                                                                   name, damage):
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, output_dir)
+    marker = output_dir / "checkpoint-4" / REWARD_STATE
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k not in ("files", "run")}))
+    assert not checkpoint_damage(str(output_dir / "checkpoint-4"))
+    cut_in_half(output_dir / "checkpoint-4" / name)
+    assert resolve_checkpoint(str(output_dir), True) == str(output_dir / "checkpoint-2")
+    assert f"Ignoring {output_dir / 'checkpoint-4'}: damaged ({damage})." in caplog.text
+
+
+def test_with_every_checkpoint_damaged_resume_says_which_and_why(tmp_path, two_checkpoints):
+    output_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, output_dir)
+    for step in (2, 4):
+        os.remove(output_dir / f"checkpoint-{step}" / "optimizer.pt")
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint=true, but .*run has no complete checkpoint to "
+                                          r"resume; damaged: checkpoint-4 \(optimizer\.pt is missing\), checkpoint-2 "
+                                          r"\(optimizer\.pt is missing\)\.$"):
+        resolve_checkpoint(str(output_dir), True)
+
+
+def test_a_nan_stop_right_after_a_checkpoint_of_the_same_step_leaves_it_as_written(tmp_path, model_dir, pairs):
+    """save_steps writes checkpoint-2 after step 2; step 3 goes NaN before its update, so the NaN stop's state is
+    step 2's again. Rewriting the checkpoint in place gave a kill during the rewrite a checkpoint marked complete
+    with a cut optimizer.pt; it is now kept exactly as written."""
+    written = {}
+
+    class Snapshot(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            written[state.global_step] = {name: (open(os.path.join(folder, name), "rb").read(),
+                                                 os.stat(os.path.join(folder, name)).st_ino,
+                                                 os.stat(os.path.join(folder, name)).st_mtime_ns)
+                                          for name in sorted(os.listdir(folder))}
+
+    trainer = BalancedRewardTrainer(model=model_dir, args=saving(tmp_path, max_steps=5), train_dataset=pairs,
+                                    loss_fn=nan_on_call(3), callbacks=[Snapshot()])
+    with pytest.raises(TrainingStopped, match=r"at training step 3, .* Saved the last good state to .*checkpoint-2\."):
+        trainer.train()
+    assert list(written) == [2]
+    folder = tmp_path / "checkpoint-2"
+    assert {name: ((folder / name).read_bytes(), os.stat(folder / name).st_ino, os.stat(folder / name).st_mtime_ns)
+            for name in sorted(os.listdir(folder))} == written[2]  # the same files, untouched
+    assert_intact(tmp_path)
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: nothing after the raise runs in the save."""
+
+
+@pytest.mark.parametrize("save_total_limit", [None, 1])
+def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(tmp_path, model_dir, pairs,
+                                                                                 save_total_limit):
+    args = saving(tmp_path / "run", max_steps=6, save_total_limit=save_total_limit)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    save_rng_state = trainer._save_rng_state
+
+    def killed_at_step_4(output_dir):  # by now the weights, optimizer and scheduler of checkpoint-4 are written
+        if trainer.state.global_step == 4:
+            raise Killed
+        save_rng_state(output_dir)
+
+    trainer._save_rng_state = killed_at_step_4
+    with pytest.raises(Killed):
+        trainer.train()
+    output_dir = tmp_path / "run"
+    staged = output_dir / ".checkpoint-4.partial" / "checkpoint-4"
+    assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(staged))  # half a checkpoint, out of the way
+    assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert is_complete_checkpoint(str(output_dir / "checkpoint-2"))
+    assert not checkpoint_damage(str(output_dir / "checkpoint-2"))
+    assert not os.path.exists(output_dir / ".run.lock")  # let go on the way out
+
+    resumed = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 6
+    assert_intact(output_dir)  # the half-written checkpoint-4 deleted, checkpoint-4 and 6 written whole
+    expected = ["checkpoint-6"] if save_total_limit == 1 else ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == expected
+    straight = BalancedRewardTrainer(model=model_dir, args=saving(tmp_path / "straight", max_steps=6),
+                                     train_dataset=pairs)
+    straight.train()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)

@@ -1,8 +1,15 @@
-"""Runs that finish or fault change nothing they should not: a resume past the end trains no step, and a skipped
-non-finite batch leaves the weights and the optimizer exactly as a run that never saw it."""
+"""Runs that finish or fault change nothing they should not: a resume past the end trains no step, a skipped
+non-finite batch leaves the weights and the optimizer exactly as a run that never saw it, and a run owns its
+output_dir (one run at a time, no silent start over another run's checkpoints, no resume of another run's)."""
 
+import json
 import logging
 import os
+import re
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -10,9 +17,11 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from conftest import preference_rows
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward.checkpoints import REWARD_STATE, resolve_checkpoint
+from hf_balanced_reward.run_lock import LOCK_FILE
 
 
 def config(output_dir, **kwargs):
@@ -174,3 +183,161 @@ def test_with_accumulation_a_skipped_micro_batch_adds_nothing_and_the_rest_still
     # Trainer averages the zero-weighted micro-batch in as a loss of 0; the skipped one is left out of the mean.
     assert logs[1]["loss"] == pytest.approx(2 * reference[1]["loss"], rel=1e-6)
     assert logs[0]["loss"] == reference[0]["loss"] and logs[2]["loss"] == reference[2]["loss"]
+
+
+# --- a run owns its output_dir -------------------------------------------------------------------------------------
+
+
+def small_run(output_dir, **kwargs):
+    """2 steps, Bradley-Terry, checkpoint-2 saved."""
+    options = dict(max_steps=2, save_strategy="steps", save_steps=2, loss_type="bradley_terry", loss_kwargs={})
+    return config(output_dir, **{**options, **kwargs})
+
+
+class HoldAtFirstStep(TrainerCallback):
+    """Keeps a run (in a thread) at its first step until the test lets it go."""
+
+    def __init__(self):
+        self.training, self.release = threading.Event(), threading.Event()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.training.set()
+        assert self.release.wait(timeout=300)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path, model_dir, pairs):
+    hold = HoldAtFirstStep()
+    first = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs, callbacks=[hold])
+    second = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.extend(run_catching(first.train)))
+    thread.start()
+    try:
+        assert hold.training.wait(timeout=300)
+        with pytest.raises(ConfigError, match=rf"output_dir '{re.escape(str(tmp_path))}' is in use by another run "
+                                              rf"\(pid {os.getpid()} on {re.escape(socket.gethostname())}, started "
+                                              r"[-\d]+ [:\d]+\): two runs in one folder overwrite each other's "
+                                              r"checkpoints\. Wait for that run to end \(or stop it\), or give this "
+                                              r"run another output_dir\."):
+            second.train()
+    finally:
+        hold.release.set()
+        thread.join()
+    assert not errors and first.state.global_step == 2
+    assert not os.path.exists(tmp_path / LOCK_FILE)  # let go at the end of the run
+    second.train(resume_from_checkpoint=True)  # the folder is free again
+    assert second.state.global_step == 2
+
+
+def test_holding_output_dir_keeps_it_locked_through_what_follows_train(tmp_path, model_dir, pairs):
+    """The CLI's final save, metrics and model card come after train(); holding_output_dir covers them too."""
+    trainer = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs)
+    with trainer.holding_output_dir():
+        trainer.train()
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()  # still held
+        with pytest.raises(ConfigError, match=r"is in use by another run \(pid "):
+            BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs).train(
+                resume_from_checkpoint=True)
+        trainer.save_model()
+    assert not os.path.exists(tmp_path / LOCK_FILE)
+
+
+def run_catching(function):
+    try:
+        function()
+    except Exception as err:  # noqa: BLE001 - reported to the test's thread
+        return [err]
+    return []
+
+
+def test_a_lock_held_by_another_process_refuses_and_one_left_by_a_killed_process_does_not(tmp_path, model_dir, pairs,
+                                                                                          caplog):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hf_balanced_reward.run_lock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        trainer = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs)
+        with pytest.raises(ConfigError, match=rf"is in use by another run \(pid {holder.pid} on "):
+            trainer.train()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # left behind: the kernel dropped the lock
+    with caplog.at_level(logging.INFO, logger="hf_balanced_reward"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert f"was left by pid {holder.pid} on {socket.gethostname()}, which has ended; taking it over." in caplog.text
+
+
+def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_told_what_to_do(tmp_path, model_dir, pairs,
+                                                                                      caplog):
+    BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path, max_steps=4), train_dataset=pairs).train()
+    again = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs)
+    with pytest.raises(ConfigError, match=rf"output_dir '{re.escape(str(tmp_path))}' holds checkpoints of an earlier "
+                                          r"run \(checkpoint-2, checkpoint-4\); a new run there would mix its "
+                                          r"checkpoints with them\. Continue that run with resume_from_checkpoint: "
+                                          r"true, start over in this folder with overwrite_output_dir: true \(its "
+                                          r"checkpoints are deleted once this run has saved a checkpoint or "
+                                          r"finished\), or give this run another output_dir\."):
+        again.train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4", "data_report.json"]  # untouched
+
+    # overwrite_output_dir: the earlier checkpoints are set aside (resume never picks them) until this run has its own.
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["at start"] = sorted(name for name in os.listdir(tmp_path) if "checkpoint" in name)
+
+    hinge = small_run(tmp_path, overwrite_output_dir=True, loss_type="hinge")
+    over = BalancedRewardTrainer(model=model_dir, args=hinge, train_dataset=pairs, callbacks=[Look()])
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        over.train()
+    assert seen["at start"] == ["replaced-checkpoint-2", "replaced-checkpoint-4"]
+    assert (f"overwrite_output_dir: renamed the earlier run's checkpoints in {tmp_path} (checkpoint-2, checkpoint-4) "
+            "to replaced-checkpoint-N; they are deleted once this run has saved a checkpoint or finished (move them "
+            "elsewhere now to keep them).") in caplog.text
+    assert sorted(name for name in os.listdir(tmp_path) if "checkpoint" in name) == ["checkpoint-2"]
+    state = json.loads((tmp_path / "checkpoint-2" / REWARD_STATE).read_text())
+    assert state["run"]["loss_type"] == "hinge"  # this run's, not the earlier run's checkpoint-2
+    # Resuming the folder finds this run's checkpoint, not the earlier run's later checkpoint-4.
+    assert resolve_checkpoint(str(tmp_path), True) == str(tmp_path / "checkpoint-2")
+
+
+def test_resuming_a_checkpoint_of_another_loss_or_data_is_refused_naming_what_differs(tmp_path, model_dir, pairs,
+                                                                                     caplog):
+    BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=pairs).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    fix = (r"\. Resume it with the options it was trained with; for a new run with these options, give another "
+           r"output_dir \(or unset resume_from_checkpoint and set overwrite_output_dir: true\)\.$")
+
+    as_hinge = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path, loss_type="hinge"), train_dataset=pairs)
+    with pytest.raises(ConfigError, match=rf"checkpoint '{re.escape(str(checkpoint))}' is of another run: loss_type "
+                                          rf"'bradley_terry' -> 'hinge'{fix}"):
+        as_hinge.train(resume_from_checkpoint=True)
+
+    fewer = Dataset.from_list(preference_rows(20))
+    other_data = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=fewer)
+    with pytest.raises(ConfigError, match=rf"is of another run: train_data \{{'rows': 24, 'fingerprint': "
+                                          rf"'{pairs._fingerprint}'\}} -> \{{'rows': 20, 'fingerprint': "
+                                          rf"'{fewer._fingerprint}'\}}{fix}"):
+        other_data.train(resume_from_checkpoint=str(checkpoint))
+
+    options = small_run(tmp_path, max_length=64, seed=1, loss_kwargs={"hinge_margin": 0.5}, loss_type="hinge")
+    several = BalancedRewardTrainer(model=model_dir, args=options, train_dataset=pairs)
+    with pytest.raises(ConfigError, match=r"is of another run: loss_type 'bradley_terry' -> 'hinge'; loss_kwargs \{\} "
+                                          r"-> \{'hinge_margin': 0\.5\}; max_length 1024 -> 64; seed 0 -> 1\. "):
+        several.train(resume_from_checkpoint=True)
+
+    # A checkpoint of an earlier version has no fingerprint: it resumes, with a warning.
+    state = json.loads((checkpoint / REWARD_STATE).read_text())
+    del state["run"]
+    (checkpoint / REWARD_STATE).write_text(json.dumps(state))
+    same = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path, max_steps=3), train_dataset=pairs)
+    with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
+        same.train(resume_from_checkpoint=True)
+    assert same.state.global_step == 3
+    assert (f"checkpoint '{checkpoint}' records no run fingerprint (an earlier version wrote it): resuming without "
+            "checking that its model, loss and data are this run's.") in caplog.text
