@@ -417,6 +417,8 @@ def evaluate(argv: list[str]) -> dict:
     for required in ("model", "dataset"):
         if not getattr(args, required):
             raise UsageError(f"evaluate needs --{required}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1 (pairs scored per batch), got {args.batch_size}.")
     dataset = load_preference_dataset(args.dataset, args.split)
     report = evaluate_model(resolve_model_path(args.model), dataset, args.output_dir, args.group_column,
                             args.max_length, args.batch_size, args.on_bad_rows, args.length_calibration, args.probes,
@@ -501,8 +503,13 @@ def compare(run_dirs: list[str]) -> str:
         if not os.path.isfile(path):
             raise UsageError(f"'{run_dir}' has no eval_results.json: give the output_dir of a finished train run "
                              "that had an eval set.")
-        with open(path, encoding="utf-8") as f:
-            results.append(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                results.append(json.load(f))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}): the run may have been "
+                             "stopped while writing it; evaluate the saved model again with `evaluate` to rebuild "
+                             "its figures.") from None
     cells = sorted({k for r in results for k in r if k.endswith(("_chosen_longer", "_chosen_shorter"))})
     keys = [f"eval_{k}" for k in SHORTCUT_METRICS + PROBE_METRICS] + cells
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]

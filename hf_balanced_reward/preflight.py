@@ -116,3 +116,74 @@ def check_launch(args: BalancedRewardConfig) -> None:
             "accelerate_configs/cpu_ddp.yaml and those two options); on GPUs check that they are visible "
             "(CUDA_VISIBLE_DEVICES)."
         )
+
+
+def check_output_dir(args: BalancedRewardConfig) -> None:
+    """output_dir can be created and written, checked by doing it (permissions alone mislead as root or on
+    read-only mounts) before anything is loaded or trained."""
+    import tempfile
+
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.output_dir, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_dir '{args.output_dir}' cannot be written ({err.strerror}); choose a folder you can "
+                          "write to.") from None
+
+
+def check_hub_reachable(args: BalancedRewardConfig) -> None:
+    """With push_to_hub, the Hub must answer and know who pushes, before hours of training, not after."""
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    if HF_HUB_OFFLINE:
+        raise ConfigError("push_to_hub is set, but the Hub is switched off here (HF_HUB_OFFLINE=1); unset "
+                          "HF_HUB_OFFLINE, or set push_to_hub: false and push the saved folder later.")
+    try:
+        HfApi().whoami(token=args.hub_token)
+    except Exception as err:  # no token, a refused token, no network: each stops the push at the end
+        raise ConfigError(f"push_to_hub is set, but the Hub cannot be used from here ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no detail'}); log in with `hf auth login`, "
+                          "check the network, or set push_to_hub: false.") from None
+
+
+def check_token_ids(datasets: dict, vocab_size: int) -> None:
+    """Token ids in the prepared sets (`chosen_ids`, `rejected_ids`, `completion_ids`) must index the model's
+    embeddings; named by dataset, row and column before training (the model would fail with an IndexError inside its
+    forward). Arrow finds the extremes without reading rows into Python."""
+    import pyarrow.compute as pc
+
+    from .errors import DataError
+
+    for name, dataset in datasets.items():
+        for column in [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]:
+            values = dataset.data.column(column)
+            for _ in range(2 if column == "completion_ids" else 1):
+                values = pc.list_flatten(values)
+            extremes = pc.min_max(values).as_py()
+            if extremes["min"] is None or (0 <= extremes["min"] and extremes["max"] < vocab_size):
+                continue
+            bad = extremes["max"] if extremes["max"] >= vocab_size else extremes["min"]
+            row = next(r for r, ids in enumerate(dataset[column])
+                       if bad in (ids if column != "completion_ids" else [i for s in ids for i in s]))
+            raise DataError(f"{name} dataset row {row}: column '{column}' holds token id {bad}, outside the model's "
+                            f"vocabulary (0 to {vocab_size - 1}); tokenise with the model's own tokenizer, or resize "
+                            "its embeddings to the tokenizer.")
+
+
+def check_free_disk(args: BalancedRewardConfig, model) -> None:
+    """Enough free space in output_dir for the final model (else refuse: hours of training could not be saved), and
+    for one checkpoint (weights plus two optimizer moments; else warn)."""
+    import shutil
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(args.output_dir).free
+    if free < weights:
+        raise ConfigError(f"output_dir '{args.output_dir}' has {free / 2**20:.0f} MiB free, and the trained model alone "
+                          f"needs {weights / 2**20:.0f} MiB; free some space or choose another output_dir.")
+    if args.save_strategy != "no" and free < 3 * weights:
+        logger.warning(f"output_dir '{args.output_dir}' has {free / 2**20:.0f} MiB free; a checkpoint of this model "
+                       f"(weights and optimizer state) needs about {3 * weights / 2**20:.0f} MiB.")

@@ -238,6 +238,7 @@ def score_file(model, dataset, output: str, max_length: int | None = None, batch
     completion), `rank` (1 = best within the row's prompt) and `reward` is their best. Returns counts.
     """
     name = dataset if isinstance(dataset, str) else "(in memory)"
+    check_output_file(output)  # before any scoring work
     if isinstance(dataset, str):
         dataset = load_preference_dataset(dataset, split)
     column = check_score_rows(dataset, name)  # before the (slow) model load
@@ -265,6 +266,19 @@ def score_file(model, dataset, output: str, max_length: int | None = None, batch
             f.write(json.dumps({**example, **scored}, ensure_ascii=False, default=str) + "\n")
     os.replace(partial, output)
     return {"rows": len(dataset), "texts": len(rewards), "max_length": reward.max_length, "output": output}
+
+
+def check_output_file(output: str) -> None:
+    """`output` can be written as a file: not a folder, its folder creatable and writable."""
+    if os.path.isdir(output):
+        raise ConfigError(f"--output '{output}' is a folder; give the path of a file to write, e.g. "
+                          f"{os.path.join(output, 'scored.jsonl')}.")
+    folder = os.path.dirname(os.path.abspath(output))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--output '{output}': cannot write in '{existing}' (no permission); choose another path.")
 
 
 def score_main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,8 @@ from .metrics import metric_name, pair_metrics
 from .ranking_metrics import list_metrics
 from .model_card import hub_files, write_model_card
 from .paths import dataset_label
-from .preflight import (as_config, check_launch, check_list_options, check_model_options, check_stream_options,
-                        warn_unused_ties)
+from .preflight import (as_config, check_hub_reachable, check_launch, check_list_options, check_model_options,
+                        check_free_disk, check_output_dir, check_stream_options, check_token_ids, warn_unused_ties)
 from .streaming import (LengthGroupedStream, PaddedStream, StreamPosition, count_stream, reading_streams,
                         real_pairs)
 from .train_metrics import TrainTotals, UnitLosses, all_finite
@@ -107,6 +107,8 @@ class BalancedRewardTrainer(Trainer):
         model = resolve_model_path(model)  # `package:NAME/SUBDIR` as on the command line
         args = as_config(args, model)
         check_launch(args)
+        check_output_dir(args)
+        check_hub_reachable(args)
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
         # How the card names each dataset (no local paths); the CLI replaces them with the names it was given.
         self.dataset_names = {name: dataset_label(data) for name, data in named_datasets.items() if data is not None}
@@ -177,6 +179,9 @@ class BalancedRewardTrainer(Trainer):
         if peft_config is not None:
             model = wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
+        given = {name: data for name, data in {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict)
+                 else {"eval": eval_dataset})}.items() if isinstance(data, Dataset)}
+        check_token_ids(given, model.get_input_embeddings().num_embeddings)
 
         self.user_compute_metrics = compute_metrics
         super().__init__(
@@ -361,6 +366,8 @@ class BalancedRewardTrainer(Trainer):
         and a new run over an earlier run's checkpoints needs overwrite_output_dir (see `run_lock`)."""
         try:
             self._claim_output_dir(resume_from_checkpoint)
+            if self.args.should_save:
+                check_free_disk(self.args, self.model)
             return self._train_owned(resume_from_checkpoint, trial, **kwargs)
         finally:
             self.output_dir_lock.release()

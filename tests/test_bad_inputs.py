@@ -417,3 +417,76 @@ def test_an_internal_error_keeps_its_traceback(tmp_path, monkeypatch, pairs_file
     monkeypatch.setattr("hf_balanced_reward.cli.load_datasets", broken)
     with pytest.raises(RuntimeError, match="a bug, not a user error"):  # not turned into a one-line exit 2
         main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--output_dir", str(tmp_path)])
+
+
+# --- faults that used to end in a traceback ----------------------------------------------------------------------
+
+
+def test_token_ids_outside_the_vocabulary_are_named_before_training(tmp_path, model_dir):
+    rows = [{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}, {"chosen_ids": [1, 5, 99999], "rejected_ids": [1, 8]}]
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(DataError, match=r"train dataset row 1: column 'chosen_ids' holds token id 99999, outside the "
+                                        r"model's vocabulary \(0 to \d+\); tokenise with the model's own tokenizer"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_at_start(model_dir, pairs):
+    args = BalancedRewardConfig(output_dir="/proc/hf_balanced_reward_run", report_to="none")
+    with pytest.raises(ConfigError, match=r"output_dir '/proc/hf_balanced_reward_run' cannot be written \(.+\); "
+                                          r"choose a folder you can write to"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+
+
+def test_push_to_hub_with_the_hub_off_is_refused_before_training(tmp_path, model_dir, pairs, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", push_to_hub=True, hub_model_id="me/rm")
+    with pytest.raises(ConfigError, match=r"push_to_hub is set, but the Hub is switched off here \(HF_HUB_OFFLINE=1\)"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+
+
+def test_push_to_hub_without_a_usable_hub_is_refused_before_training(tmp_path, model_dir, pairs, monkeypatch):
+    def unreachable(self, token=None):
+        raise OSError("Connection refused")
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.HfApi.whoami", unreachable)
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", push_to_hub=True, hub_model_id="me/rm")
+    with pytest.raises(ConfigError, match=r"push_to_hub is set, but the Hub cannot be used from here \(OSError: "
+                                          r"Connection refused\); log in with `hf auth login`"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+
+
+def test_command_faults_are_one_message(tmp_path, model_dir, pairs_file, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Q?", "response": " A."}) + "\n")
+    assert main(["score", "--model", model_dir, "--dataset", str(rows), "--output", str(folder)]) == 2
+    assert f"--output '{folder}' is a folder; give the path of a file to write" in capsys.readouterr().err
+    assert main(["evaluate", "--model", model_dir, "--dataset", pairs_file, "--batch_size", "0"]) == 2
+    assert "--batch_size must be at least 1 (pairs scored per batch), got 0" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_results.json").write_text('{"eval_accuracy": 0.7, "eval_')
+    assert main(["compare", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{run / 'eval_results.json'}' is not valid JSON" in err and "Traceback" not in err
+
+
+def test_too_little_free_disk_is_refused_before_training(tmp_path, model_dir, pairs, monkeypatch, caplog):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "run"), report_to="none", max_steps=1, save_strategy="steps",
+                                save_steps=1)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, weights // 2))
+    with pytest.raises(ConfigError, match=r"output_dir '.*run' has \d+ MiB free, and the trained model alone needs "
+                                          r"\d+ MiB; free some space"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**12, 0, 2 * weights))
+    with caplog.at_level("WARNING", logger="hf_balanced_reward"):
+        trainer.train()
+    assert "a checkpoint of this model (weights and optimizer state) needs about" in caplog.text
