@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 from conftest import preference_rows
 from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
 from hf_balanced_reward.checkpoints import checkpoint_damage, is_complete_checkpoint, list_checkpoints, resolve_checkpoint
-from hf_balanced_reward.trainer import REWARD_STATE, TrainingStopped
+from hf_balanced_reward.checkpoints import REWARD_STATE
+from hf_balanced_reward.trainer import TrainingStopped
 
 STEPS = 40
 
@@ -345,3 +346,40 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(
     straight.train()
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def kill_inside_a_checkpoint(process, output_dir, after: int, delay: float) -> None:
+    """SIGKILL `process` `delay` s after it starts writing a checkpoint past step `after` (the hidden
+    .checkpoint-N.partial folder appears); if the run ends first, nothing is sent."""
+    deadline = time.time() + 300
+    while process.poll() is None:
+        partial = [name for name in os.listdir(output_dir) if name.startswith(".checkpoint-")] \
+            if os.path.isdir(output_dir) else []
+        if any(int(re.search(r"\d+", name).group()) > after for name in partial):
+            time.sleep(delay)
+            process.kill()
+            break
+        assert time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.002)
+    process.wait(timeout=120)
+
+
+def test_repeated_sigkills_inside_checkpoint_writes_never_leave_a_damaged_checkpoint(tmp_path, model_dir,
+                                                                                        uninterrupted):
+    """Killed for real (SIGKILL) while writing a checkpoint, at a few points of the write, then resumed, three times
+    over: every checkpoint-N left is complete and intact, each resume starts, and the end is the uninterrupted run."""
+    pairs_file, expected = uninterrupted
+    output_dir = tmp_path / "out"
+    resume = []
+    for after, delay in ((2, 0.0), (10, 0.01), (20, 0.03)):  # the kill lands at a different point of the write
+        run = start(cli_command(model_dir, pairs_file, output_dir, *resume))
+        kill_inside_a_checkpoint(run, str(output_dir), after, delay)
+        assert run.returncode == -signal.SIGKILL, run.communicate()[1][-3000:]
+        for checkpoint in list_checkpoints(str(output_dir)):
+            assert is_complete_checkpoint(checkpoint) and not checkpoint_damage(checkpoint), checkpoint
+        resume = ["--resume_from_checkpoint", "true"]
+    finished = subprocess.run(cli_command(model_dir, pairs_file, output_dir, *resume), capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_intact(output_dir)
+    assert_same_weights(weights(output_dir), expected)
