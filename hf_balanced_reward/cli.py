@@ -9,6 +9,7 @@ Precedence for `train`: the config's defaults, then the YAML recipe, then comman
 
 from __future__ import annotations  # annotations name classes imported only where used
 
+import errno
 import importlib.util
 import json
 import logging
@@ -598,4 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 128 + err.signum
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Checkpoints are written beside their folder and renamed whole, so a full disk damages none of them.
+        print(f"{PROG}: error: the disk is full ({err.strerror}{f': {err.filename}' if err.filename else ''}); "
+              "every complete checkpoint is intact. Free some space, then run the same command with "
+              "--resume_from_checkpoint true.", file=sys.stderr)
+        return 2
     return 0

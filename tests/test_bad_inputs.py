@@ -490,3 +490,17 @@ def test_too_little_free_disk_is_refused_before_training(tmp_path, model_dir, pa
     with caplog.at_level("WARNING", logger="hf_balanced_reward"):
         trainer.train()
     assert "a checkpoint of this model (weights and optimizer state) needs about" in caplog.text
+
+
+def test_a_disk_that_fills_up_mid_run_gives_one_message(tmp_path, model_dir, pairs_file, monkeypatch, capsys):
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
+
+    monkeypatch.setattr(BalancedRewardTrainer, "save_model", full)
+    status = main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--max_steps", "1",
+                   "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "the disk is full (No space left on device: " in err and "--resume_from_checkpoint true" in err
