@@ -174,14 +174,14 @@ class BalancedRewardTrainer(Trainer):
         if model_id:
             model = load_model(model_id, args)
         prepare_model(model, processing_class, args, added_tokens, self.max_length)
+        given = {name: data for name, data in {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict)
+                 else {"eval": eval_dataset})}.items() if isinstance(data, Dataset)}
+        check_token_ids(given, model.get_input_embeddings().num_embeddings)  # resized, not yet wrapped
         self.shared_prompt = use_shared_prompt(model, args)
         self._shared_prompt_checked = False
         if peft_config is not None:
             model = wrap_peft(model, peft_config, args, added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
-        given = {name: data for name, data in {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict)
-                 else {"eval": eval_dataset})}.items() if isinstance(data, Dataset)}
-        check_token_ids(given, model.get_input_embeddings().num_embeddings)
 
         self.user_compute_metrics = compute_metrics
         super().__init__(
