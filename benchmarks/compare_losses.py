@@ -61,6 +61,7 @@ COMMON = dict(
     num_train_epochs=1, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
     max_length=512, logging_steps=50, save_strategy="no", report_to="none", group_column="source",
     on_bad_rows="skip", train_sampling_strategy="group_by_length", disable_dropout=True,
+    overwrite_output_dir=True,  # a stopped run leaves a checkpoint in its /tmp folder; the rerun starts over
 )
 SUMMEVAL_STRIDE = 5  # every 5th summeval pair (589 of 2,943): its ~500-token documents make scoring slow on CPU
 

@@ -134,7 +134,7 @@ def run(arms, seeds, do_commit: bool) -> None:
 
 def metrics_of(result: dict) -> dict:
     from hf_balanced_reward.listwise import dense_ranks
-    from hf_balanced_reward.ranking_metrics import ranking_metrics
+    from hf_balanced_reward.ranking import ranking_metrics
 
     lists = result["lists"]
     metrics = ranking_metrics([r["rewards"] for r in lists],

@@ -28,7 +28,7 @@ _EXPORTS = {
     "plackett_luce": "losses",
     "prepare_dataset": "data",
     "prepare_lists": "listwise",
-    "ranking_metrics": "ranking_metrics",
+    "ranking_metrics": "ranking",
     "rao_kupper": "losses",
     "reward_function": "scoring",
     "score_file": "scoring",

@@ -2,12 +2,14 @@
 (so a checkpoint without it is known to be cut short) with the sizes of its files and the run's fingerprint;
 finding the checkpoint to resume from, and checking that it is intact and of this run."""
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import zipfile
 
+import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from safetensors import SafetensorError, safe_open
@@ -25,10 +27,18 @@ FINGERPRINT, FILES = "run", "files"
 PARTIAL, REPLACED = ".partial", ".replaced"
 
 
+def json_name(value) -> str:
+    """How a value JSON cannot hold is written: a function (a loss_kwargs `pair_loss`) by its module and name, the
+    same in every process; anything else as str()."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return str(value)
+
+
 def write_json_atomically(path: str, value) -> None:
     """Readers see the old file or the whole new one, never half of it (the process may be killed mid-write)."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
+        json.dump(value, f, indent=2, default=json_name)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -187,13 +197,17 @@ def _fsync(path: str) -> None:
 
 
 def data_identity(dataset):
-    """What tells one train set from another across processes and runs: an in-memory Dataset's row count and
-    fingerprint (`datasets` derives it from the content, or from the files and transforms that made it); a stream
-    is not read ahead to tell."""
+    """What tells one train set from another across processes, runs and machines: a prepared Dataset's row count and
+    a hash of its contents' shape (each pair's token count and group), never its path or file times (a data file
+    copied to a job's scratch disk, or touched, is the same data); a stream is not read ahead to tell."""
     if dataset is None:
         return None
     if isinstance(dataset, Dataset):
-        return {"rows": len(dataset), "fingerprint": dataset._fingerprint}
+        columns = [c for c in ("length", "group_id") if c in dataset.column_names]
+        digest = hashlib.sha256()
+        for column in columns:
+            digest.update(np.asarray(dataset[column], dtype=np.int64).tobytes())
+        return {"rows": len(dataset), "content": digest.hexdigest()[:16] if columns else dataset._fingerprint}
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         return "stream"
     return {"rows": len(dataset)}  # a torch Dataset or a list
@@ -208,7 +222,7 @@ def check_fingerprint(checkpoint: str, ours: dict) -> None:
         logger.warning(f"checkpoint '{checkpoint}' records no run fingerprint (an earlier version wrote it): resuming "
                        "without checking that its model, loss and data are this run's.")
         return
-    ours = json.loads(json.dumps(ours, default=str))  # as read back from JSON: tuples as lists
+    ours = json.loads(json.dumps(ours, default=json_name))  # as read back from JSON: tuples as lists
     streamed = "stream" in (saved.get("train_data"), ours.get("train_data"))  # a stream names its groups as read
     differ = [f"{key} {saved[key]!r} -> {ours[key]!r}" for key in ours
               if key in saved and saved[key] != ours[key] and not (key == "group_names" and streamed)]

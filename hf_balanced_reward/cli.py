@@ -324,6 +324,8 @@ def final_evaluation(trainer) -> dict:
     """The eval metrics of the trained model, computed once: those of an evaluation the run made at its last step
     (eval_strategy), else a new one (with a note when eval_strategy is 'no': the CLI evaluates a named eval set)."""
     step, metrics = trainer.state.global_step, {}
+    if trainer.args.load_best_model_at_end or trainer.args.normalize_rewards:
+        return trainer.evaluate()  # the saved model is not the one the last evaluation saw
     for log in reversed(trainer.state.log_history):  # one log per eval set
         if log.get("step") != step:
             break
@@ -381,7 +383,7 @@ def train(script_args: ScriptArguments, config: BalancedRewardConfig) -> dict:
         eval_dataset=eval_dataset,
         peft_config=peft_config,
     )
-    from .model_card import dataset_label
+    from .paths import dataset_label
 
     # The card names the data as the user named it (no local paths).
     trainer.dataset_names = {"train": dataset_label(script_args.dataset_name)}

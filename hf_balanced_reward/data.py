@@ -49,9 +49,9 @@ ROLES = ("system", "user", "assistant", "tool")
 MAX_SHOWN = 5  # bad rows named in an error message; the count covers all of them
 # Columns the collator reads (pairs, then lists); `length` (unique tokens of a row) feeds
 # train_sampling_strategy="group_by_length".
-# A dataset's own row numbers, when a caller adds them (`evaluate` does, for predictions.jsonl): kept through
-# preparation, never given to the model.
-ROW_COLUMN = "row_index"
+# A dataset's own row numbers, added by `numbered` where the rows kept by preparation must be found again (evaluate's
+# predictions.jsonl, the probes, cross-prompt partners): kept through preparation, never given to the model.
+ROW_COLUMN = "_hf_balanced_reward_row"
 MODEL_COLUMNS = ["chosen_ids", "rejected_ids", "margin", "weight", "group_id", "length", "completion_ids", "ranks",
                  "scores", "off_prompt_ids"]
 
@@ -448,9 +448,32 @@ def template_options_problem(example: dict) -> str | None:
     return None
 
 
+def numbered(dataset):
+    """The dataset with its row numbers in ROW_COLUMN (replacing a column of that name)."""
+    if ROW_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(ROW_COLUMN)
+    return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+
+
+def pair_texts(dataset, rows: list[int], group_column: str | None) -> tuple[list, list, list, list | None] | None:
+    """(prompts, chosen, rejected, groups) of the dataset's `rows` (the pairs that were scored); an implicit prompt is
+    split off as training splits it. None when the rows have no texts (token ids only)."""
+    if not {"chosen", "rejected"} <= set(column_names(dataset)):
+        return None
+    prompts, chosen, rejected, groups = [], [], [], []
+    for example in dataset.select(rows):
+        pair = example if "prompt" in example else maybe_extract_prompt(
+            {"chosen": example["chosen"], "rejected": example["rejected"]})
+        prompts.append(pair.get("prompt", ""))  # plain text without a prompt column: the whole text is the response
+        chosen.append(pair["chosen"])
+        rejected.append(pair["rejected"])
+        groups.append(str(example[group_column]) if group_column else None)
+    return prompts, chosen, rejected, groups if group_column else None
+
+
 def has_pair_texts(dataset) -> bool:
-    """Whether a dataset holds explicit-prompt pairs as text (`prompt`, `chosen`, `rejected`), not token ids."""
-    return {"prompt", "chosen", "rejected"} <= set(column_names(dataset))
+    """Whether a dataset holds pairs as text (`chosen`, `rejected`, with or without `prompt`), not token ids."""
+    return {"chosen", "rejected"} <= set(column_names(dataset))
 
 
 def has_empty_response(example: dict) -> bool:

@@ -12,17 +12,16 @@ import os
 
 import numpy as np
 from transformers import AutoConfig
-from trl.data_utils import maybe_extract_prompt
 
 from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
-from .data import ROW_COLUMN, column_names
+from .data import ROW_COLUMN, numbered, pair_texts
 from .metrics import calibration, pair_metrics, wilson_interval
 from .model_card import refresh_evaluation
 from .paths import resolve_model_path
 from .probes import exploit_probes, model_reward
-from .ranking_metrics import list_metrics, ranking_metrics
+from .ranking import list_metrics, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +54,7 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
         max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
         append_eos_token=bool(getattr(saved, "reward_append_eos_token", False)), long_responses=long_responses,
     )
-    if ROW_COLUMN not in column_names(dataset):  # the row numbers travel through preparation to predictions.jsonl
-        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    dataset = numbered(dataset)  # the row numbers travel through preparation to predictions.jsonl
     trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=dataset)
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
@@ -97,22 +95,6 @@ def refresh_card(output_dir: str, model: str, report: dict) -> None:
     """A report written into the model's own folder becomes the card's evaluation section."""
     if os.path.realpath(output_dir) == os.path.realpath(model):
         refresh_evaluation(output_dir, report)
-
-
-def pair_texts(dataset, rows: list[int], group_column: str | None) -> tuple[list, list, list, list | None] | None:
-    """(prompts, chosen, rejected, groups) of the dataset's `rows` (the pairs that were scored); an implicit prompt is
-    split off as training splits it. None when the rows have no texts (token ids only)."""
-    if not {"chosen", "rejected"} <= set(column_names(dataset)):
-        return None
-    prompts, chosen, rejected, groups = [], [], [], []
-    for example in dataset.select(rows):
-        pair = example if "prompt" in example else maybe_extract_prompt(
-            {"chosen": example["chosen"], "rejected": example["rejected"]})
-        prompts.append(pair["prompt"])
-        chosen.append(pair["chosen"])
-        rejected.append(pair["rejected"])
-        groups.append(str(example[group_column]) if group_column else None)
-    return prompts, chosen, rejected, groups if group_column else None
 
 
 def write_predictions(path: str, rows, chosen, rejected, groups, lengths) -> None:

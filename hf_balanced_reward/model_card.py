@@ -215,7 +215,7 @@ def use_section(output_dir: str, repo: str | None, base_model: str | None, adapt
     if kind == "hub":
         base_line = f'base_model = "{public}"'
     elif kind == "package":
-        base_line = ("from hf_balanced_reward.cli import resolve_model_path  # package:NAME/DIR -> its folder\n"
+        base_line = ("from hf_balanced_reward.paths import resolve_model_path  # package:NAME/DIR -> its folder\n"
                      f'base_model = resolve_model_path("{public}")')
     else:
         base_line = f'base_model = "{public or "BASE_MODEL"}"  # the base model\'s folder: give its path'

@@ -60,8 +60,8 @@ def describe_path(name_or_path: str | None) -> tuple[str | None, str | None]:
         inside = package_path(name_or_path)
         if inside:
             return "package", f"package:{inside}"
-    elif HUB_ID.match(name_or_path):
-        return "hub", name_or_path
+    elif HUB_ID.match(name_or_path) or (os.sep not in name_or_path and not name_or_path.startswith(".")):
+        return "hub", name_or_path  # "org/name", or a name the Hub knows without an organisation ("gpt2")
     return "local", os.path.basename(os.path.normpath(name_or_path))
 
 

@@ -160,15 +160,15 @@ def check_token_ids(datasets: dict, vocab_size: int) -> None:
 
     for name, dataset in datasets.items():
         for column in [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]:
-            values = dataset.data.column(column)
+            values = dataset.with_format("arrow")[column]  # the kept rows (preparation filters with an index map)
             for _ in range(2 if column == "completion_ids" else 1):
                 values = pc.list_flatten(values)
             extremes = pc.min_max(values).as_py()
             if extremes["min"] is None or (0 <= extremes["min"] and extremes["max"] < vocab_size):
                 continue
             bad = extremes["max"] if extremes["max"] >= vocab_size else extremes["min"]
-            row = next(r for r, ids in enumerate(dataset[column])
-                       if bad in (ids if column != "completion_ids" else [i for s in ids for i in s]))
+            row = next((r for r, ids in enumerate(dataset[column])
+                        if bad in (ids if column != "completion_ids" else [i for s in ids for i in s])), "?")
             raise DataError(f"{name} dataset row {row}: column '{column}' holds token id {bad}, outside the model's "
                             f"vocabulary (0 to {vocab_size - 1}); tokenise with the model's own tokenizer, or resize "
                             "its embeddings to the tokenizer.")

@@ -12,8 +12,8 @@ the pairs themselves (see docs/evaluation.md).
 import re
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 
+from .cross_prompt import as_text, pick_partners
 from .metrics import metric_name
 from .scoring import DEFAULT_BATCH_SIZE, load_reward_model, score_ids, tokenize_texts
 
@@ -29,14 +29,6 @@ MAX_WORDS = 30  # a restated question or repeated sentence is cut to this many w
 # A conversation "without its prompt": an empty user turn (trl's chat templating cannot render an empty prompt, and
 # many templates refuse a conversation that opens with the assistant).
 EMPTY_CHAT = [{"role": "user", "content": ""}]
-CHUNK = 512  # prompts whose TF-IDF similarities are held at once
-
-
-def as_text(value) -> str:
-    """A prompt or response as plain text: a message list's text contents joined by newlines."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(m["content"] for m in value if isinstance(m.get("content"), str))
 
 
 def first_sentence(text: str) -> str:
@@ -68,39 +60,6 @@ def padded(response, text: str):
     messages = [dict(m) for m in response]
     messages[-1]["content"] = (messages[-1].get("content") or "") + SEPARATOR + text
     return messages
-
-
-def pick_partners(prompt_texts, groups=None, seed: int = 0, nearest: bool = False) -> np.ndarray:
-    """For each pair, the index of another pair whose prompt text differs, from the same group when the group has
-    another prompt, else from any group; -1 when every pair has the same prompt. `nearest`: the pair whose prompt is
-    most similar (TF-IDF cosine; the first on a tie), else one drawn with numpy default_rng(seed)."""
-    n, ids = len(prompt_texts), {}
-    prompt_id = np.asarray([ids.setdefault(text, len(ids)) for text in prompt_texts], dtype=int)
-    distinct = list(ids)
-    groups = np.asarray([str(g) for g in groups] if groups is not None else [""] * n)
-    partner = np.full(n, -1)
-
-    def candidates(i):
-        other = prompt_id != prompt_id[i]
-        same_group = np.flatnonzero(other & (groups == groups[i]))
-        return same_group if len(same_group) else np.flatnonzero(other)
-
-    if not nearest:
-        rng = np.random.default_rng(seed)
-        for i in range(n):
-            if len(found := candidates(i)):
-                partner[i] = rng.choice(found)
-        return partner
-    try:
-        vectors = TfidfVectorizer().fit_transform(distinct)
-    except ValueError:  # no prompt has a word (e.g. only punctuation): compare characters instead
-        vectors = TfidfVectorizer(analyzer="char").fit_transform(distinct)
-    for start in range(0, len(distinct), CHUNK):
-        similarity = (vectors[start : start + CHUNK] @ vectors.T).toarray()  # rows are L2-normalised: cosine
-        for i in np.flatnonzero((prompt_id >= start) & (prompt_id < start + CHUNK)):
-            if len(found := candidates(i)):
-                partner[i] = found[np.argmax(similarity[prompt_id[i] - start, prompt_id[found]])]
-    return partner
 
 
 def score_all(reward, parts: dict) -> dict[str, np.ndarray]:

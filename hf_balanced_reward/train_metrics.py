@@ -32,7 +32,8 @@ class TrainTotals:
         correct = (chosen > rejected).float()
         # trl's min_reward / max_reward: the mean over micro-batches of each one's extreme reward.
         extremes = [rewards.min(), rewards.max()] if len(rewards) else [rewards.new_zeros(()), rewards.new_zeros(())]
-        tokens = correct.new_tensor(float(text_tokens) if text_tokens is not None else 0.0)
+        # kept on the device: reading it here would wait for the GPU at every micro-batch
+        tokens = text_tokens.to(correct.device, correct.dtype) if text_tokens is not None else correct.new_zeros(())
         totals = torch.stack(
             [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum(),
              correct.new_tensor(float(len(rewards) > 0)), *extremes, tokens]

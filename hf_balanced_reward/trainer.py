@@ -40,8 +40,11 @@ from .data import (
     check_columns,
     check_hinge_margins,
     column_names,
+    ROW_COLUMN,
     has_pair_texts,
     is_stream,
+    numbered,
+    pair_texts,
     prepare_dataset,
     prepare_stream,
     report_summary,
@@ -50,7 +53,7 @@ from .forward import plain_inputs, score_lists, score_plain, score_shared_prompt
 from .listwise import check_scored, is_listwise, prepare_list_stream, prepare_lists
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
-from .ranking_metrics import list_metrics
+from .ranking import list_metrics
 from .model_card import hub_files, write_model_card
 from .paths import dataset_label
 from .preflight import (as_config, check_hub_reachable, check_launch, check_list_options, check_model_options,
@@ -112,7 +115,6 @@ class BalancedRewardTrainer(Trainer):
         named_datasets = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
         # How the card names each dataset (no local paths); the CLI replaces them with the names it was given.
         self.dataset_names = {name: dataset_label(data) for name, data in named_datasets.items() if data is not None}
-        self.train_data_id = data_identity(train_dataset)  # the user's data, before preparation: for the fingerprint
         for name, dataset in named_datasets.items():
             if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
@@ -146,7 +148,12 @@ class BalancedRewardTrainer(Trainer):
         self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
         # A streamed train set is counted in one pass first when the balanced loss needs its group statistics.
+        raw_train = None
+        if self.uses_balance and self.balance.cross_prompt and isinstance(train_dataset, Dataset) \
+                and has_pair_texts(train_dataset):
+            raw_train = train_dataset = numbered(train_dataset)  # each kept pair's prompt text is found again by row
         train_dataset = self._prepare(train_dataset, processing_class, args, "train", count=self.uses_balance)
+        self.train_data_id = data_identity(train_dataset)  # the prepared pairs' content: for the run's fingerprint
         if self.uses_balance and args.group_column and len(self.group_names) == 1:
             raise DataError(
                 f"group_column='{args.group_column}' has one value ('{self.group_names[0]}') in the train dataset, so "
@@ -160,12 +167,17 @@ class BalancedRewardTrainer(Trainer):
             if self.uses_balance:
                 logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
         if self.uses_balance and self.balance.cross_prompt:
-            train_dataset = self._with_off_prompt_responses(train_dataset, args)
+            train_dataset = self._with_off_prompt_responses(train_dataset, args, raw_train)
         if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
             warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
-        # The eval sets' texts, for the exploit probes (they score edited texts, not the tokenised pairs).
-        self.probe_sets = {name: data for name, data in named_datasets.items() if name != "train"
+        # The eval sets' texts, for the exploit probes (they score edited texts, not the tokenised pairs), numbered so
+        # that the rows preparation keeps are found again.
+        self.probe_sets = {name: numbered(data) for name, data in named_datasets.items() if name != "train"
                            and args.exploit_probes and isinstance(data, Dataset) and has_pair_texts(data)}
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self.probe_sets.get(name, data) for name, data in eval_dataset.items()}
+        elif "eval" in self.probe_sets:
+            eval_dataset = self.probe_sets["eval"]
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
@@ -286,14 +298,16 @@ class BalancedRewardTrainer(Trainer):
         default = inspect.signature(self.loss_fn).parameters["hinge_margin"].default
         return float(args.loss_kwargs.get("hinge_margin", default))
 
-    def _with_off_prompt_responses(self, train_dataset, args):
-        """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed."""
+    def _with_off_prompt_responses(self, train_dataset, args, raw_train=None):
+        """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed.
+        `raw_train`: the numbered texts the pairs were prepared from (None for data given as token ids)."""
         if not isinstance(train_dataset, Dataset) or "rejected_ids" not in train_dataset.column_names:
             raise ConfigError("loss_kwargs cross_prompt needs a train set of pairs in memory (it picks each pair's "
                               "partner among all prompts before training); set streaming: false, or cross_prompt: 0.")
         try:
-            train_dataset = add_off_prompt_responses(train_dataset, self.balance.cross_prompt_partners, args.seed,
-                                                     self.max_length)
+            texts = None if raw_train is None else pair_texts(raw_train, train_dataset[ROW_COLUMN], None)[0]
+            train_dataset = add_off_prompt_responses(train_dataset, texts, self.balance.cross_prompt_partners,
+                                                     args.seed, self.max_length)
         except ValueError as err:
             raise DataError(f"train: {err} Set loss_kwargs cross_prompt: 0.") from err
         logger.info(f"Cross-prompt negatives: every training pair also scores its prompt with another prompt's "
@@ -366,8 +380,7 @@ class BalancedRewardTrainer(Trainer):
         and a new run over an earlier run's checkpoints needs overwrite_output_dir (see `run_lock`)."""
         try:
             self._claim_output_dir(resume_from_checkpoint)
-            if self.args.should_save:
-                check_free_disk(self.args, self.model)
+            check_free_disk(self.args, self.model)  # on every process: all refuse together, none waits
             return self._train_owned(resume_from_checkpoint, trial, **kwargs)
         finally:
             self.output_dir_lock.release()
@@ -621,34 +634,33 @@ class BalancedRewardTrainer(Trainer):
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        texts = None
+        texts, prepared = None, None  # an eval set's numbered texts (for the probes) and its prepared pairs
         if isinstance(eval_dataset, str):  # Trainer's name of one of several eval sets
-            texts = self.probe_sets.get(eval_dataset)
+            texts, prepared = self.probe_sets.get(eval_dataset), self.eval_dataset[eval_dataset]
         elif eval_dataset is None and not isinstance(self.eval_dataset, dict):
-            texts = self.probe_sets.get("eval")
+            texts, prepared = self.probe_sets.get("eval"), self.eval_dataset
         elif isinstance(eval_dataset, Dataset) and self.args.exploit_probes and has_pair_texts(eval_dataset):
-            texts = eval_dataset
+            texts = eval_dataset = numbered(eval_dataset)
         if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back here with each one
-            eval_dataset = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
+            eval_dataset = prepared = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
         with reading_streams():
             metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.args.should_save and any(report.get("streamed") for report in self.data_report.values()):
             os.makedirs(self.args.output_dir, exist_ok=True)  # a streamed set's counts grew as it was read
             write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
-        if texts is not None:
-            metrics.update(self._probe_metrics(texts, metric_key_prefix))
+        if texts is not None and isinstance(prepared, Dataset) and ROW_COLUMN in prepared.column_names:
+            metrics.update(self._probe_metrics(texts, sorted(prepared[ROW_COLUMN]), metric_key_prefix))
         return metrics
 
-    def _probe_metrics(self, texts: Dataset, prefix: str) -> dict[str, float]:
-        """The exploit probes (see `probes.py`) on an eval set's texts, scored as a client scores them; logged as
-        `<prefix>_probe_*`. Every process computes them on the whole set (no collectives), so all agree."""
+    def _probe_metrics(self, texts: Dataset, rows: list[int], prefix: str) -> dict[str, float]:
+        """The exploit probes (see `probes.py`) on the eval pairs that were scored (`rows` of their texts), scored as
+        a client scores them; logged as `<prefix>_probe_*`. Every process computes them on the whole set (no
+        collectives), so all agree."""
         from .probes import exploit_probes, model_reward
 
         reward = model_reward(self.model, self.processing_class, max_length=self.max_length,
                               append_eos=self.args.append_eos_token, batch_size=self.args.per_device_eval_batch_size)
-        groups = texts[self.args.group_column] if self.args.group_column else None
-        figures = exploit_probes(reward, texts["prompt"], texts["chosen"], texts["rejected"],
-                                 [str(g) for g in groups] if groups is not None else None, seed=self.args.seed)
+        figures = exploit_probes(reward, *pair_texts(texts, rows, self.args.group_column), seed=self.args.seed)
         metrics = {f"{prefix}_{key}": value for key, value in figures.items()}
         self.log(metrics)
         return metrics

@@ -10,7 +10,7 @@ from datasets import Dataset, IterableDataset
 from conftest import build_tokenizer, preference_rows
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import shared_prefix_length, unpack_pairs
-from hf_balanced_reward.cross_prompt import choose_partners, off_prompt_sequence
+from hf_balanced_reward.cross_prompt import off_prompt_sequence, pick_partners
 from test_shared_prompt import TEXTS, smollm2_shaped
 
 
@@ -21,34 +21,57 @@ def config(tmp_path, **kwargs):
     return BalancedRewardConfig(**{**defaults, **kwargs})
 
 
-# Prompts as token lists: 0 and 1 are the same prompt; 2 shares most tokens with 0; 3 and 4 are another group's.
-PROMPTS = [[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 9], [20, 21], [22, 23, 24]]
+# 0 and 1 are the same prompt; 2 is nearest to 0; 3 and 4 are another group's.
+PROMPTS = ["How do I boil an egg?", "How do I boil an egg?", "How do I boil an egg quickly?", "Where is Paris?",
+           "Who wrote Hamlet?"]
 GROUPS = [0, 0, 0, 1, 1]
 
 
-@pytest.mark.parametrize("how", ["nearest", "random"])
-def test_partners_are_another_prompt_of_the_same_group(how):
+@pytest.mark.parametrize("nearest", [True, False])
+def test_partners_are_another_prompt_of_the_same_group(nearest):
     for seed in range(20):
-        partners = choose_partners(PROMPTS, GROUPS, how, seed)
+        partners = pick_partners(PROMPTS, GROUPS, seed, nearest)
         for i, j in enumerate(partners):
             assert PROMPTS[i] != PROMPTS[j]
             assert GROUPS[i] == GROUPS[j]
     # Prompts 0 and 1 (equal) have one other prompt in their group; 3 and 4 each have one.
-    assert list(choose_partners(PROMPTS, GROUPS, how, 0)[[0, 1, 3, 4]]) == [2, 2, 4, 3]
+    assert list(pick_partners(PROMPTS, GROUPS, 0, nearest)[[0, 1, 3, 4]]) == [2, 2, 4, 3]
 
 
 def test_nearest_partner_is_the_most_similar_prompt():
-    prompts = [[1, 2, 3, 4], [1, 2, 3, 9], [10, 11, 12, 13], [1, 10, 20, 30]]
-    assert list(choose_partners(prompts, [0, 0, 0, 0], "nearest")) == [1, 0, 3, 2]
-    random_partners = {tuple(choose_partners(prompts, [0, 0, 0, 0], "random", seed)) for seed in range(10)}
+    prompts = ["boil an egg", "boil an egg quickly", "capital of France", "capital of Spain"]
+    assert list(pick_partners(prompts, [0, 0, 0, 0], nearest=True)) == [1, 0, 3, 2]
+    random_partners = {tuple(pick_partners(prompts, [0, 0, 0, 0], seed)) for seed in range(10)}
     assert len(random_partners) > 1  # random partners depend on the seed
 
 
 def test_a_group_with_one_prompt_borrows_another_groups():
-    partners = choose_partners([[1, 2], [1, 2], [3, 4], [5, 6]], [0, 0, 1, 1], "nearest")
+    partners = pick_partners(["a b", "a b", "c d", "e f"], [0, 0, 1, 1], nearest=True)
     assert partners[0] in (2, 3) and partners[1] in (2, 3)
-    with pytest.raises(ValueError, match="at least two different prompts"):
-        choose_partners([[1, 2], [1, 2]], [0, 1])
+
+
+def test_pairs_of_one_prompt_are_never_partners_even_when_their_responses_open_alike(tmp_path, model_dir):
+    """Two pairs of one prompt whose chosen and rejected responses share their first words: the tokens the pair's
+    sequences share run past the prompt, but partners are chosen by the prompt's text."""
+    rows = [{"prompt": "Question: how do I boil an egg?", "chosen": " Sure, put it in boiling water.",
+             "rejected": " Sure, no.", "source": "a"},
+            {"prompt": "Question: how do I boil an egg?", "chosen": " Well, eight minutes.", "rejected": " Well, fry it.",
+             "source": "a"},
+            {"prompt": "Question: where is Paris?", "chosen": " In France.", "rejected": " In Spain.", "source": "a"},
+            {"prompt": "Question: who wrote Hamlet?", "chosen": " Shakespeare.", "rejected": " Dickens.", "source": "a"}]
+    args = config(tmp_path, group_column=None, loss_kwargs={"cross_prompt": 1.0})
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    egg = [e for e in trainer.train_dataset if e["chosen_ids"][:12] == trainer.train_dataset[0]["chosen_ids"][:12]]
+    tokenizer = trainer.processing_class
+    for example in trainer.train_dataset:
+        off_text = tokenizer.decode(example["off_prompt_ids"])
+        own_prompt = tokenizer.decode(example["chosen_ids"]).split("?")[0]
+        assert off_text.split("?")[0] == own_prompt  # the pair's own prompt
+        if "egg" in own_prompt:  # never answered with the other egg pair's response
+            assert "eight minutes" not in off_text and "boiling water" not in off_text
+    assert len(egg) == 2
+    with pytest.raises(Exception, match="cross_prompt needs at least two different prompts"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows[:2]))
 
 
 def test_off_prompt_sequence_keeps_the_prompt_and_the_scored_token():

@@ -13,7 +13,7 @@ from hf_balanced_reward.listwise import (ALL_IDENTICAL, canonical_row, list_prob
                                          prepare_lists, split_by_document)
 from hf_balanced_reward.losses import (LISTWISE_LOSSES, LOSSES, TIE_LOSSES, bradley_terry, davidson, graded,
                                        list_pairs, pairwise, plackett_luce, rao_kupper)
-from hf_balanced_reward.ranking_metrics import ranking_metrics
+from hf_balanced_reward.ranking import ranking_metrics
 
 E = math.e
 SUMMEVAL = os.path.join(SHARED_DATA, "summeval", "summeval.jsonl")

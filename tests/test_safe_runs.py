@@ -320,10 +320,23 @@ def test_resuming_a_checkpoint_of_another_loss_or_data_is_refused_naming_what_di
 
     fewer = Dataset.from_list(preference_rows(20))
     other_data = BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=fewer)
-    with pytest.raises(ConfigError, match=rf"is of another run: train_data \{{'rows': 24, 'fingerprint': "
-                                          rf"'{pairs._fingerprint}'\}} -> \{{'rows': 20, 'fingerprint': "
-                                          rf"'{fewer._fingerprint}'\}}{fix}"):
+    with pytest.raises(ConfigError, match=rf"is of another run: train_data \{{'rows': 24, 'content': '[0-9a-f]{{16}}'\}} "
+                                          rf"-> \{{'rows': 20, 'content': '[0-9a-f]{{16}}'\}}{fix}"):
         other_data.train(resume_from_checkpoint=str(checkpoint))
+
+    # The same data read from a copy of its file elsewhere (a job's scratch disk), or touched: the same run.
+    copy_dir = tmp_path.parent / f"{tmp_path.name}_copy"
+    copy_dir.mkdir()
+    for index, name in enumerate(("a.jsonl", "b.jsonl")):
+        (copy_dir / name).write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+        os.utime(copy_dir / name, (index, index))
+    from datasets import load_dataset
+
+    first, second = (load_dataset("json", data_files=str(copy_dir / name), split="train") for name in ("a.jsonl", "b.jsonl"))
+    assert first._fingerprint != second._fingerprint  # what datasets calls different
+    ids = [BalancedRewardTrainer(model=model_dir, args=small_run(tmp_path), train_dataset=data).train_data_id
+           for data in (first, second)]
+    assert ids[0] == ids[1]
 
     options = small_run(tmp_path, max_length=64, seed=1, loss_kwargs={"hinge_margin": 0.5}, loss_type="hinge")
     several = BalancedRewardTrainer(model=model_dir, args=options, train_dataset=pairs)
@@ -341,3 +354,14 @@ def test_resuming_a_checkpoint_of_another_loss_or_data_is_refused_naming_what_di
     assert same.state.global_step == 3
     assert (f"checkpoint '{checkpoint}' records no run fingerprint (an earlier version wrote it): resuming without "
             "checking that its model, loss and data are this run's.") in caplog.text
+
+
+def test_a_function_in_loss_kwargs_is_written_by_name(tmp_path):
+    """loss_kwargs may hold a function (`pair_loss`): the checkpoint's fingerprint names it the same in every process
+    instead of failing to write JSON."""
+    from hf_balanced_reward.checkpoints import json_name, write_json_atomically
+    from hf_balanced_reward.losses import hinge
+
+    write_json_atomically(str(tmp_path / "state.json"), {"loss_kwargs": {"pair_loss": hinge}})
+    assert json.loads((tmp_path / "state.json").read_text()) == {"loss_kwargs": {"pair_loss": "hf_balanced_reward.losses.hinge"}}
+    assert json_name(hinge) == "hf_balanced_reward.losses.hinge"

@@ -216,3 +216,13 @@ def test_trl_metric_names_are_logged(tmp_path, model_dir, pairs):
     assert evaluation["eval_min_reward"] <= evaluation["eval_mean_reward"] <= evaluation["eval_max_reward"]
     logged_keys = {key for entry in trainer.state.log_history for key in entry}
     assert not logged_keys & {"accuracy_all", "eval_accuracy_all"}  # no group column: no per-group accuracy
+
+
+def test_exploit_probes_use_the_pairs_that_were_scored(tmp_path, model_dir, pairs):
+    """A row that preparation drops (no chosen text) is left out of the probes too, instead of breaking them."""
+    rows = pairs.to_list()
+    rows[3] = {**rows[3], "chosen": None}
+    args = config(tmp_path, exploit_probes=True, on_bad_rows="skip")
+    metrics = BalancedRewardTrainer(model=model_dir, args=args, eval_dataset=Dataset.from_list(rows)).evaluate()
+    assert metrics["eval_pairs"] == 23
+    assert metrics["eval_probe_accuracy"] == pytest.approx(metrics["eval_accuracy"])
