@@ -17,9 +17,10 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from conftest import preference_rows
+from test_interruptions import nan_on_call  # the NaN fault both files inject
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
 from hf_balanced_reward.checkpoints import REWARD_STATE, resolve_checkpoint
 from hf_balanced_reward.run_lock import LOCK_FILE
 
@@ -90,19 +91,6 @@ def test_resume_past_a_shorter_runs_end_trains_nothing(tmp_path, model_dir, pair
 
 
 # --- nan_policy: skip --------------------------------------------------------------------------------------------
-
-
-def nan_on_call(bad_call):
-    """Bradley-Terry, except that training call number `bad_call` (a micro-batch) returns NaN."""
-    calls = []
-
-    def loss(chosen_rewards, rejected_rewards, margin=None):
-        if torch.is_grad_enabled():
-            calls.append(1)
-        per_pair = LOSSES["bradley_terry"](chosen_rewards, rejected_rewards, margin)
-        return per_pair * float("nan") if len(calls) == bad_call else per_pair
-
-    return loss
 
 
 def adam_config(output_dir, **kwargs):
