@@ -20,10 +20,11 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
-import yaml
 # Only the stdlib and light modules at the top: `--help` and a mistyped command answer without torch or
 # transformers; each command imports what it uses.
-from .errors import ConfigError, DataError, TrainingStopped, did_you_mean
+from .errors import ConfigError, DataError, TrainingStopped, UsageError, did_you_mean
+from .recipe import (check_keys, checked_recipe_values, config_path_in, load_recipe, read_recipe,  # noqa: F401
+                     recipe_keys_checked_early)
 from .paths import resolve_model_path
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROG = "hf-balanced-reward"
-COMMANDS = ("train", "evaluate", "score", "compare")
+COMMANDS = ("train", "evaluate", "score", "compare", "serve", "tune")
 # What `compare` shows first: the summaries that tell a length-biased model from one that is not.
 SHORTCUT_METRICS = ("accuracy", "length_balanced_accuracy", "length_conflicting_accuracy",
                     "within_group_length_correlation", "balanced_accuracy", "worst_group_accuracy")
@@ -133,10 +134,6 @@ class EvaluateArguments:
     )
 
 
-class UsageError(Exception):
-    """A mistake in how the command was called; printed as one line, exit status 2."""
-
-
 class Interrupted(Exception):
     """Training stopped on SIGINT / SIGTERM after saving a checkpoint; exit status 128 + the signal number."""
 
@@ -145,93 +142,22 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last value silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
-                    "keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_recipe(path: str, valid_keys: list[str]) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.load(f, Loader=UniqueKeyLoader)
-    except OSError as err:
-        raise UsageError(f"cannot read config '{path}': {err.strerror}.") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UsageError(f"config '{path}' is not valid YAML: {problem}{where}.") from None
-    values = values or {}
-    if not isinstance(values, dict):
-        raise UsageError(f"config '{path}' must be a mapping of option: value, got {type(values).__name__}.")
-    for key in values:
-        if key not in valid_keys:
-            raise UsageError(
-                f"config '{path}' has unknown key '{key}'{did_you_mean(key, valid_keys)}. "
-                f"See `{PROG} train --help` for the options."
-            )
-    return values
-
-
-TYPE_NAMES = {"float": "a number", "int": "an integer", "string_to_bool": "true or false", "str": "text"}
-
-
-def checked_recipe_values(parser, values: dict, path: str) -> dict:
-    """Recipe values converted to the option's type. argparse applies `type` only to defaults given as strings, so a
-    YAML list or mapping where a number belongs would otherwise reach the config unchecked."""
-    checked = {}
-    for key, value in values.items():
-        action = parser._option_string_actions.get(f"--{key}")
-        convert = getattr(action, "type", None)
-        # Mapping options (loss_kwargs, model_init_kwargs, ...) parse as text on the command line and are checked
-        # by the config itself.
-        if action is None or convert is None or value is None or (isinstance(value, dict) and convert is str):
-            checked[key] = value
-            continue
-        expected = TYPE_NAMES.get(getattr(convert, "__name__", ""), getattr(convert, "__name__", "a value"))
-        many = action.nargs in ("+", "*")
-        try:
-            if many != isinstance(value, list) or isinstance(value, dict):
-                raise TypeError
-            for one in value if many else [value]:
-                # int() would truncate 4.7 to 4 and read true as 1: an integer option takes an integer only.
-                if convert is int and (isinstance(one, bool) or not isinstance(one, (int, str))):
-                    raise TypeError
-            checked[key] = [convert(v) for v in value] if many else convert(value)
-        except (TypeError, ValueError):
-            shape = f"a list of {expected}" if many else expected
-            raise UsageError(f"config '{path}': {key} must be {shape}, got {value!r}.") from None
-        if action.choices and not set(checked[key] if many else [checked[key]]) <= set(action.choices):
-            raise UsageError(f"config '{path}': {key}={value!r} is not one of: "
-                             f"{', '.join(map(str, action.choices))}.")
-    return checked
-
-
-def parse_train_args(argv: list[str]) -> tuple[ScriptArguments, BalancedRewardConfig]:
+def parse_train_args(argv: list[str], recipe: dict | None = None) -> tuple[ScriptArguments, BalancedRewardConfig]:
+    """Defaults, then the recipe, then the flags in `argv`. `recipe`: the recipe's values from a caller that read the
+    YAML itself (`tune` takes its `search:` block out), used instead of reading `--config`."""
     from transformers import HfArgumentParser
 
     from .config import BalancedRewardConfig
 
     parser = HfArgumentParser((ScriptArguments, BalancedRewardConfig), prog=f"{PROG} train")
     valid_keys = [f.name for dc in (ScriptArguments, BalancedRewardConfig) for f in fields(dc) if f.init]
-    config_path = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            config_path = argv[i + 1]
-        elif arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-    if config_path:
-        parser.set_defaults(**checked_recipe_values(parser, read_recipe(config_path, valid_keys), config_path))
+    config_path = config_path_in(argv)
+    if recipe is None and config_path:
+        recipe = load_recipe(config_path)
+    if recipe:
+        where = config_path or "recipe"
+        check_keys(recipe, valid_keys, where)
+        parser.set_defaults(**checked_recipe_values(parser, recipe, where))
 
     def usage_error(message):  # argparse would print its whole usage text, then the message
         raise UsageError(message)
@@ -570,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
               f"       {PROG} evaluate --model PATH --dataset FILE_OR_HUB_ID [--group_column COL] [--output_dir DIR]\n"
               f"       {PROG} score --model PATH --dataset FILE --output OUT.jsonl [--max_length N]\n"
               f"       {PROG} compare RUN_DIR RUN_DIR ...\n"
+              f"       {PROG} serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--option value ...]\n"
+              f"       {PROG} tune --config recipe.yaml [--option value ...]\n"
               "Every command takes --verbose: the libraries' progress bars, info messages and warnings, and this "
               "package's messages from every process.")
         return 0 if argv else 2
@@ -589,7 +517,16 @@ def main(argv: list[str] | None = None) -> int:
             return score_main([resolve_model_path(a) if a.startswith("package:") else a for a in rest])
         elif command == "compare":
             print(compare(rest))
+        elif command == "serve":
+            from .serve import serve_main
+
+            return serve_main(rest)
+        elif command == "tune":
+            from .tune import tune_main
+
+            return tune_main(rest)
         else:
+            recipe_keys_checked_early(rest)  # a typo in the recipe answered before torch loads
             script_args, config = parse_train_args(rest)
             train(script_args, config)
     except (UsageError, ConfigError, DataError) as err:

@@ -4,6 +4,10 @@
 import difflib
 
 
+class UsageError(Exception):
+    """A mistake in how a command was called; printed as one line, exit status 2."""
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake. The CLI prints its message without a traceback."""
 

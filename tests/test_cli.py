@@ -175,20 +175,45 @@ def test_compare_prints_runs_side_by_side(tmp_path, capsys):
     assert f"'{tmp_path / 'missing'}' has no eval_results.json" in capsys.readouterr().err
 
 
-def test_help_and_a_mistyped_command_import_no_heavy_library():
-    """`--help`, a typo in the command and `import hf_balanced_reward` answer without importing torch, transformers,
-    datasets or trl (several seconds each): heavy modules are imported where first used."""
+def test_help_typos_and_recipe_mistakes_import_no_heavy_library(tmp_path):
+    """`--help`, a typo in the command, `import hf_balanced_reward`, and a recipe with an unknown key, a key given
+    twice or broken YAML answer without importing torch, transformers, datasets or trl (several seconds each)."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model_name_or_path: x\ndataset_name: y\nlearnig_rate: 1.0e-5\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("learning_rate: 1.0e-5\nlearning_rate: 2.0e-5\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1\n")
     code = (
         "import sys, contextlib, io\n"
         "import hf_balanced_reward\n"
         "from hf_balanced_reward.cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "err = io.StringIO()\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):\n"
         "    assert main(['--help']) == 0 and main(['trian']) == 2\n"
+        f"    assert [main(['train', '--config', p]) for p in {[str(typo), str(twice), str(broken)]!r}] == [2, 2, 2]\n"
+        "print(err.getvalue())\n"
         "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert "unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in done.stdout
+    assert "key 'learning_rate' is given twice (lines 1 and 2)" in done.stdout
+    assert f"config '{broken}' is not valid YAML" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_option_names_read_from_source_are_the_dataclass_fields():
+    """The early recipe check reads option names from the dataclasses' source; they must be exactly the fields the
+    parser accepts (a new transformers that declares options differently would fail here, not silently)."""
+    from dataclasses import fields
+
+    from hf_balanced_reward.cli import ScriptArguments
+    from hf_balanced_reward.config import BalancedRewardConfig
+    from hf_balanced_reward.recipe import training_option_names
+
+    expected = {f.name for dc in (ScriptArguments, BalancedRewardConfig) for f in fields(dc) if f.init}
+    assert set(training_option_names()) == expected
 
 
 @pytest.mark.parametrize("strategy,expected", [("no", 1), ("steps", 1), ("epoch", 1)])
