@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_workers_together
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_run.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "distributed_run.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 

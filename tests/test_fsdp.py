@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import preference_rows, run_workers_together
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_run.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "fsdp_run.py")
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 GLOBAL_BATCH = 4
 

@@ -438,7 +438,7 @@ def test_streamed_evaluation_on_two_processes_equals_one_process(tmp_path, model
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(23)))
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streaming_run.py")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "streaming_run.py")
     one, two = run_workers_together([
         ([sys.executable, worker, model_dir, str(data), str(tmp_path / "r1")], tmp_path / "r1"),
         ([TORCHRUN, "--nproc_per_node", "2", "--master_port", "29521", worker, model_dir, str(data),

@@ -18,7 +18,7 @@ from datasets import load_dataset
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/workers/ -> the repository
 
 
 def fsdp2_yaml_options() -> dict:
