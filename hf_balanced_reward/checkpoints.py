@@ -143,9 +143,10 @@ def _unreadable(path: str) -> str | None:
 
 def staging_dir(folder: str) -> str:
     """Where checkpoint `folder` (run_dir/checkpoint-N) is written before `publish_checkpoint`: Trainer names the
-    checkpoint folder inside the run folder it is given, so that is run_dir/.checkpoint-N.partial/checkpoint-N."""
+    checkpoint folder inside the run folder it is given, so that is run_dir/_checkpoint-N.partial/checkpoint-N ("_"
+    first: Trainer's uploads to the Hub leave out names matching "_*")."""
     parent, name = os.path.split(folder)
-    return os.path.join(parent, f".{name}{PARTIAL}", name)
+    return os.path.join(parent, f"_{name}{PARTIAL}", name)
 
 
 def publish_checkpoint(staged: str, folder: str, state: dict) -> None:
@@ -164,7 +165,7 @@ def publish_checkpoint(staged: str, folder: str, state: dict) -> None:
     parent = os.path.dirname(folder)
     old = None
     if os.path.exists(folder):
-        old = os.path.join(parent, f".{os.path.basename(folder)}{REPLACED}")
+        old = os.path.join(parent, f"_{os.path.basename(folder)}{REPLACED}")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(folder, old)
     os.rename(staged, folder)

@@ -204,7 +204,7 @@ class BalancedRewardConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Start a new run in an output_dir that holds an earlier run's checkpoints (refused without it, so "
-            "that two runs' checkpoints never mix). Those checkpoints are renamed to replaced-checkpoint-N, never "
+            "that two runs' checkpoints never mix). Those checkpoints are renamed to _replaced-checkpoint-N, never "
             "resumed from, and deleted once this run has saved a checkpoint or finished. To continue the earlier run "
             "instead, set resume_from_checkpoint."
         },

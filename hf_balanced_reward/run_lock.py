@@ -15,9 +15,10 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".run.lock"
+# "_" first: Trainer uploads output_dir to the Hub during training without files matching "_*", so the lock stays home.
+LOCK_FILE = "_run.lock"
 # Where overwrite_output_dir sets an earlier run's checkpoint-N aside until this run has saved its own.
-SET_ASIDE = "replaced-"
+SET_ASIDE = "_replaced-"  # "_" first: not uploaded with the model (see LOCK_FILE)
 
 _held_fds: set[int] = set()
 
@@ -37,7 +38,7 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
-    """`fcntl.flock` on `output_dir/.run.lock`, which records the holder's pid and host. The kernel drops a flock
+    """`fcntl.flock` on `output_dir/_run.lock`, which records the holder's pid and host. The kernel drops a flock
     when its process dies, so a lock file left by a killed run blocks nothing. Re-entrant: the CLI may hold it around
     train() and the final save while train() takes it again."""
 
@@ -122,7 +123,7 @@ def _read_holder(fd: int) -> dict:
 
 def check_new_run(output_dir: str, overwrite: bool) -> None:
     """Called (holding the lock) for a run that does not resume: refuse a folder with another run's checkpoints, or,
-    with `overwrite`, rename them to replaced-checkpoint-N, where resume and rotation never pick them (nor mix them
+    with `overwrite`, rename them to _replaced-checkpoint-N, where resume and rotation never pick them (nor mix them
     with this run's); they are deleted once this run has saved a complete checkpoint or finished
     (`delete_set_aside`), so a run started over by mistake can be stopped before anything is lost."""
     checkpoints = list_checkpoints(output_dir)

@@ -213,7 +213,7 @@ def assert_intact(output_dir):
     """Every checkpoint-N is complete and undamaged, and nothing half-written is left beside them."""
     for checkpoint in list_checkpoints(str(output_dir)):
         assert is_complete_checkpoint(checkpoint) and not checkpoint_damage(checkpoint), checkpoint
-    assert not [name for name in os.listdir(output_dir) if name.startswith(".checkpoint-")]
+    assert not [name for name in os.listdir(output_dir) if name.startswith("_checkpoint-")]
 
 
 @pytest.fixture(scope="module")
@@ -328,12 +328,12 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(
     with pytest.raises(Killed):
         trainer.train()
     output_dir = tmp_path / "run"
-    staged = output_dir / ".checkpoint-4.partial" / "checkpoint-4"
+    staged = output_dir / "_checkpoint-4.partial" / "checkpoint-4"
     assert {"model.safetensors", "optimizer.pt"} <= set(os.listdir(staged))  # half a checkpoint, out of the way
     assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == ["checkpoint-2"]
     assert is_complete_checkpoint(str(output_dir / "checkpoint-2"))
     assert not checkpoint_damage(str(output_dir / "checkpoint-2"))
-    assert not os.path.exists(output_dir / ".run.lock")  # let go on the way out
+    assert not os.path.exists(output_dir / "_run.lock")  # let go on the way out
 
     resumed = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
     resumed.train(resume_from_checkpoint=True)
@@ -350,10 +350,10 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_to_resume(
 
 def kill_inside_a_checkpoint(process, output_dir, after: int, delay: float) -> None:
     """SIGKILL `process` `delay` s after it starts writing a checkpoint past step `after` (the hidden
-    .checkpoint-N.partial folder appears); if the run ends first, nothing is sent."""
+    _checkpoint-N.partial folder appears); if the run ends first, nothing is sent."""
     deadline = time.time() + 300
     while process.poll() is None:
-        partial = [name for name in os.listdir(output_dir) if name.startswith(".checkpoint-")] \
+        partial = [name for name in os.listdir(output_dir) if name.startswith("_checkpoint-")] \
             if os.path.isdir(output_dir) else []
         if any(int(re.search(r"\d+", name).group()) > after for name in partial):
             time.sleep(delay)

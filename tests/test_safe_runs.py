@@ -283,9 +283,9 @@ def test_a_new_run_over_an_earlier_runs_checkpoints_is_refused_unless_told_what_
     over = BalancedRewardTrainer(model=model_dir, args=hinge, train_dataset=pairs, callbacks=[Look()])
     with caplog.at_level(logging.WARNING, logger="hf_balanced_reward"):
         over.train()
-    assert seen["at start"] == ["replaced-checkpoint-2", "replaced-checkpoint-4"]
+    assert seen["at start"] == ["_replaced-checkpoint-2", "_replaced-checkpoint-4"]
     assert (f"overwrite_output_dir: renamed the earlier run's checkpoints in {tmp_path} (checkpoint-2, checkpoint-4) "
-            "to replaced-checkpoint-N; they are deleted once this run has saved a checkpoint or finished (move them "
+            "to _replaced-checkpoint-N; they are deleted once this run has saved a checkpoint or finished (move them "
             "elsewhere now to keep them).") in caplog.text
     assert sorted(name for name in os.listdir(tmp_path) if "checkpoint" in name) == ["checkpoint-2"]
     state = json.loads((tmp_path / "checkpoint-2" / REWARD_STATE).read_text())
