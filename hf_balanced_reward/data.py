@@ -339,6 +339,8 @@ IDENTICAL = "chosen is identical to rejected (no preference to learn)"
 # sequence twice, so the pair carries no preference either.
 IDENTICAL_TOKENS = "chosen and rejected are identical after tokenisation (no preference to learn)"
 ALL_IDENTICAL = "all completions are identical (no preference to learn)"  # a list's IDENTICAL
+# long_responses: cut keeps each text's last tokens; two responses that differ only before those become one sequence.
+IDENTICAL_ONCE_CUT = "chosen and rejected are identical once cut to max_length (they differ only in the tokens cut away)"
 # The collator hands margin and weight to the loss as float32: a larger value becomes inf there.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -349,7 +351,7 @@ def too_long(max_length) -> str:
 
 def droppable(problem: str) -> bool:
     """Rows that are well-formed but carry no usable pair: dropped and counted by default, as trl drops them."""
-    return problem in (IDENTICAL, IDENTICAL_TOKENS, ALL_IDENTICAL) or problem.startswith("a response alone is longer")
+    return problem in (IDENTICAL, IDENTICAL_TOKENS, ALL_IDENTICAL, IDENTICAL_ONCE_CUT) or problem.startswith("a response alone is longer")
 
 
 # Which bad rows stop the run: "auto" only rows that cannot be read; "skip" none; "error" all.
@@ -494,10 +496,11 @@ def tokenize_example(example, tokenizer, max_length, append_eos, group_column, s
         _, chosen_text, rejected_text = render_texts(example, tokenizer, append_eos)
         chosen_ids = tokenizer(chosen_text)["input_ids"]
         rejected_ids = tokenizer(rejected_text)["input_ids"]
+    differ = chosen_ids != rejected_ids
     chosen_ids, rejected_ids, status = truncate_pair(chosen_ids, rejected_ids, max_length, special_ids,
                                                      cut_long_responses)
-    if chosen_ids == rejected_ids:  # given as identical ids, or texts the tokenizer made identical
-        problem = IDENTICAL if "chosen_ids" in example else IDENTICAL_TOKENS
+    if chosen_ids == rejected_ids:  # given as identical ids, texts the tokenizer made identical, or cut alike
+        problem = IDENTICAL_ONCE_CUT if differ else IDENTICAL if "chosen_ids" in example else IDENTICAL_TOKENS
     elif status == "dropped":
         problem = too_long(max_length)
     elif has_empty_response(example):

@@ -94,6 +94,20 @@ def test_truncation_and_drops_are_reported(tokenizer, caplog):
     assert report == {"rows": 2, "pairs": 1, "truncated": 1, "empty_responses": 0, "dropped": {too_long: 1}}
 
 
+def test_long_responses_cut_alike_are_reported_as_such(tokenizer):
+    """With long_responses: cut, two long responses that differ only in their opening words become one sequence; the
+    pair is dropped under its own reason, not as a pair whose texts were identical."""
+    tail = " hello" * 40
+    rows = [{"prompt": "Q", "chosen": " Yes," + tail, "rejected": " No," + tail},
+            {"prompt": "Q", "chosen": " Same.", "rejected": " Same."},
+            {"prompt": "Q", "chosen": " Yes.", "rejected": " No."}]
+    _, report = prepare_dataset(Dataset.from_list(rows), tokenizer,
+                                config(max_length=16, on_bad_rows="skip", long_responses="cut"))
+    from hf_balanced_reward.data import IDENTICAL, IDENTICAL_ONCE_CUT
+
+    assert report["dropped"] == {IDENTICAL_ONCE_CUT: 1, IDENTICAL: 1}
+
+
 def test_missing_chosen_column(tokenizer):
     with pytest.raises(DataError, match=r"train dataset has no 'chosen' column; its columns are \['prompt', 'answer', "
                        r"'rejected'\]"):
