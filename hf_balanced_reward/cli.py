@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command '{command}'{did_you_mean(command, COMMANDS)}; "
               f"use one of: {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
+    config = None  # train's, once parsed: where to look for checkpoints when the disk fills up
     try:
         if command == "evaluate":
             evaluate(rest)
@@ -542,8 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Checkpoints are written beside their folder and renamed whole, so a full disk damages none of them.
+        from .checkpoints import is_complete_checkpoint, list_checkpoints
+
+        saved = config is not None and any(map(is_complete_checkpoint, list_checkpoints(config.output_dir)))
+        then = ("every complete checkpoint is intact. Free some space, then run the same command with "
+                "--resume_from_checkpoint true." if saved else
+                "no checkpoint had been saved. Free some space, then run the same command again.")
         print(f"{PROG}: error: the disk is full ({err.strerror}{f': {err.filename}' if err.filename else ''}); "
-              "every complete checkpoint is intact. Free some space, then run the same command with "
-              "--resume_from_checkpoint true.", file=sys.stderr)
+              f"{then}", file=sys.stderr)
         return 2
     return 0

@@ -492,15 +492,27 @@ def test_too_little_free_disk_is_refused_before_training(tmp_path, model_dir, pa
     assert "a checkpoint of this model (weights and optimizer state) needs about" in caplog.text
 
 
-def test_a_disk_that_fills_up_mid_run_gives_one_message(tmp_path, model_dir, pairs_file, monkeypatch, capsys):
+@pytest.mark.parametrize("save_strategy,advice", [
+    ("no", "no checkpoint had been saved. Free some space, then run the same command again."),
+    ("steps", "every complete checkpoint is intact. Free some space, then run the same command with "
+        "--resume_from_checkpoint true."),
+])
+def test_a_disk_that_fills_up_mid_run_gives_one_message(tmp_path, model_dir, pairs_file, monkeypatch, capsys,
+                                                        save_strategy, advice):
+    """The advice follows what is on disk: resume only when a complete checkpoint was saved (with save_strategy
+    steps, Trainer saves checkpoint-1 at the last step, before the final save fails)."""
     import errno
 
-    def full(self, *args, **kwargs):
+    save_model = BalancedRewardTrainer.save_model
+
+    def full(self, output_dir=None, *args, **kwargs):
+        if output_dir and "checkpoint-" in str(output_dir):
+            return save_model(self, output_dir, *args, **kwargs)  # checkpoints fit; the final model does not
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
 
     monkeypatch.setattr(BalancedRewardTrainer, "save_model", full)
     status = main(["train", "--model_name_or_path", model_dir, "--dataset_name", pairs_file, "--max_steps", "1",
-                   "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+                   "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--save_strategy", save_strategy])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert "the disk is full (No space left on device: " in err and "--resume_from_checkpoint true" in err
+    assert "the disk is full (No space left on device: " in err and advice in err
