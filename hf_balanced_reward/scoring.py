@@ -91,27 +91,9 @@ def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int |
 def tokenize_texts(prompts, completions, tokenizer, max_length, append_eos: bool, options=None) -> list[list[int]]:
     """Token ids of each prompt + completion, rendered, tokenised and truncated as training does. `options`: per
     text, the row's chat template columns (`tools`, `chat_template_kwargs`), as training passes them."""
-    options = options or [{}] * len(prompts)
-    rendered = [render_texts({"prompt": p, "chosen": c, "rejected": c, **o}, tokenizer, append_eos)[:2]
-                for p, c, o in zip(prompts, completions, options, strict=True)]
-    all_ids = tokenizer([text for _, text in rendered])["input_ids"]  # the tokenizer's own BOS/CLS, as in training
-    special_ids = set(tokenizer.all_special_ids)
-    truncated, response_cut = 0, 0
-    for i, ids in enumerate(all_ids):
-        if not ids:
-            raise DataError(f"text {i} has no tokens: its prompt and response are both empty.")
-        if max_length is None or len(ids) <= max_length:
-            continue
-        fitted, _, status = truncate_pair(ids, ids, max_length, special_ids)
-        if status == "dropped":
-            raise ConfigError(f"max_length={max_length} leaves no room for a response after the leading special "
-                              "tokens; use a larger max_length.")
-        truncated += 1
-        # Training drops a pair whose response alone is too long; one text has no partner, so its end is kept.
-        lead = next((k for k, token in enumerate(ids) if token not in special_ids), len(ids))
-        prompt_length = common_prefix_length(tokenizer(rendered[i][0])["input_ids"], ids)
-        response_cut += len(ids) - max_length > prompt_length - lead
-        all_ids[i] = fitted
+    all_ids, cuts = tokenize_with_cuts(prompts, completions, tokenizer, max_length, append_eos, options)
+    truncated = sum(cut != "kept" for cut in cuts)
+    response_cut = sum(cut == "response cut" for cut in cuts)
     if truncated:
         logger.warning(
             f"{truncated} of {len(all_ids)} texts are longer than max_length={max_length}: their prompts were cut "
@@ -120,6 +102,35 @@ def tokenize_texts(prompts, completions, tokenizer, max_length, append_eos: bool
                "first tokens were cut too" if response_cut else "") + "."
         )
     return all_ids
+
+
+def tokenize_with_cuts(prompts, completions, tokenizer, max_length, append_eos: bool, options=None,
+                       allow_empty: bool = False) -> tuple[list[list[int]], list[str]]:
+    """`tokenize_texts` without its warning, for a client that reports cuts per text (the `serve` command): (token
+    ids, cut) of each text, cut "kept", "truncated" (its prompt was cut from the left) or "response cut" (the
+    response alone is longer than max_length, so its first tokens were cut too). A text with no tokens raises
+    DataError, or comes back empty with `allow_empty` (the caller names it)."""
+    options = options or [{}] * len(prompts)
+    rendered = [render_texts({"prompt": p, "chosen": c, "rejected": c, **o}, tokenizer, append_eos)[:2]
+                for p, c, o in zip(prompts, completions, options, strict=True)]
+    all_ids = tokenizer([text for _, text in rendered])["input_ids"]  # the tokenizer's own BOS/CLS, as in training
+    special_ids = set(tokenizer.all_special_ids)
+    cuts = ["kept"] * len(all_ids)
+    for i, ids in enumerate(all_ids):
+        if not ids and not allow_empty:
+            raise DataError(f"text {i} has no tokens: its prompt and response are both empty.")
+        if max_length is None or len(ids) <= max_length:
+            continue
+        fitted, _, status = truncate_pair(ids, ids, max_length, special_ids)
+        if status == "dropped":
+            raise ConfigError(f"max_length={max_length} leaves no room for a response after the leading special "
+                              "tokens; use a larger max_length.")
+        # Training drops a pair whose response alone is too long; one text has no partner, so its end is kept.
+        lead = next((k for k, token in enumerate(ids) if token not in special_ids), len(ids))
+        prompt_length = common_prefix_length(tokenizer(rendered[i][0])["input_ids"], ids)
+        cuts[i] = "response cut" if len(ids) - max_length > prompt_length - lead else "truncated"
+        all_ids[i] = fitted
+    return all_ids, cuts
 
 
 def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:

@@ -1,0 +1,449 @@
+"""`hf-balanced-reward serve MODEL_DIR`: the reward model over HTTP for RL run on other processes or machines.
+
+- `POST /get_reward`: OpenRLHF's remote reward protocol (`--remote_rm_url`): `{"query": [text, ...]}` (its `prompts`
+  and `labels` are accepted and not used) -> `{"rewards": [...], "scores": [...], "extra_logs": {...}}`.
+- `POST /v1/rewards`: `{"items": [{"prompt": ..., "response": ...} | {"prompt": ..., "completions": [...]}]}`, texts
+  or message lists, per-item `tools` / `chat_template_kwargs` -> each item's reward (and rewards and ranks).
+- `GET /health` (200 once the model is loaded and a warm-up batch ran), `GET /v1/model` (what the model is).
+
+Every text is scored by `scoring.py`'s contract (what `score`, `reward_function` and training give), batched across
+concurrent requests by `serve_batching.Batcher`. Secure by default: 127.0.0.1, an API key compared in constant time
+when one is set, no request text in the logs unless --log_requests. fastapi, uvicorn and torch are imported only when
+the command runs.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .errors import ConfigError, DataError, did_you_mean
+from .serve_batching import Batcher, QueueFull, RewardModel
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "HF_BALANCED_REWARD_API_KEY"
+MAX_BODY_BYTES = 64 * 2**20  # a body past this is refused (413) before it is read whole
+SHUTDOWN_TIMEOUT_S = 60  # SIGTERM: how long in-flight requests may take to finish
+RETRY_AFTER_S = 1
+DTYPES = ("float32", "bfloat16", "float16")
+ITEM_FIELDS = ("prompt", "response", "completions", "tools", "chat_template_kwargs")
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+              float: "a number", type(None): "null"}
+
+
+class RequestError(Exception):
+    """A request answered with `status` and a message naming the field, the value and the fix."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-balanced-reward serve",
+        description="Serve a reward model over HTTP: OpenRLHF's POST /get_reward, POST /v1/rewards (prompt + "
+        "response or completions), GET /health, GET /v1/model; texts of concurrent requests are batched together.",
+    )
+    parser.add_argument("model", metavar="MODEL_DIR",
+                        help="A saved one-output reward model: a folder, hub id or package:NAME/DIR.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network, "
+                        "then set an API key).")
+    parser.add_argument("--port", type=int, default=8000, help="Port (default 8000; 0: a free one, printed).")
+    parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                        help=f"Key every request but /health must send (Authorization: Bearer KEY, or ?api_key=KEY "
+                        f"for clients that send no headers). Default: ${API_KEY_ENV}, which keeps the key out of "
+                        "the process list; none: no key asked.")
+    parser.add_argument("--max_batch_tokens", type=int, default=8192,
+                        help="Most tokens per forward pass, padding included (default 8192).")
+    parser.add_argument("--max_wait_ms", type=float, default=5.0,
+                        help="Longest a text waits for others to share its batch (default 5).")
+    parser.add_argument("--max_queue", type=int, default=1024,
+                        help="Most texts waiting; a request that would pass it gets 503 with Retry-After "
+                        "(default 1024).")
+    parser.add_argument("--max_request_items", type=int, default=256,
+                        help="Most texts in one request (each completion counts); more get 413 (default 256).")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps ... (default: the accelerator Accelerate picks, else cpu).")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="Weights' dtype (default float32: rewards equal score's; bfloat16/float16 are faster "
+                        "on a GPU and differ slightly).")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="Most tokens per text, prompt cut from the left (default: the one the model was "
+                        "trained with, as score does).")
+    parser.add_argument("--log_requests", action="store_true",
+                        help="Log every request's texts and rewards (off by default: texts may be private).")
+    return parser
+
+
+def check_options(args) -> None:
+    """ConfigError naming the option, before the model loads."""
+    for option, low in (("max_batch_tokens", 1), ("max_queue", 1), ("max_request_items", 1), ("max_wait_ms", 0)):
+        if getattr(args, option) < low:
+            raise ConfigError(f"--{option} must be at least {low}, got {getattr(args, option)}.")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 0 to 65535 (0: a free port), got {args.port}.")
+    if args.max_request_items > args.max_queue:
+        raise ConfigError(f"--max_request_items {args.max_request_items} is more than --max_queue {args.max_queue}: "
+                          "such a request could never be queued; lower the first or raise the second.")
+    if args.max_length is not None and args.max_length < 2:
+        raise ConfigError(f"--max_length must be at least 2, got {args.max_length}.")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError(f"--api_key (or ${API_KEY_ENV}) is empty; set a key, or unset it to ask for none.")
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bound before the (slow) model load, so that a taken port fails at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on --host {host} --port {port} ({err.strerror or err}); choose another "
+                          "--port (0 picks a free one) or stop the process that holds it.") from None
+    return sock
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`hf-balanced-reward serve MODEL_DIR [--option value ...]`. Exit status: 0 once stopped by SIGTERM or SIGINT;
+    2 for a wrong option, a taken port or a folder that is not a one-output reward model (before anything is
+    served); 1 if the server failed to start."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has already printed
+        return stop.code if isinstance(stop.code, int) else 2
+    sock = None
+    try:
+        if missing := [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]:
+            raise ConfigError(f"serve needs {' and '.join(missing)}: pip install 'hf-balanced-reward[serve]' (make "
+                              "setup installs it).")
+        check_options(args)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+            logger.warning(f"--host {args.host} with no API key: anyone who can reach this port can use the model; "
+                           f"set ${API_KEY_ENV}.")
+        sock = listening_socket(args.host, args.port)
+        from .cli import quiet_libraries
+
+        quiet_libraries()
+        reward_model = RewardModel(args.model, args.device, args.dtype, args.max_length)
+    except (ConfigError, DataError) as err:
+        if sock is not None:
+            sock.close()
+        print(f"hf-balanced-reward: error: {err}", file=sys.stderr)
+        return 2
+    return run_server(reward_model, sock, args)
+
+
+# --- requests: read, check, name what is wrong ------------------------------------------------------------------
+
+
+def json_type(value) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def check_key(presented: str | None, api_key: str | None) -> None:
+    """401 unless the server asks for no key or `presented` equals it (compared in constant time)."""
+    if api_key is None:
+        return
+    # Digests of equal length: the comparison's time says nothing about the key, not even its length.
+    if presented is None or not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(),
+                                                    hashlib.sha256(api_key.encode()).digest()):
+        raise RequestError(401, "missing or wrong API key; send 'Authorization: Bearer KEY' (or ?api_key=KEY).",
+                           {"WWW-Authenticate": "Bearer"})
+
+
+def presented_key(headers, query_params) -> str | None:
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[len("bearer "):].strip()
+    return query_params.get("api_key")
+
+
+def parse_body(body: bytes):
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" ({err.msg} at character {err.pos})" if isinstance(err, json.JSONDecodeError) else ""
+        raise RequestError(400, f"the body is not valid JSON{where}; send a JSON object such as "
+                           '{"query": ["text"]}.') from None
+
+
+def openrlhf_queries(body, max_items: int) -> list[str]:
+    """The `query` texts of an OpenRLHF request; `prompts` and `labels` (and any other key) are not used."""
+    if not isinstance(body, dict):
+        raise RequestError(422, f"the body is {json_type(body)}, not an object with a 'query' array of texts.")
+    if "query" not in body:
+        raise RequestError(422, "the body has no 'query': send {\"query\": [text, ...]} (prompt + response, as the "
+                           "policy rendered them).")
+    queries = body["query"]
+    if not isinstance(queries, list):
+        raise RequestError(422, f"'query' is {json_type(queries)}, not an array of texts.")
+    too_many(len(queries), max_items, "'query'")
+    for i, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise RequestError(422, f"query[{i}] is {json_type(query)}, not a string.")
+    return queries
+
+
+def too_many(count: int, max_items: int, what: str) -> None:
+    if count > max_items:
+        raise RequestError(413, f"{what} has {count} texts; this server takes at most {max_items} per request "
+                           "(--max_request_items): split the request.")
+
+
+def structured_items(body, max_items: int) -> list[dict]:
+    """The `items` of a /v1/rewards request, each checked; 413 past max_items texts."""
+    shape = ('send {"items": [{"prompt": ..., "response": ...}, ...]} (or "completions": [...] instead of '
+             '"response" for best-of-n).')
+    if not isinstance(body, dict):
+        raise RequestError(422, f"the body is {json_type(body)}, not an object: {shape}")
+    if not isinstance(body.get("items"), list):
+        raise RequestError(422, f"'items' is {json_type(body['items']) if 'items' in body else 'missing'}: {shape}")
+    if unknown := [key for key in body if key != "items"]:
+        raise RequestError(422, f"unknown field '{unknown[0]}'{did_you_mean(unknown[0], ['items'])}; the body "
+                           "holds only 'items'.")
+    items = body["items"]
+    too_many(len(items), max_items, "'items'")
+    for i, item in enumerate(items):
+        if problem := item_problem(item):
+            raise RequestError(422, f"items[{i}]{problem}")
+    too_many(sum(len(item.get("completions", [None])) for item in items), max_items, "'items'")
+    return items
+
+
+def item_problem(item) -> str | None:
+    """What is wrong with one item, worded to follow 'items[i]', or None."""
+    from .data import text_problem
+
+    if not isinstance(item, dict):
+        return f" is {json_type(item)}, not an object with 'prompt' and 'response' (or 'completions')."
+    if unknown := [key for key in item if key not in ITEM_FIELDS]:
+        return (f" has unknown field '{unknown[0]}'{did_you_mean(unknown[0], ITEM_FIELDS)}; fields are "
+                f"{', '.join(ITEM_FIELDS)}.")
+    answers = [key for key in ("response", "completions") if key in item]
+    if "prompt" not in item or len(answers) != 1:
+        return (" needs 'prompt' (\"\" to score a whole text) and exactly one of 'response' or 'completions'; it "
+                f"has {', '.join(repr(k) for k in item) or 'no fields'}.")
+    if problem := text_problem(item["prompt"], allow_empty=True):
+        return f".prompt {problem}."
+    responses = [item["response"]] if "response" in item else item["completions"]
+    if "completions" in item and (not isinstance(responses, list) or not responses):
+        found = "an empty array" if responses == [] else json_type(responses)
+        return f".completions is {found}, not an array of one response or more."
+    for k, response in enumerate(responses):
+        field = "response" if "response" in item else f"completions[{k}]"
+        if problem := text_problem(response, allow_empty=True):
+            return f".{field} {problem}."
+        if isinstance(item["prompt"], str) != isinstance(response, str):
+            return f": prompt and {field} mix plain text and message lists; send both as text or both as messages."
+    return template_options_problem(item)
+
+
+def template_options_problem(item: dict) -> str | None:
+    tools = item.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            return f".tools is a string that is not valid JSON ({err.msg} at character {err.pos})."
+    if tools is not None and not isinstance(tools, (list, str)):
+        return f".tools is {json_type(tools)}, not an array of tool schemas (or one JSON string of them)."
+    kwargs = item.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return f".chat_template_kwargs is {json_type(kwargs)}, not an object of chat template arguments."
+    return None
+
+
+def item_texts(item: dict) -> tuple[list, list, list[dict]]:
+    """(prompts, responses, template options): one text per response of the item."""
+    responses = [item["response"]] if "response" in item else item["completions"]
+    options = {key: item[key] for key in ("tools", "chat_template_kwargs") if item.get(key) is not None}
+    return [item["prompt"]] * len(responses), responses, [options] * len(responses)
+
+
+def item_result(item: dict, rewards: list[float], cuts: list[str]) -> dict:
+    """An item's answer, with `score`'s keys: `reward`, and for completions `rewards` and `rank` (1 = best)."""
+    from .scoring import ranks
+
+    truncated = [cut != "kept" for cut in cuts]
+    if "response" in item:
+        return {"reward": rewards[0], "truncated": truncated[0]}
+    return {"reward": max(rewards), "rewards": rewards, "rank": ranks(rewards), "truncated": truncated}
+
+
+def stop_quietly_on_signals():
+    """SIGTERM / SIGINT handlers that do nothing, for the time uvicorn serves: it handles both (stops accepting,
+    finishes in-flight requests) and then raises the signal again, which these absorb so the command exits 0.
+    Returns the handlers to restore."""
+    return {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+# --- the app ------------------------------------------------------------------------------------------------------
+
+
+def build_app(reward_model: RewardModel, batcher: Batcher, args):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    state = {"ready": False, "worker": None}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["worker"] = asyncio.create_task(batcher.run())
+        await batcher.score_now(reward_model.tokenize([""], ["Warm-up: one batch before the server says ready."])[0])
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        state["worker"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state["worker"]
+        if unscored := batcher.close():  # only when requests outlived SHUTDOWN_TIMEOUT_S
+            logger.warning(f"stopped with {unscored} texts unscored: their requests got no answer.")
+
+    # No /docs or /openapi.json: bodies are read and checked here (to name each bad field), so they would say little.
+    app = FastAPI(title="hf-balanced-reward", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    async def answer_request_error(request, err: RequestError):
+        return JSONResponse({"detail": err.message}, err.status, headers=err.headers)
+
+    async def read_json(request: Request):
+        """The body of a POST, once its key is checked: 401, 413 past MAX_BODY_BYTES, 400 if not JSON."""
+        check_key(presented_key(request.headers, request.query_params), args.api_key)
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            raise RequestError(413 if declared.isdigit() else 400, f"Content-Length {declared}: a body must be at "
+                               f"most {MAX_BODY_BYTES} bytes; split the request.")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(413, f"the body passes {MAX_BODY_BYTES} bytes; split the request.")
+        return parse_body(bytes(body))
+
+    def token_ids(where: str, prompts, responses, names: list[str], options=None) -> tuple[list, list[str]]:
+        """Token ids and cuts of the texts named `names` (of `where` in the request); 422 naming what fails."""
+        try:
+            ids, cuts = reward_model.tokenize(prompts, responses, options)
+        except (ConfigError, DataError) as err:
+            raise RequestError(422, f"{where}: {err}") from None
+        except Exception as err:  # the chat template refused the messages
+            raise RequestError(422, f"{where}: the chat template could not render it ({err}).") from None
+        if empty := [name for name, one in zip(names, ids) if not one]:
+            raise RequestError(422, f"{empty[0]} is empty, and this tokenizer adds no special token to a text: "
+                               "nothing to score. Send a non-empty text.")
+        return ids, cuts
+
+    async def rewards_of(ids: list[list[int]]) -> list[float]:
+        try:
+            done = batcher.submit(ids)
+        except QueueFull as err:
+            raise RequestError(503, str(err), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        try:
+            return await done
+        except RuntimeError as err:
+            raise RequestError(500, str(err)) from None
+
+    def log_request(endpoint: str, texts, rewards) -> None:
+        if args.log_requests:
+            logger.info(f"{endpoint} " + json.dumps({"texts": texts, "rewards": rewards}, ensure_ascii=False))
+
+    @app.get("/health")
+    async def health():
+        worker = state["worker"]
+        if worker is not None and worker.done():
+            return JSONResponse({"status": "broken", "detail": "the batching worker stopped; restart the server."},
+                                503)
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ready", "waiting": len(batcher.waiting), "scored": batcher.scored,
+                             "batches": batcher.batches})
+
+    @app.get("/v1/model")
+    async def model(request: Request):
+        check_key(presented_key(request.headers, request.query_params), args.api_key)
+        return JSONResponse(reward_model.info(args))
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        queries = openrlhf_queries(await read_json(request), args.max_request_items)
+        if not queries:  # OpenRLHF shards a list of queries over its reward URLs: a replica may get none
+            return JSONResponse({"rewards": [], "scores": [], "extra_logs": {"truncated": []}, "truncated": []})
+        ids, cuts = token_ids("query", [""] * len(queries), queries, [f"query[{i}]" for i in range(len(queries))])
+        rewards = await rewards_of(ids)
+        log_request("/get_reward", queries, rewards)
+        truncated = [cut != "kept" for cut in cuts]
+        return JSONResponse({"rewards": rewards, "scores": rewards,
+                             "extra_logs": {"truncated": [float(t) for t in truncated]}, "truncated": truncated})
+
+    @app.post("/v1/rewards")
+    async def v1_rewards(request: Request):
+        items = structured_items(await read_json(request), args.max_request_items)
+        all_ids, all_cuts, sizes = [], [], []
+        for i, item in enumerate(items):
+            prompts, responses, options = item_texts(item)
+            names = [f"items[{i}]." + ("response" if "response" in item else f"completions[{k}]")
+                     for k in range(len(responses))]
+            ids, cuts = token_ids(f"items[{i}]", prompts, responses, names, options)
+            all_ids += ids
+            all_cuts += cuts
+            sizes.append(len(ids))
+        all_rewards = await rewards_of(all_ids)
+        log_request("/v1/rewards", items, all_rewards)
+        results, start = [], 0
+        for item, size in zip(items, sizes):
+            results.append(item_result(item, all_rewards[start : start + size], all_cuts[start : start + size]))
+            start += size
+        return JSONResponse({"items": results, "max_length": reward_model.max_length})
+
+    return app
+
+
+def run_server(reward_model: RewardModel, sock: socket.socket, args) -> int:
+    """Serve until SIGTERM or SIGINT: then stop accepting, score what waits, answer every request in flight, exit
+    0."""
+    import uvicorn
+
+    batcher = Batcher(reward_model.score_batch, args.max_batch_tokens, args.max_wait_ms / 1000, args.max_queue)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    ready = (f"hf-balanced-reward serve: {reward_model.name} ready on {url} (max_length {reward_model.max_length}, "
+             f"{reward_model.device}, {reward_model.dtype}; API key {'required' if args.api_key else 'not asked'})")
+
+    class RewardServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # listening now: the line a supervisor (or a test) waits for
+                print(ready, flush=True)
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if batcher.loop is not None:
+                batcher.loop.call_soon_threadsafe(batcher.drain)
+
+    config = uvicorn.Config(build_app(reward_model, batcher, args), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, lifespan="on")
+    server = RewardServer(config)
+    previous = stop_quietly_on_signals()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    if not server.started:
+        print("hf-balanced-reward: error: the server did not start (see the message above).", file=sys.stderr)
+        return 1
+    print("hf-balanced-reward serve: stopped.", flush=True)
+    return 0
