@@ -53,6 +53,9 @@ def load_recipe(path: str) -> dict:
 
 def check_keys(values: dict, valid_keys, path: str) -> None:
     for key in values:
+        if key == "search" and key not in valid_keys:
+            raise UsageError(f"config '{path}' has a search: block, which `{PROG} tune --config {path}` reads; "
+                             "train takes the recipe without it.")
         if key not in valid_keys:
             raise UsageError(
                 f"config '{path}' has unknown key '{key}'{did_you_mean(key, valid_keys)}. "

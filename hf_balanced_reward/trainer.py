@@ -5,6 +5,7 @@ loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `tr
 """
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -28,7 +29,7 @@ from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data
 from .run_lock import RunLock, check_new_run, delete_set_aside
 from .collator import PairCollator, unpack_lists, unpack_pairs
 from .cross_prompt import add_off_prompt_responses
-from .balancing import GroupBalance, length_cells, length_head_penalty
+from .balancing import GroupBalance, length_cells, length_head_penalty, unit_mixture
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .errors import TrainingStopped
 from .paths import resolve_model_path
@@ -83,7 +84,8 @@ class BalancedRewardTrainer(Trainer):
 
     Takes the same arguments as `trl.RewardTrainer`, plus `loss_fn`, a callable
     `(chosen_rewards, rejected_rewards, margin=None, **loss_kwargs) -> per-pair loss` used instead of
-    `LOSSES[args.loss_type]`.
+    `LOSSES[args.loss_type]`, and Trainer's `model_init` (instead of `model`): a function of no argument or of the
+    trial returning a model or its name, called for a fresh model at every train(), as `hyperparameter_search` needs.
     """
 
     # compute_loss returns a per-batch mean, so Trainer divides it by the accumulation steps.
@@ -93,7 +95,7 @@ class BalancedRewardTrainer(Trainer):
 
     def __init__(
         self,
-        model: str | PreTrainedModel,
+        model: str | PreTrainedModel | None = None,
         args: BalancedRewardConfig | None = None,
         data_collator=None,
         train_dataset: Dataset | IterableDataset | None = None,
@@ -106,7 +108,14 @@ class BalancedRewardTrainer(Trainer):
         preprocess_logits_for_metrics=None,
         peft_config=None,
         loss_fn=None,
+        model_init=None,
     ):
+        if (model is None) == (model_init is None):
+            raise ConfigError("BalancedRewardTrainer needs model (a model or its name) or model_init (a function "
+                              "returning one for every run, as hyperparameter_search needs), not both.")
+        if model_init is not None:
+            self.model_init = model_init
+            model = super().call_model_init()  # set-up reads its model (or loads the model it names) as `model`
         model = resolve_model_path(model)  # `package:NAME/SUBDIR` as on the command line
         args = as_config(args, model)
         check_launch(args)
@@ -183,17 +192,12 @@ class BalancedRewardTrainer(Trainer):
         else:
             eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
 
-        if model_id:
-            model = load_model(model_id, args)
-        prepare_model(model, processing_class, args, added_tokens, self.max_length)
         given = {name: data for name, data in {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict)
                  else {"eval": eval_dataset})}.items() if isinstance(data, Dataset)}
-        check_token_ids(given, model.get_input_embeddings().num_embeddings)  # resized, not yet wrapped
-        self.shared_prompt = use_shared_prompt(model, args)
-        self._shared_prompt_checked = False
-        if peft_config is not None:
-            model = wrap_peft(model, peft_config, args, added_tokens)
-        find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
+        self._added_tokens = added_tokens  # model_init's models are readied as this one is
+        model = self._ready_model(load_model(model_id, args) if model_id else model, processing_class, args,
+                                  peft_config, given)
+        self._peft_config = peft_config
 
         self.user_compute_metrics = compute_metrics
         super().__init__(
@@ -212,15 +216,9 @@ class BalancedRewardTrainer(Trainer):
         # Evaluation calls compute_loss only when the model "can return a loss" and there are no label columns.
         self.can_return_loss = True
         self.label_names = []
-        self.train_totals, self.unit_losses = TrainTotals(self.accelerator), UnitLosses(self.accelerator)
-        self.skipped_batches, self._micro_batches = 0, 0
+        self.model_init = model_init  # Trainer's own check refuses model and model_init together
         self.stream_state = StreamPosition()  # where a streamed train set is read up to
-        # Trained with the model (see `create_optimizer`), kept in checkpoints, never saved with the model.
-        self.length_head, self.log_tie = None, None
-        if self.uses_balance and self.balance.length_head:
-            self.length_head = make_length_head(model, args.device, self.accelerator)
-        if args.loss_kwargs.get(LEARN_TIE):
-            self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
+        self._fresh_trained_state()
         self.signal_stop = StopOnSignal(self.accelerator)
         self.add_callback(self.signal_stop)
         self.skip_steps = SkipEmptySteps(self.accelerator)  # nan_policy skip: a skipped step changes nothing
@@ -245,6 +243,65 @@ class BalancedRewardTrainer(Trainer):
     def stream_position(self) -> dict:
         """Where a streamed train set is read up to: its pass (Trainer's epoch) and the batches read into it."""
         return self.stream_state.position
+
+    def _ready_model(self, model, processing_class, args, peft_config, token_check_sets=None):
+        """A loaded model matched to the tokenizer, its layout chosen, LoRA-wrapped when asked: `model` in __init__,
+        and every model `model_init` gives."""
+        prepare_model(model, processing_class, args, self._added_tokens, self.max_length)
+        if token_check_sets:
+            check_token_ids(token_check_sets, model.get_input_embeddings().num_embeddings)  # resized, not yet wrapped
+        self.shared_prompt = use_shared_prompt(model, args)
+        self._shared_prompt_checked = False
+        if peft_config is not None:
+            model = wrap_peft(model, peft_config, args, self._added_tokens)
+        find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
+        return model
+
+    def call_model_init(self, trial=None):
+        """The fresh model of a run (train() asks for one at every start; under `hyperparameter_search`, with the
+        trial): `model_init`'s model, or the model it names loaded as `model` would be, readied as __init__'s was."""
+        model = resolve_model_path(super().call_model_init(trial))
+        if isinstance(model, str):
+            model = load_model(model, self.args)
+        peft_config = copy.deepcopy(self._peft_config)  # wrap_peft adds the head to it: once per model
+        model = self._ready_model(model, self.processing_class, self.args, peft_config)
+        if self.args.activation_offloading:
+            self.offload_activations = get_act_offloading_ctx_manager(model=model)
+        model.add_model_tags(self._tag_names)
+        return model
+
+    def _hp_search_setup(self, trial) -> None:
+        """Trainer sets a trial's options on `args`; the loss's options read from them at __init__ are read again
+        (a trial may set `loss_kwargs`), and what training learns besides the model starts afresh for each trial."""
+        super()._hp_search_setup(trial)
+        if trial is None or self.hp_search_backend is None:
+            return
+        args = self.args
+        args.validate_reward_options()  # a trial's loss_kwargs, checked as a recipe's are
+        check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
+        self.list_loss = as_list_loss(self.loss_fn, {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE})
+        fitted = self.balance
+        self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))
+        if (self.balance.cross_prompt, self.balance.cross_prompt_partners) != (fitted.cross_prompt,
+                                                                               fitted.cross_prompt_partners):
+            raise ConfigError("loss_kwargs cross_prompt and cross_prompt_partners cannot change between trials: the "
+                              "train set's cross-prompt negatives were chosen before the first; set them in args.")
+        # The groups, unit sizes and length slopes come from the data; the weighting's mixture from the options.
+        self.balance.group_names, self.balance.unit_sizes = fitted.group_names, fitted.unit_sizes
+        self.balance.slopes, self.balance.mix = fitted.slopes, unit_mixture(fitted.unit_sizes, self.balance.weighting)
+        self._fresh_trained_state()
+
+    def _fresh_trained_state(self) -> None:
+        """What training learns or counts besides the model, as it is before the first step."""
+        args = self.args
+        self.train_totals, self.unit_losses = TrainTotals(self.accelerator), UnitLosses(self.accelerator)
+        self.skipped_batches, self._micro_batches = 0, 0
+        # Trained with the model (see `create_optimizer`), kept in checkpoints, never saved with the model.
+        self.length_head, self.log_tie = None, None
+        if self.uses_balance and self.balance.length_head:
+            self.length_head = make_length_head(self.model, args.device, self.accelerator)
+        if args.loss_kwargs.get(LEARN_TIE):
+            self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -379,8 +436,10 @@ class BalancedRewardTrainer(Trainer):
         """Trainer's train, holding output_dir for the run: a second run into it is refused while this one trains,
         and a new run over an earlier run's checkpoints needs overwrite_output_dir (see `run_lock`)."""
         try:
-            self._claim_output_dir(resume_from_checkpoint)
-            check_free_disk(self.args, self.model)  # on every process: all refuse together, none waits
+            # Under hyperparameter_search each trial is a run in its own folder (Trainer's output_dir/run-N).
+            self._claim_output_dir(resume_from_checkpoint, run_dir=self._get_output_dir(trial))
+            if self.model is not None:  # None between hyperparameter_search's trials: model_init makes the next
+                check_free_disk(self.args, self.model)  # on every process: all refuse together, none waits
             return self._train_owned(resume_from_checkpoint, trial, **kwargs)
         finally:
             self.output_dir_lock.release()
@@ -395,20 +454,21 @@ class BalancedRewardTrainer(Trainer):
         finally:
             self.output_dir_lock.release()
 
-    def _claim_output_dir(self, resume=None, new_run: bool = True) -> None:
-        """On world process zero: lock output_dir; for a run (`new_run`), delete what a killed save left, and refuse
-        (or set aside) an earlier run's checkpoints unless it resumes. The other processes share the folder and stop
-        with process zero's refusal."""
+    def _claim_output_dir(self, resume=None, new_run: bool = True, run_dir: str | None = None) -> None:
+        """On world process zero: lock the run's folder (`run_dir`, default output_dir); for a run (`new_run`), delete
+        what a killed save left, and refuse (or set aside) an earlier run's checkpoints unless it resumes. The other
+        processes share the folder and stop with process zero's refusal."""
         refusal = None
+        run_dir = run_dir or self.args.output_dir
         if self.is_world_process_zero():
             if not self.output_dir_lock.depth:  # args.output_dir may have been changed since __init__
-                self.output_dir_lock = RunLock(self.args.output_dir)
+                self.output_dir_lock = RunLock(run_dir)
             try:
                 self.output_dir_lock.acquire()
                 if new_run:
-                    remove_unpublished(self.args.output_dir)
+                    remove_unpublished(run_dir)
                 if new_run and not wants_resume(resume):
-                    check_new_run(self.args.output_dir, self.args.overwrite_output_dir)
+                    check_new_run(run_dir, self.args.overwrite_output_dir)
             except ConfigError as err:
                 refusal = err
         if self.accelerator.num_processes > 1:
@@ -423,9 +483,10 @@ class BalancedRewardTrainer(Trainer):
         self._saved_here = {os.path.realpath(checkpoint)} if checkpoint else set()
         if checkpoint:
             self._load_reward_state(checkpoint)
+        run_dir = self._get_output_dir(trial)  # a trial's own folder under hyperparameter_search
         if self.args.should_save and self.data_report:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
+            os.makedirs(run_dir, exist_ok=True)
+            write_json_atomically(os.path.join(run_dir, "data_report.json"), self.data_report)
         try:
             with reading_streams():
                 result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
@@ -439,7 +500,7 @@ class BalancedRewardTrainer(Trainer):
             for name, report in streamed.items():
                 if summary := report_summary(name, report, self.args.on_bad_rows):
                     logger.warning(summary + " (rows read in the last pass over the stream)")
-            write_json_atomically(os.path.join(self.args.output_dir, "data_report.json"), self.data_report)
+            write_json_atomically(os.path.join(run_dir, "data_report.json"), self.data_report)
         if self.args.normalize_rewards:
             self.normalize_rewards()
         if self.finished_checkpoint:
@@ -447,7 +508,7 @@ class BalancedRewardTrainer(Trainer):
         if "train_loss" in result.metrics:  # `SkipEmptySteps.fix_logs` left skipped batches out of it
             result = result._replace(training_loss=result.metrics["train_loss"])
         if self.is_world_process_zero():  # overwrite_output_dir: the earlier run's checkpoints, now replaced
-            delete_set_aside(self.args.output_dir)
+            delete_set_aside(run_dir)
         return result
 
     def _finish_without_steps(self, checkpoint: str) -> None:
@@ -814,8 +875,9 @@ class BalancedRewardTrainer(Trainer):
             # Zero gradients for every trainable weight: the batch counts for nothing, accumulation stays in step (and
             # a step of skipped batches only does not run: `SkipEmptySteps`).
             return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
-        self._save_checkpoint(self.model_wrapped, trial=None)  # the weights are still the last good step's
-        checkpoint = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        trial = getattr(self, "_trial", None)  # a trial of hyperparameter_search saves into its own folder
+        self._save_checkpoint(self.model_wrapped, trial=trial)  # the weights are still the last good step's
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         raise TrainingStopped(
             f"non-finite loss or reward at {where}). Saved the last good state to {checkpoint}. Lower the learning "
             f"rate, check the data or use bf16 instead of fp16, then resume with --resume_from_checkpoint "

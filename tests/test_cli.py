@@ -13,6 +13,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO
 from hf_balanced_reward import BalancedRewardConfig
 from hf_balanced_reward.cli import main, parse_train_args
+from hf_balanced_reward.recipe import load_recipe
 
 
 @pytest.fixture
@@ -130,7 +131,9 @@ def test_every_recipe_parses(path):
     gpu_recipe = "bf16: true" in text
     # TrainingArguments refuses bf16 without a GPU unless told the run is on CPU; the recipe's values are unchanged.
     cpu = ["--use_cpu", "true"] if gpu_recipe and not torch.cuda.is_available() else []
-    script_args, config = parse_train_args(["--config", path, *cpu])
+    recipe = load_recipe(path)
+    recipe.pop("search", None)  # a `tune` recipe's search block: checked by tests/test_tune.py
+    script_args, config = parse_train_args(["--config", path, *cpu], recipe=recipe)
     assert isinstance(config, BalancedRewardConfig) and script_args.model_name_or_path and script_args.dataset_name
     launch = re.search(r"accelerate launch --config_file (\S+) -m hf_balanced_reward train --config (\S+)", text)
     if gpu_recipe:  # the exact command is at the top, naming a launcher config that exists and this very recipe
