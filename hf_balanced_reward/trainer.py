@@ -78,6 +78,21 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
+# Trainer's private methods overridden below, each for a job no public hook does. A transformers that renamed one would
+# silently skip the override, so the import fails instead (pyproject.toml pins the range the suite ran on).
+PRIVATE_OVERRIDES = {
+    "_save_checkpoint": "write each checkpoint beside its folder and publish it whole, with the run's fingerprint",
+    "_init_training_state": "resume a streamed train set at the pass and batch its checkpoint recorded",
+    "_set_signature_columns_if_needed": "keep the prepared pair columns, which the model's forward does not name",
+    "_get_output_dir": "point Trainer's checkpoint writing at the staging folder of _save_checkpoint",
+    "_hp_search_setup": "a trial's loss_kwargs rebuild the balanced loss's state",
+}
+if missing := [name for name in PRIVATE_OVERRIDES if not callable(getattr(Trainer, name, None))]:
+    import transformers
+
+    raise ImportError(f"hf_balanced_reward needs Trainer.{', Trainer.'.join(missing)}, which transformers "
+                      f"{transformers.__version__} does not have: pip install 'transformers>=5.24,<6'.")
+
 
 class BalancedRewardTrainer(Trainer):
     """Trains an `AutoModelForSequenceClassification` (one output) on preference pairs.

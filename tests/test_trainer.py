@@ -226,3 +226,15 @@ def test_exploit_probes_use_the_pairs_that_were_scored(tmp_path, model_dir, pair
     metrics = BalancedRewardTrainer(model=model_dir, args=args, eval_dataset=Dataset.from_list(rows)).evaluate()
     assert metrics["eval_pairs"] == 23
     assert metrics["eval_probe_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+
+
+def test_every_private_trainer_method_overridden_is_checked_at_import():
+    """The import-time check (a transformers that renamed a private Trainer method would silently skip the
+    override) covers every private Trainer method the class overrides, and each exists in the installed Trainer."""
+    from transformers import Trainer
+
+    from hf_balanced_reward.trainer import PRIVATE_OVERRIDES
+
+    overridden = {name for name in vars(BalancedRewardTrainer) if name.startswith("_") and not name.startswith("__")
+                  and callable(getattr(Trainer, name, None))}
+    assert overridden == set(PRIVATE_OVERRIDES)
