@@ -285,10 +285,12 @@ def check_same_model(checkpoint: str, config) -> None:
 
 
 def reward_state(balance, skipped_batches: int, stream_position: dict | None = None, length_head=None,
-                 log_tie=None) -> dict:
-    """What a checkpoint needs beyond Trainer's own state: the groups and their weights, the batches skipped, where a
-    stream was read up to, and the trainable parameters that live outside the model (length head, log_tie)."""
-    state = {"group_names": balance.group_names, "balance": balance.state_dict(), "skipped_batches": skipped_batches}
+                 log_tie=None, num_tokens: int = 0) -> dict:
+    """What a checkpoint needs beyond Trainer's own state: the groups and their weights, the batches skipped, the
+    tokens trained on (trl's num_tokens), where a stream was read up to, and the trainable parameters that live outside
+    the model (length head, log_tie)."""
+    state = {"group_names": balance.group_names, "balance": balance.state_dict(), "skipped_batches": skipped_batches,
+             "num_tokens": num_tokens}
     if stream_position is not None:
         state["stream_position"] = stream_position
     if length_head is not None:

@@ -50,6 +50,12 @@ class TrainTotals:
         )
         self.group_totals = per_group if self.group_totals is None else pad_to(self.group_totals, num_groups) + per_group
 
+    def tokens_so_far(self) -> int:
+        """num_tokens including the micro-batches not yet logged, over all processes (every process must call it):
+        what a checkpoint records, so a resumed run's num_tokens goes on from there."""
+        pending = self.totals[-1] if self.totals is not None else torch.zeros((), device=self.accelerator.device)
+        return self.num_tokens + int(self.accelerator.reduce(pending, reduction="sum").item())
+
     def take(self, group_names: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         """(accuracy, margin and reward scale; accuracy per group) since the last log, summed over all processes;
         the next sums start from zero."""

@@ -595,6 +595,7 @@ class BalancedRewardTrainer(Trainer):
         streamed = is_stream(self.train_dataset)
         state = load_reward_state(checkpoint, self.balance, self.length_head, self.log_tie, streamed)
         self.skipped_batches = state["skipped_batches"]
+        self.train_totals.num_tokens = state.get("num_tokens", 0)  # absent before versions that recorded it
         self.stream_state.resumed = state.get("stream_position")  # absent before versions that recorded it
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
@@ -658,10 +659,12 @@ class BalancedRewardTrainer(Trainer):
             if self.args.should_save:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
+        num_tokens = self.train_totals.tokens_so_far()  # a collective: before the main process goes on alone
         if self.args.should_save:
             streamed = is_stream(self.train_dataset)
             position = self.stream_state.of_finished_steps(self.state.global_step) if streamed else None
-            state = reward_state(self.balance, self.skipped_batches, position, self.length_head, self.log_tie)
+            state = reward_state(self.balance, self.skipped_batches, position, self.length_head, self.log_tie,
+                                 num_tokens)
             publish_checkpoint(staged, folder, {**state, FINGERPRINT: self.run_fingerprint()})
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)

@@ -77,6 +77,23 @@ def test_nan_stops_with_a_checkpoint_that_resumes_to_the_same_weights(tmp_path, 
         torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
 
 
+def test_num_tokens_goes_on_from_the_checkpoint_after_a_resume(tmp_path, model_dir, pairs):
+    """trl's num_tokens counts from the start of training: a run resumed from checkpoint-3 (one step after the log of
+    step 2, so one step's tokens not yet logged) logs at step 4 what an uninterrupted run logs there."""
+    options = dict(max_steps=4, loss_type="bradley_terry", loss_kwargs={}, logging_steps=2, save_strategy="steps",
+                   save_steps=3)
+
+    def logged_tokens(trainer):
+        return [log["num_tokens"] for log in trainer.state.log_history if "num_tokens" in log]
+
+    straight = BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "run", **options), train_dataset=pairs)
+    straight.train()
+    resumed = BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "run", **options), train_dataset=pairs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert len(logged_tokens(straight)) == 2 and logged_tokens(straight)[0] > 0
+    assert logged_tokens(resumed)[-1] == logged_tokens(straight)[-1]
+
+
 def test_nan_skip_leaves_the_batch_out_and_counts_it(tmp_path, model_dir, pairs):
     args = config(tmp_path, max_steps=4, nan_policy="skip", loss_type="bradley_terry", loss_kwargs={})
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, loss_fn=nan_on_call(2))
