@@ -130,12 +130,10 @@ def scored_pairs(trainer, dataset, name) -> dict:
 
 def probe_figures(trainer, dataset, seed: int) -> dict:
     """The exploit probes of the trained model on `dataset`'s raw texts, scored as a downstream user scores."""
-    from hf_balanced_reward.probes import exploit_probes, model_reward
+    from hf_balanced_reward.probes import exploit_probes, trainer_reward
 
-    reward = model_reward(trainer.model, trainer.processing_class, max_length=trainer.max_length,
-                          append_eos=trainer.args.append_eos_token, batch_size=trainer.args.per_device_eval_batch_size)
     start = time.time()
-    figures = exploit_probes(reward, dataset["prompt"], dataset["chosen"], dataset["rejected"], dataset["source"],
+    figures = exploit_probes(trainer_reward(trainer), dataset["prompt"], dataset["chosen"], dataset["rejected"], dataset["source"],
                              seed=seed)
     figures["seconds"] = round(time.time() - start, 1)
     return figures

@@ -147,3 +147,10 @@ def model_reward(model, tokenizer, max_length: int | None = None, append_eos: bo
         return score_ids(model, tokenize_texts(prompts, completions, tokenizer, max_length, append_eos), batch_size)
 
     return reward
+
+
+def trainer_reward(trainer):
+    """`model_reward` of a trainer's model, with its tokenizer and the max_length, eos setting and eval batch size
+    it trained with: how `trainer.evaluate()` and the benchmarks probe a model still in memory."""
+    return model_reward(trainer.model, trainer.processing_class, max_length=trainer.max_length,
+                        append_eos=trainer.args.append_eos_token, batch_size=trainer.args.per_device_eval_batch_size)

@@ -735,11 +735,9 @@ class BalancedRewardTrainer(Trainer):
         """The exploit probes (see `probes.py`) on the eval pairs that were scored (`rows` of their texts), scored as
         a client scores them; logged as `<prefix>_probe_*`. Every process computes them on the whole set (no
         collectives), so all agree."""
-        from .probes import exploit_probes, model_reward
+        from .probes import exploit_probes, trainer_reward
 
-        reward = model_reward(self.model, self.processing_class, max_length=self.max_length,
-                              append_eos=self.args.append_eos_token, batch_size=self.args.per_device_eval_batch_size)
-        figures = exploit_probes(reward, *pair_texts(texts, rows, self.args.group_column), seed=self.args.seed)
+        figures = exploit_probes(trainer_reward(self), *pair_texts(texts, rows, self.args.group_column), seed=self.args.seed)
         metrics = {f"{prefix}_{key}": value for key, value in figures.items()}
         self.log(metrics)
         return metrics
