@@ -9,6 +9,7 @@ argument parser exists.
 import ast
 import importlib.util
 import os
+import re
 
 import yaml
 
@@ -31,6 +32,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     "keep one", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, which reads 1e-5 (no dot) as text; read it as the number it is, as YAML 1.2 does.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_recipe(path: str) -> dict:

@@ -260,3 +260,12 @@ def test_quiet_by_default_and_verbose_when_asked(recipe, tmp_path):
     assert "Checking and tokenizing train pairs" not in quiet and "pin_memory" not in quiet
     assert "Checking and tokenizing train pairs" in verbose
     assert "Shared-prompt layout checked" in quiet  # the package's own messages stay
+
+
+def test_exponent_numbers_without_a_dot_are_read_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-5` as text; a recipe, and a tune search range, read it as the number it is."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("learning_rate: 1e-5\nsearch: {params: {learning_rate: {low: 1e-6, high: 2E-4}}}\nname: '1e-5'\n")
+    values = load_recipe(str(path))
+    assert values["learning_rate"] == 1e-5 and values["search"]["params"]["learning_rate"] == {"low": 1e-6, "high": 2e-4}
+    assert values["name"] == "1e-5"  # quoted: text, as written
