@@ -434,19 +434,22 @@ def check_hinge_margins(dataset: Dataset, name: str, hinge_margin: float) -> Non
     )
 
 
-def template_options_problem(example: dict) -> str | None:
-    """What is wrong with a row's `tools` / `chat_template_kwargs` columns, or None."""
+def template_options_problem(example: dict, label: str = "column '{}'") -> str | None:
+    """What is wrong with a row's `tools` / `chat_template_kwargs` (each named by `label`, e.g. the server's
+    ".{}"), or None."""
     tools = example.get("tools")
     if isinstance(tools, str) and tools.strip():
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as err:
-            return f"column 'tools' is not valid JSON ({err.msg} at character {err.pos})"
+            return f"{label.format('tools')} is not valid JSON ({err.msg} at character {err.pos})"
     if tools is not None and not isinstance(tools, (list, str)):
-        return f"column 'tools' is {type(tools).__name__}, not a list of tool schemas (or one JSON string of them)"
+        return (f"{label.format('tools')} is {type(tools).__name__}, not a list of tool schemas (or one JSON string "
+                "of them)")
     kwargs = example.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
-        return f"column 'chat_template_kwargs' is {type(kwargs).__name__}, not a mapping of template arguments"
+        return (f"{label.format('chat_template_kwargs')} is {type(kwargs).__name__}, not a mapping of template "
+                "arguments")
     return None
 
 

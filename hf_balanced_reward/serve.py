@@ -224,7 +224,7 @@ def structured_items(body, max_items: int) -> list[dict]:
 
 def item_problem(item) -> str | None:
     """What is wrong with one item, worded to follow 'items[i]', or None."""
-    from .data import text_problem
+    from .data import template_options_problem, text_problem
 
     if not isinstance(item, dict):
         return f" is {json_type(item)}, not an object with 'prompt' and 'response' (or 'completions')."
@@ -247,22 +247,8 @@ def item_problem(item) -> str | None:
             return f".{field} {problem}."
         if isinstance(item["prompt"], str) != isinstance(response, str):
             return f": prompt and {field} mix plain text and message lists; send both as text or both as messages."
-    return template_options_problem(item)
-
-
-def template_options_problem(item: dict) -> str | None:
-    tools = item.get("tools")
-    if isinstance(tools, str) and tools.strip():
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            return f".tools is a string that is not valid JSON ({err.msg} at character {err.pos})."
-    if tools is not None and not isinstance(tools, (list, str)):
-        return f".tools is {json_type(tools)}, not an array of tool schemas (or one JSON string of them)."
-    kwargs = item.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        return f".chat_template_kwargs is {json_type(kwargs)}, not an object of chat template arguments."
-    return None
+    problem = template_options_problem(item, label=".{}")  # the same check as a file's columns get
+    return f"{problem}." if problem else None
 
 
 def item_texts(item: dict) -> tuple[list, list, list[dict]]:

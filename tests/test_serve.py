@@ -296,9 +296,9 @@ BAD_INPUTS = [
     ("/v1/rewards", {"items": [{"prompt": USER, "response": "text"}]}, 422,
      r"items\[0\]: prompt and response mix plain text and message lists"),
     ("/v1/rewards", {"items": [{"prompt": "a", "response": "b", "chat_template_kwargs": "x"}]}, 422,
-     r"items\[0\]\.chat_template_kwargs is a string, not an object"),
+     r"items\[0\]\.chat_template_kwargs is str, not a mapping of template arguments"),
     ("/v1/rewards", {"items": [{"prompt": "a", "response": "b", "tools": "[{"}]}, 422,
-     r"items\[0\]\.tools is a string that is not valid JSON"),
+     r"items\[0\]\.tools is not valid JSON"),
     # MiniLM's tokenizer has no chat template: messages are refused by item, not with a 500
     ("/v1/rewards", {"items": [{"prompt": "a", "response": "b"}, {"prompt": USER, "response": USER}]}, 422,
      r"items\[1\]: the chat template could not render it"),
