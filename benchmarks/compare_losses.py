@@ -26,6 +26,7 @@ results go to results/compare_losses/probes/ (a grid of its own: the older runs 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,9 +60,10 @@ ARMS = {
 }
 COMMON = dict(
     num_train_epochs=1, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
-    max_length=512, logging_steps=50, save_strategy="no", report_to="none", group_column="source",
+    max_length=512, logging_steps=50, report_to="none", group_column="source",
     on_bad_rows="skip", train_sampling_strategy="group_by_length", disable_dropout=True,
-    overwrite_output_dir=True,  # a stopped run leaves a checkpoint in its /tmp folder; the rerun starts over
+    # A run takes up to 1.5 h here: a checkpoint every 25 steps (and one on a stop signal) lets a rerun resume it.
+    save_strategy="steps", save_steps=25, save_total_limit=1,
 )
 SUMMEVAL_STRIDE = 5  # every 5th summeval pair (589 of 2,943): its ~500-token documents make scoring slow on CPU
 
@@ -142,6 +144,7 @@ def probe_figures(trainer, dataset, seed: int) -> dict:
 def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None,
             probes: bool = False) -> dict:
     from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
 
     from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 
@@ -149,19 +152,22 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     set_seed(seed)  # before from_pretrained: the score head is new, and every arm of a seed starts from the same one
     network, tokenizer = load_model_and_tokenizer(model, gguf_dir)
     settings = {**COMMON, **MODEL_SETTINGS[model]}
-    args = BalancedRewardConfig(output_dir=f"/tmp/compare_losses/{model}_{arm}_{seed}", seed=seed,
-                                loss_type=loss_type, loss_kwargs=loss_kwargs, **settings)
+    output_dir = f"/tmp/compare_losses/{model}_{arm}_{seed}"
+    resume_from = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    args = BalancedRewardConfig(output_dir=output_dir, seed=seed, loss_type=loss_type, loss_kwargs=loss_kwargs,
+                                overwrite_output_dir=resume_from is None, **settings)
     trainer = BalancedRewardTrainer(model=network, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
     if trainer.state.global_step < trainer.state.max_steps:  # a stop signal: a part-trained model is no result
         raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.state.global_step} of "
-                         f"{trainer.state.max_steps}; nothing written. Run again to redo it.")
+                         f"{trainer.state.max_steps}; nothing written. Run again to resume from its last checkpoint.")
     result = {
         "arm": arm, "seed": seed, "model": model, "loss_type": loss_type, "loss_kwargs": loss_kwargs,
         "settings": settings,
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
+        "resumed_from": os.path.basename(resume_from) if resume_from else None,  # train_seconds then counts the rest
         "balance": trainer.balance.summary(),
         "sets": {name: scored_pairs(trainer, data, name) for name, data in eval_sets.items()},
     }
@@ -192,6 +198,7 @@ def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | Non
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)  # a killed run never leaves half a file
+        shutil.rmtree(f"/tmp/compare_losses/{model}_{arm}_{seed}", ignore_errors=True)  # its checkpoint is not needed
         print(f"{arm} seed {seed}: trained in {result['train_seconds']} s -> {path}", flush=True)
         if do_commit:
             subprocess.run(["git", "add", path], cwd=HERE, capture_output=True)
