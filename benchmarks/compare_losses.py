@@ -147,6 +147,7 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     from transformers.trainer_utils import get_last_checkpoint
 
     from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+    from hf_balanced_reward.balancing import Balancer, BalanceOptions
 
     loss_type, loss_kwargs = ARMS[arm]
     set_seed(seed)  # before from_pretrained: the score head is new, and every arm of a seed starts from the same one
@@ -168,7 +169,8 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
         "settings": settings,
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
         "resumed_from": os.path.basename(resume_from) if resume_from else None,  # train_seconds then counts the rest
-        "balance": trainer.balance.summary(),
+        "balance": (trainer.balance or Balancer(BalanceOptions(), trainer.group_names).fit(  # the train set's slopes
+            trainer.train_dataset["group_id"], trainer.train_dataset["response_lengths"])).summary(),
         "sets": {name: scored_pairs(trainer, data, name) for name, data in eval_sets.items()},
     }
     if probes:

@@ -284,13 +284,14 @@ def check_same_model(checkpoint: str, config) -> None:
         )
 
 
-def reward_state(balance, skipped_batches: int, stream_position: dict | None = None, length_head=None,
-                 log_tie=None, num_tokens: int = 0) -> dict:
-    """What a checkpoint needs beyond Trainer's own state: the groups and their weights, the batches skipped, the
-    tokens trained on (trl's num_tokens), where a stream was read up to, and the trainable parameters that live outside
-    the model (length head, log_tie)."""
-    state = {"group_names": balance.group_names, "balance": balance.state_dict(), "skipped_batches": skipped_batches,
-             "num_tokens": num_tokens}
+def reward_state(group_names: list[str], balance, skipped_batches: int, stream_position: dict | None = None,
+                 length_head=None, log_tie=None, num_tokens: int = 0) -> dict:
+    """What a checkpoint needs beyond Trainer's own state: the groups, the balanced loss's weights (`balance`, None
+    for other losses), the batches skipped, the tokens trained on (trl's num_tokens), where a stream was read up to,
+    and the trainable parameters that live outside the model (length head, log_tie)."""
+    state = {"group_names": group_names, "skipped_batches": skipped_batches, "num_tokens": num_tokens}
+    if balance is not None:
+        state["balance"] = balance.state_dict()
     if stream_position is not None:
         state["stream_position"] = stream_position
     if length_head is not None:
@@ -300,27 +301,27 @@ def reward_state(balance, skipped_batches: int, stream_position: dict | None = N
     return state
 
 
-def load_reward_state(checkpoint: str, balance, length_head=None, log_tie=None, streamed: bool = False) -> dict:
-    """Restore the groups, balance, length head and log_tie that `reward_state` saved in `checkpoint`; returns the
-    state for the rest (skipped batches, stream position)."""
+def read_reward_state(checkpoint: str, group_names: list[str], streamed: bool = False) -> dict:
+    """The state `reward_state` saved in `checkpoint`, once its groups are found to be this run's. A stream without
+    a counting pass names its groups as they come, in stream order: the checkpoint's run may have seen more of them
+    (the same stream gives them the same ids), which the caller adds after its own."""
     with open(os.path.join(checkpoint, REWARD_STATE), encoding="utf-8") as f:
         state = json.load(f)
     saved = state["group_names"]
-    ours = balance.group_names
-    if saved != ours and streamed and saved[: len(ours)] == ours:
-        # A stream without a counting pass names its groups as they come, in stream order: the checkpoint's run
-        # had seen more of them. The same stream gives them the same ids.
-        balance.add_groups(saved[len(ours) :])
-    if saved != balance.group_names:
+    if saved != group_names and not (streamed and saved[: len(group_names)] == group_names):
         raise ConfigError(
-            f"checkpoint '{checkpoint}' was trained with groups {state['group_names']}, this data has "
-            f"{balance.group_names}; resume with the same data and group_column."
+            f"checkpoint '{checkpoint}' was trained with groups {saved}, this data has {group_names}; resume with "
+            "the same data and group_column."
         )
-    if "balance" in state:  # absent in checkpoints of versions before length cells: start from the fitted q
+    return state
+
+
+def restore_reward_state(state: dict, balance=None, length_head=None, log_tie=None) -> None:
+    """Load the balanced loss's weights, the length head and log_tie from `read_reward_state`'s state."""
+    if balance is not None and "balance" in state:  # absent before length cells: start from the fitted q
         balance.load_state_dict(state["balance"])
     if length_head is not None:
         length_head.load_state_dict({k: torch.tensor(v) for k, v in state["length_head"].items()})
     if log_tie is not None and "log_tie" in state:
         with torch.no_grad():
             log_tie.fill_(state["log_tie"])
-    return state

@@ -3,11 +3,11 @@
 import inspect
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .balancing import PARTNER_CHOICES, WEIGHTINGS
+from .balancing import BalanceOptions
 from .errors import ConfigError, did_you_mean
 from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_loss, trains_lists
 
@@ -18,13 +18,20 @@ NAN_POLICIES = ("stop", "skip")
 
 
 
-def loss_option_names(loss_fn) -> list[str]:
-    """Names a loss accepts through `loss_kwargs`: its keyword parameters after its inputs (rewards, `margin`,
-    `tie`; for a list loss rewards, ranks, mask, scores); a tie loss also takes `learn_tie`."""
+def loss_option_defaults(loss_fn) -> dict:
+    """The options a loss takes through `loss_kwargs`, with their defaults: its keyword parameters after its inputs
+    (rewards, `margin`, `tie`; for a list loss rewards, ranks, mask, scores), and `learn_tie` for a tie loss. The
+    balanced loss's are `BalanceOptions`' fields: the trainer applies them, not the loss function."""
+    if loss_fn is LOSSES["balanced"]:
+        return {option.name: option.default for option in fields(BalanceOptions)}
     params = inspect.signature(loss_fn).parameters
     fixed = {"chosen_rewards", "rejected_rewards", "margin", "tie", *LISTWISE_INPUTS}
-    names = [name for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD]
-    return names + [LEARN_TIE] if "log_tie" in names else names
+    options = {name: p.default for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD}
+    return {**options, LEARN_TIE: False} if "log_tie" in options else options
+
+
+def loss_option_names(loss_fn) -> list[str]:
+    return list(loss_option_defaults(loss_fn))
 
 
 def check_loss_kwargs(loss_kwargs: dict, loss_fn, loss_name: str) -> None:
@@ -238,32 +245,6 @@ class BalancedRewardConfig(TrainingArguments):
         super().__post_init__()
         self.validate_reward_options()
 
-    @staticmethod
-    def validate_balance_options(options: dict) -> None:
-        weighting = options.get("weighting", "none")
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(
-                f"loss_kwargs weighting='{weighting}' is not a weighting{did_you_mean(weighting, WEIGHTINGS)}. "
-                f"Choose one of: {', '.join(WEIGHTINGS)}."
-            )
-        if not isinstance(options.get("group_dro", False), bool):
-            raise ConfigError(f"loss_kwargs group_dro must be true or false, got {options['group_dro']!r}.")
-        for name, meaning in (("dro_step_size", "0 keeps the unit weights fixed"),
-                              ("dro_adjustment", "0 turns the small-unit adjustment off"),
-                              ("length_expert", "0 turns the length expert off"),
-                              ("length_head", "0 turns the length head off"),
-                              ("cross_prompt", "0 turns cross-prompt negatives off")):
-            value = options.get(name, 0.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ConfigError(f"loss_kwargs {name} must be a number >= 0, got {value!r}; {meaning}.")
-
-        partners = options.get("cross_prompt_partners", "nearest")
-        if partners not in PARTNER_CHOICES:
-            raise ConfigError(
-                f"loss_kwargs cross_prompt_partners={partners!r} is not a choice"
-                f"{did_you_mean(str(partners), PARTNER_CHOICES)}. Choose one of: {', '.join(PARTNER_CHOICES)}."
-            )
-
     def validate_list_loss_options(self) -> None:
         """A tie or listwise loss's options, checked by computing the loss once on a small list (its own checks
         name the option and the allowed values)."""
@@ -286,7 +267,7 @@ class BalancedRewardConfig(TrainingArguments):
             )
         check_loss_kwargs(self.loss_kwargs, LOSSES[self.loss_type], self.loss_type)
         if self.loss_type == "balanced":
-            self.validate_balance_options(self.loss_kwargs)
+            BalanceOptions(**self.loss_kwargs)  # checks each value
         if trains_lists(LOSSES[self.loss_type]):
             self.validate_list_loss_options()
         if self.learning_rate < 0:

@@ -4,7 +4,7 @@ A pairwise loss is a plain function `(chosen_rewards, rejected_rewards, margin=N
 The trainer calls it in fp32 and then does one weighted reduction, `sum(w_i * loss_i) / B`, where `w_i` multiplies
 the unit weight (balanced loss only, see `balancing.py`) and the pair's own `weight` column. Add a loss by adding an
 entry to `LOSSES` or by passing `loss_fn=` to the trainer; options of a loss are its keyword parameters, set with
-`loss_kwargs`.
+`loss_kwargs` (the balanced loss's are `balancing.BalanceOptions`, which the trainer applies).
 
 Ties (`TIE_LOSSES`) keep the pairwise contract and add one input, `tie` (bool [B]): a tied pair is scored by the
 probability of a tie, which pulls its two rewards together, instead of being dropped.
@@ -43,26 +43,12 @@ def hinge(chosen_rewards, rejected_rewards, margin=None, hinge_margin=1.0):
     return F.relu(required - (chosen_rewards - rejected_rewards))
 
 
-def balanced(chosen_rewards, rejected_rewards, margin=None, weighting="none", group_dro=False, dro_step_size=0.01,
-             dro_adjustment=0.0, length_expert=0.5, length_head=0.0, cross_prompt=0.0, cross_prompt_partners="nearest"):
-    """Bradley-Terry per pair; the trainer weights the pairs and adds the length expert (see `balancing.py`).
+def balanced(chosen_rewards, rejected_rewards, margin=None):
+    """Bradley-Terry per pair, with the balancing of `balancing.py` around it: pair weights by group and length
+    direction, the length expert, the length head, group DRO, cross-prompt negatives.
 
-    The defaults (length expert 0.5, no reweighting) are what 3 seeds of `benchmarks/compare_losses.py` chose
-    (benchmarks/README.md, "Does balancing help?").
-
-    - `weighting`: "none" (default) weighs all pairs 1; "cells" gives the chosen-longer and chosen-shorter pairs of
-      each group equal weight, so length direction carries no signal; "groups" gives every group 1/G.
-    - `group_dro`: move weight towards the units (group x length cell) with the highest loss after every step,
-      q_u <- q_u * exp(dro_step_size * (loss_u + dro_adjustment / sqrt(n_u))) (Sagawa et al. 2020).
-    - `length_expert` (default 0.5): lambda of a known-bias product of experts; training pairs get the logit
-      r_c - r_r + lambda * beta_g * (log(1 + |c|) - log(1 + |r|)), beta_g fitted per group before training.
-      Only the loss sees it: the saved model scores as usual.
-    - `length_head`: weight of an ODIN-style second head: training pairs are scored by reward + length score, and
-      `length_head` * [(1 - rho(L, length score)) + |rho(L, reward)|] (Pearson, within each group of the batch) is
-      added to the loss. The length head is not saved.
-    - `cross_prompt` (gamma): cross-prompt negatives (RRM): each training pair also adds
-      gamma * -log sigmoid(r(x_i, y_i^chosen) - r(x_i, y_j)) for the chosen response y_j of another prompt, the
-      `cross_prompt_partners` ("nearest": most similar prompt of the group by TF-IDF; "random"); see `cross_prompt.py`.
+    Its `loss_kwargs` are `balancing.BalanceOptions`: the trainer applies them (weights, a shift of the training
+    logit, a penalty), so they are not parameters of this function, and a `loss_fn=` cannot take them.
     """
     return bradley_terry(chosen_rewards, rejected_rewards, margin)
 
@@ -320,14 +306,11 @@ def trains_lists(loss_fn) -> bool:
 def as_list_loss(loss_fn, options: dict):
     """`loss_fn` with its `options` as a per-list loss `(rewards, ranks, mask, scores, **extra) -> [B]`: a listwise
     loss as it is; a pairwise or tie loss averaged over each list's pairs (`pairwise`), so that any loss trains and
-    evaluates lists, and a K = 2 list gives exactly the pair's loss. `balanced` weighs pairs by their length cell,
-    which a list has no one of: on lists it is Bradley-Terry. `extra` reaches the loss as options (a learnt
-    log_tie)."""
+    evaluates lists, and a K = 2 list gives exactly the pair's loss (`balanced` is Bradley-Terry: its balancing needs
+    a pair's length direction, which a list has no one of). `extra` reaches the loss as options (a learnt log_tie)."""
     if "ranks" in inspect.signature(loss_fn).parameters:
         return lambda rewards, ranks, mask, scores, **extra: loss_fn(rewards, ranks, mask, scores=scores,
                                                                     **options, **extra)
-    if loss_fn is balanced:
-        loss_fn, options = bradley_terry, {}
     return lambda rewards, ranks, mask, scores, **extra: pairwise(rewards, ranks, mask, scores, pair_loss=loss_fn,
                                                                  pair_options={**options, **extra})
 

@@ -20,7 +20,6 @@ import logging
 import numpy as np
 import torch
 
-from .balancing import length_cells
 from .data import DataError, report_summary
 
 logger = logging.getLogger(__name__)
@@ -107,9 +106,9 @@ def reading_streams():
         raise read_error from err
 
 
-def count_stream(dataset, balance, name: str, report: dict, on_bad_rows: str) -> None:
-    """One pass over a prepared stream before the model is loaded: every row checked (`report` counts them), and
-    the groups and unit sizes the balanced loss weighs by given to `balance`, exactly as for a dataset in memory."""
+def count_stream(dataset, name: str, report: dict, on_bad_rows: str) -> tuple[list[str], torch.Tensor]:
+    """One pass over a prepared stream before the model is loaded: every row checked (`report` counts them). Returns
+    each pair's group and its response lengths [N, 2], which the balanced loss is fitted on as for data in memory."""
     groups, lengths = [], []
     with reading_streams():
         for example in dataset:
@@ -117,15 +116,10 @@ def count_stream(dataset, balance, name: str, report: dict, on_bad_rows: str) ->
             lengths.append(example["response_lengths"])
     if not groups:
         raise DataError(f"{name} dataset has no usable pairs left: all {report['rows']} rows were dropped.")
-    if new := sorted(set(groups) - set(balance.group_names)):  # in order, as for a dataset in memory
-        balance.add_groups(new)
-    index = {group: i for i, group in enumerate(balance.group_names)}
-    group_ids, lengths = torch.tensor([index[g] for g in groups]), torch.tensor(lengths)
-    balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
-    logger.info(f"Counting pass over the streamed {name} set: {len(groups)} pairs in {len(balance.group_names)} "
-                f"group(s).")
+    logger.info(f"Counting pass over the streamed {name} set: {len(groups)} pairs in {len(set(groups))} group(s).")
     if summary := report_summary(name, report, on_bad_rows):
         logger.warning(summary)
+    return groups, torch.tensor(lengths)
 
 
 def first_bad_json_line(path: str) -> tuple[int, str] | None:

@@ -23,13 +23,13 @@ from trl.models import get_act_offloading_ctx_manager
 
 from .callbacks import RewardDriftCallback, SkipEmptySteps, StopOnSignal
 from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data_identity,
-                          has_final_model, is_complete_checkpoint, load_reward_state, publish_checkpoint,
-                          remove_unpublished, resolve_checkpoint, reward_state, staging_dir, wants_resume,
-                          write_json_atomically)
+                          has_final_model, is_complete_checkpoint, publish_checkpoint, read_reward_state,
+                          remove_unpublished, resolve_checkpoint, restore_reward_state, reward_state, staging_dir,
+                          wants_resume, write_json_atomically)
 from .run_lock import RunLock, check_new_run, delete_set_aside
 from .collator import PairCollator, unpack_lists, unpack_pairs
 from .cross_prompt import add_off_prompt_responses
-from .balancing import GroupBalance, length_cells, length_head_penalty, unit_mixture
+from .balancing import BalanceOptions, balancer_for
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
 from .errors import TrainingStopped
 from .paths import resolve_model_path
@@ -144,14 +144,15 @@ class BalancedRewardTrainer(Trainer):
                 check_columns(dataset, args.group_column, name)  # before the (slow) model load
         if is_stream(train_dataset):
             check_stream_options(args)
+        # The balanced loss's options are applied around the loss by its balancer (None for every other loss).
+        self.balance = balancer_for(args.loss_type, args.loss_kwargs, loss_fn)
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
         # Lists (and pairs with ties) train as lists: every row is K completions with ranks; a pair is K = 2.
         self.trains_lists = trains_lists(self.loss_fn) or (train_dataset is not None and is_listwise(train_dataset))
         if self.trains_lists:
             check_list_options(args, loss_fn)
-        list_options = {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
-        self.list_loss = as_list_loss(self.loss_fn, list_options)
+        self.list_loss = as_list_loss(self.loss_fn, self._loss_fn_options(args))
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
         # Config, tokenizer and data first: every mistake they reveal surfaces before the weights are loaded.
         model_id = model if isinstance(model, str) else None
@@ -167,30 +168,26 @@ class BalancedRewardTrainer(Trainer):
         added_tokens = apply_token_options(processing_class, args)
         self.max_length = check_model_options(args, model_config, processing_class)  # cut to the model's positions
 
-        # The built-in balanced loss's options are read here, by the reduction; a user's loss_fn gets them itself.
-        self.uses_balance = args.loss_type == "balanced" and loss_fn is None
-        self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))  # group names for every loss
+        self.group_names: list[str] = []  # in order of first sight; a pair's group_id indexes it
         self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
         # A streamed train set is counted in one pass first when the balanced loss needs its group statistics.
         raw_train = None
-        if self.uses_balance and self.balance.cross_prompt and isinstance(train_dataset, Dataset) \
+        if self.balance is not None and self.balance.options.cross_prompt and isinstance(train_dataset, Dataset) \
                 and has_pair_texts(train_dataset):
             raw_train = train_dataset = numbered(train_dataset)  # each kept pair's prompt text is found again by row
-        train_dataset = self._prepare(train_dataset, processing_class, args, "train", count=self.uses_balance)
+        train_dataset = self._prepare(train_dataset, processing_class, args, "train", count=self.balance is not None)
         self.train_data_id = data_identity(train_dataset)  # the prepared pairs' content: for the run's fingerprint
-        if self.uses_balance and args.group_column and len(self.group_names) == 1:
+        if self.balance is not None and args.group_column and len(self.group_names) == 1:
             raise DataError(
                 f"group_column='{args.group_column}' has one value ('{self.group_names[0]}') in the train dataset, so "
                 "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
                 "length directions over all pairs."
             )
-        if isinstance(train_dataset, Dataset) and "rejected_ids" in train_dataset.column_names:
-            lengths = torch.as_tensor(train_dataset["response_lengths"])
-            group_ids = torch.as_tensor(train_dataset["group_id"])
-            self.balance.fit(group_ids, length_cells(lengths[:, 0], lengths[:, 1]), lengths[:, 0], lengths[:, 1])
-            if self.uses_balance:
-                logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
-        if self.uses_balance and self.balance.cross_prompt:
+        if self.balance is not None and isinstance(train_dataset, Dataset) \
+                and "rejected_ids" in train_dataset.column_names:
+            self.balance.fit(train_dataset["group_id"], train_dataset["response_lengths"])
+            logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
+        if self.balance is not None and self.balance.options.cross_prompt:
             train_dataset = self._with_off_prompt_responses(train_dataset, args, raw_train)
         if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
             warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
@@ -294,16 +291,9 @@ class BalancedRewardTrainer(Trainer):
         args = self.args
         args.validate_reward_options()  # a trial's loss_kwargs, checked as a recipe's are
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
-        self.list_loss = as_list_loss(self.loss_fn, {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE})
-        fitted = self.balance
-        self.balance = GroupBalance(**(args.loss_kwargs if self.uses_balance else {}))
-        if (self.balance.cross_prompt, self.balance.cross_prompt_partners) != (fitted.cross_prompt,
-                                                                               fitted.cross_prompt_partners):
-            raise ConfigError("loss_kwargs cross_prompt and cross_prompt_partners cannot change between trials: the "
-                              "train set's cross-prompt negatives were chosen before the first; set them in args.")
-        # The groups, unit sizes and length slopes come from the data; the weighting's mixture from the options.
-        self.balance.group_names, self.balance.unit_sizes = fitted.group_names, fitted.unit_sizes
-        self.balance.slopes, self.balance.mix = fitted.slopes, unit_mixture(fitted.unit_sizes, self.balance.weighting)
+        self.list_loss = as_list_loss(self.loss_fn, self._loss_fn_options(args))
+        if self.balance is not None:  # the groups, unit sizes and length slopes come from the data, kept
+            self.balance.restart(BalanceOptions(**args.loss_kwargs))
         self._fresh_trained_state()
 
     def _fresh_trained_state(self) -> None:
@@ -313,7 +303,7 @@ class BalancedRewardTrainer(Trainer):
         self.skipped_batches, self._micro_batches = 0, 0
         # Trained with the model (see `create_optimizer`), kept in checkpoints, never saved with the model.
         self.length_head, self.log_tie = None, None
-        if self.uses_balance and self.balance.length_head:
+        if self.balance is not None and self.balance.options.length_head:
             self.length_head = make_length_head(self.model, args.device, self.accelerator)
         if args.loss_kwargs.get(LEARN_TIE):
             self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
@@ -378,13 +368,13 @@ class BalancedRewardTrainer(Trainer):
                               "partner among all prompts before training); set streaming: false, or cross_prompt: 0.")
         try:
             texts = None if raw_train is None else pair_texts(raw_train, train_dataset[ROW_COLUMN], None)[0]
-            train_dataset = add_off_prompt_responses(train_dataset, texts, self.balance.cross_prompt_partners,
+            options = self.balance.options
+            train_dataset = add_off_prompt_responses(train_dataset, texts, options.cross_prompt_partners,
                                                      args.seed, self.max_length)
         except ValueError as err:
             raise DataError(f"train: {err} Set loss_kwargs cross_prompt: 0.") from err
         logger.info(f"Cross-prompt negatives: every training pair also scores its prompt with another prompt's "
-                    f"chosen response ({self.balance.cross_prompt_partners} partners, weight "
-                    f"{self.balance.cross_prompt}).")
+                    f"chosen response ({options.cross_prompt_partners} partners, weight {options.cross_prompt}).")
         return train_dataset
 
     def _prepare_stream(self, dataset, tokenizer, args, name, count: bool):
@@ -396,7 +386,10 @@ class BalancedRewardTrainer(Trainer):
         prepare = prepare_list_stream if self.trains_lists or is_listwise(dataset) else prepare_stream
         dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
         if count:
-            count_stream(dataset, self.balance, name, self.data_report[name], args.on_bad_rows)
+            groups, lengths = count_stream(dataset, name, self.data_report[name], args.on_bad_rows)
+            self._register_groups(sorted(set(groups) - set(self.group_names)))  # in order, as for a dataset in memory
+            index = {group: i for i, group in enumerate(self.group_names)}
+            self.balance.fit([index[group] for group in groups], lengths)
         return dataset.map(self._stream_group_id, input_columns="group")
 
     def _stream_group_id(self, group: str) -> dict:
@@ -405,12 +398,9 @@ class BalancedRewardTrainer(Trainer):
         return {"group_id": self.group_names.index(group)}
 
     def _register_groups(self, names):
-        if names:
+        self.group_names = self.group_names + list(names)
+        if self.balance is not None:
             self.balance.add_groups(names)
-
-    @property
-    def group_names(self) -> list[str]:
-        return self.balance.group_names
 
     def get_train_dataloader(self):
         """A streamed train set with train_sampling_strategy="group_by_length" is batched by length from a buffer
@@ -593,7 +583,9 @@ class BalancedRewardTrainer(Trainer):
         check_same_model(checkpoint, self.accelerator.unwrap_model(self.model).config)
         check_fingerprint(checkpoint, self.run_fingerprint())
         streamed = is_stream(self.train_dataset)
-        state = load_reward_state(checkpoint, self.balance, self.length_head, self.log_tie, streamed)
+        state = read_reward_state(checkpoint, self.group_names, streamed)
+        self._register_groups(state["group_names"][len(self.group_names):])
+        restore_reward_state(state, self.balance, self.length_head, self.log_tie)
         self.skipped_batches = state["skipped_batches"]
         self.train_totals.num_tokens = state.get("num_tokens", 0)  # absent before versions that recorded it
         self.stream_state.resumed = state.get("stream_position")  # absent before versions that recorded it
@@ -663,8 +655,8 @@ class BalancedRewardTrainer(Trainer):
         if self.args.should_save:
             streamed = is_stream(self.train_dataset)
             position = self.stream_state.of_finished_steps(self.state.global_step) if streamed else None
-            state = reward_state(self.balance, self.skipped_batches, position, self.length_head, self.log_tie,
-                                 num_tokens)
+            state = reward_state(self.group_names, self.balance, self.skipped_batches, position, self.length_head,
+                                 self.log_tie, num_tokens)
             publish_checkpoint(staged, folder, {**state, FINGERPRINT: self.run_fingerprint()})
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -684,7 +676,7 @@ class BalancedRewardTrainer(Trainer):
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
         evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
         return write_model_card(output_dir, self.args, self.base_model_name, evals[-1] if evals else {},
-                                self.data_report, repo, self.balance.summary() if self.uses_balance else None,
+                                self.data_report, repo, self.balance.summary() if self.balance is not None else None,
                                 getattr(self.accelerator.unwrap_model(self.model).config, "reward_normalization", None),
                                 getattr(self.model, "model_tags", None) or (), state=self.state,
                                 datasets=self.dataset_names)
@@ -783,44 +775,40 @@ class BalancedRewardTrainer(Trainer):
                                     required=bool(self.args.shared_prompt)):
             self.shared_prompt = False
 
-    def pair_weights(self, inputs) -> torch.Tensor | None:
-        weights = inputs.get("weight")
-        if self.uses_balance:
-            unit_weights = self.balance.pair_weights(inputs["group_id"], self._cells_of(inputs))
-            weights = unit_weights if weights is None else weights * unit_weights
-        return weights
-
-    @staticmethod
-    def _cells_of(inputs) -> torch.Tensor:
-        return length_cells(inputs["response_lengths"][:, 0], inputs["response_lengths"][:, 1])
+    def _loss_fn_options(self, args) -> dict:
+        """The `loss_kwargs` that the loss function takes: none for the balanced loss (its balancer applies them),
+        and never `learn_tie` (the trainer's)."""
+        return {} if self.balance is not None else {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "ranks" in inputs:
             return self.compute_list_loss(model, inputs, return_outputs)
-        shortcut_terms = model.training and self.uses_balance
-        if shortcut_terms and self.length_head is not None:
+        balance_terms = model.training and self.balance is not None  # terms of the training loss only
+        if balance_terms and self.length_head is not None:
             (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs, with_features=True)
             features = features[:2]
         else:
             (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs), None
-        margin, penalty = inputs.get("margin"), None
-        if shortcut_terms:
-            shift, penalty = self._training_only_terms(chosen, rejected, features, inputs)
-            if shift is not None:  # inside the training logit only: r_c - r_r + shift
-                margin = -shift if margin is None else margin - shift
-        per_pair = self.loss_fn(chosen, rejected, margin=margin, **self.args.loss_kwargs)
+        terms = None if self.balance is None else self.balance.terms(inputs, chosen, rejected, model.training,
+                                                                      features, self.length_head)
+        margin, options = inputs.get("margin"), self._loss_fn_options(self.args)
+        if terms is not None and terms.shift is not None:  # inside the training logit only: r_c - r_r + shift
+            margin = -terms.shift if margin is None else margin - terms.shift
+        per_pair = self.loss_fn(chosen, rejected, margin=margin, **options)
         if per_pair.shape != chosen.shape:
             raise ValueError(
                 f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
                 f"it returned shape {tuple(per_pair.shape)}."
             )
-        if shortcut_terms and off_prompt:  # cross-prompt negatives: the chosen response beats another prompt's
-            per_pair = per_pair + self.balance.cross_prompt * self.loss_fn(chosen, off_prompt[0], **self.args.loss_kwargs)
+        if balance_terms and off_prompt:  # cross-prompt negatives: the chosen response beats another prompt's
+            per_pair = per_pair + self.balance.options.cross_prompt * self.loss_fn(chosen, off_prompt[0], **options)
         if self.args.center_rewards_coefficient:
             per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
-        weights = self.pair_weights(inputs)
+        weights = inputs.get("weight")
+        if terms is not None:
+            weights = terms.weights if weights is None else weights * terms.weights
         weighted = per_pair if weights is None else weights * per_pair
-        loss = weighted.mean() if penalty is None else weighted.mean() + penalty
+        loss = weighted.mean() if terms is None or terms.penalty is None else weighted.mean() + terms.penalty
         if model.training:
             self._micro_batches += 1
             if not all_finite(self.accelerator, loss, chosen, rejected):
@@ -860,21 +848,6 @@ class BalancedRewardTrainer(Trainer):
                                         per_list[:, None].expand_as(decisive)[decisive], per_pair)
         return (loss, {"rewards": rewards, "list_losses": weighted}) if return_outputs else loss
 
-    def _training_only_terms(self, chosen, rejected, features, inputs) -> tuple:
-        """The balanced loss's terms that the saved model never sees: the length expert's vote and the length head's
-        score difference (added to the pair's logit), and the length head's decorrelation penalty."""
-        shift, penalty = None, None
-        if self.balance.length_expert:
-            shift = self.balance.expert_logit(inputs["group_id"], inputs["response_lengths"])
-        if features is not None:
-            length_scores = self.length_head(torch.cat(features).float()).squeeze(-1)
-            chosen_score, rejected_score = length_scores.chunk(2)
-            shift = chosen_score - rejected_score if shift is None else shift + chosen_score - rejected_score
-            log_lengths = torch.cat([inputs["response_lengths"][:, 0], inputs["response_lengths"][:, 1]]).float().log1p()
-            penalty = self.balance.length_head * length_head_penalty(
-                torch.cat([chosen, rejected]), length_scores, log_lengths, inputs["group_id"].repeat(2))
-        return shift, penalty
-
     def _non_finite(self, model, loss, chosen, rejected):
         """Apply nan_policy to a batch whose loss or rewards are NaN or inf (the optimizer has not stepped yet)."""
         rewards = torch.cat([chosen, rejected]).detach()
@@ -903,8 +876,9 @@ class BalancedRewardTrainer(Trainer):
     def _record_train_step(self, chosen, rejected, per_pair, inputs):
         group_ids = inputs.get("group_id")
         self.train_totals.add(chosen, rejected, per_pair, group_ids, len(self.group_names), inputs.get("text_tokens"))
-        if group_ids is not None and self.uses_balance and self.balance.group_dro:
-            self.unit_losses.add(group_ids * 3 + self._cells_of(inputs), per_pair, 3 * len(self.group_names))
+        if group_ids is not None and self.balance is not None and self.balance.options.group_dro:
+            units = self.balance.unit_ids(group_ids, inputs["response_lengths"])
+            self.unit_losses.add(units, per_pair, self.balance.num_units)
             if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
                 self.balance.dro_update(*self.unit_losses.take())
 
@@ -922,7 +896,7 @@ class BalancedRewardTrainer(Trainer):
         if self.log_tie is not None:
             metrics["tie_parameter"] = self.log_tie.exp().item()
         metrics.update(group_accuracy)
-        if self.uses_balance and self.balance.group_dro:
+        if self.balance is not None and self.balance.options.group_dro:
             for name, unit in self.balance.summary()["units"].items():
                 metrics[f"unit_weight_{metric_name(name)}"] = unit["weight"]
         return metrics

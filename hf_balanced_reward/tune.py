@@ -155,12 +155,13 @@ def check_params(search: Search, settings: dict, path: str, config, parser) -> d
     choice a valid value (the recipe with it is parsed as `train` parses it). Returns the params with float ranges
     written as floats."""
     from .cli import parse_train_args
-    from .config import loss_option_names
+    from .config import loss_option_defaults
     from .errors import ConfigError
     from .losses import LOSSES
 
     loss_fn = LOSSES[config.loss_type]
-    loss_options = [o for o in loss_option_names(loss_fn) if o not in DATA_LOSS_OPTIONS]
+    defaults = loss_option_defaults(loss_fn)
+    loss_options = [o for o in defaults if o not in DATA_LOSS_OPTIONS]
     tunable = list(TUNABLE) + [f"loss_kwargs.{o}" for o in loss_options]
     checked = {}
     for name, spec in search.params.items():
@@ -172,7 +173,7 @@ def check_params(search: Search, settings: dict, path: str, config, parser) -> d
                        else f"loss '{config.loss_type}' has no such option{did_you_mean(name, tunable)}")
                 raise UsageError(f"{where}: not an option a trial can set: {why}. Options a trial sets: "
                                  f"{', '.join(tunable)}.")
-            kind = type(inspect.signature(loss_fn).parameters[option].default)
+            kind = type(defaults[option])
         elif name in TUNABLE:
             kind = getattr(parser._option_string_actions.get(f"--{name}"), "type", None)
         elif f"--{name}" in parser._option_string_actions:

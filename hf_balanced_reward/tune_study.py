@@ -121,7 +121,7 @@ class Study:
     def objective_function(self):
         """`compute_objective` for hyperparameter_search: the objective in an evaluation's metrics. The shortcut
         metrics are kept with the trial, for the table."""
-        from .cli import SHORTCUT_METRICS
+        from .reports import SHORTCUT_METRICS
 
         objective = self.search.objective
 

@@ -1,16 +1,18 @@
-"""Units, weights, fitted slopes, the length expert and group DRO of the balanced loss, on hand-worked inputs."""
+"""Options, units, weights, fitted slopes, the length expert and head and group DRO of the balanced loss, on
+hand-worked inputs."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
 from hf_balanced_reward.balancing import (
-    LONGER, SAME, SHORTER, GroupBalance, fit_length_slope, length_cells, length_head_penalty, unit_mixture,
+    LONGER, SAME, SHORTER, Balancer, BalanceOptions, fit_length_slope, length_cells, length_head_penalty, unit_mixture,
 )
 
 
@@ -54,37 +56,72 @@ def test_fitted_slope_hand_values():
     assert 3 < one_sided < 50
 
 
-def test_group_balance_fit_weights_expert_and_state():
-    balance = GroupBalance(weighting="cells", length_expert=0.5)
-    balance.add_groups(["a", "b"])
-    chosen = torch.tensor([3, 3, 0, 9, 1])
-    rejected = torch.tensor([0, 0, 3, 9, 7])  # log1p differences: log 4, log 4, -log 4, 0, log(2/8)
-    group_ids = torch.tensor([0, 0, 0, 1, 1])
-    balance.fit(group_ids, torch.as_tensor(length_cells(chosen, rejected)), chosen, rejected)
+CHOSEN, REJECTED = torch.tensor([3, 3, 0, 9, 1]), torch.tensor([0, 0, 3, 9, 7])
+# log1p differences: log 4, log 4, -log 4, 0, log(2/8) = -log 4; cells: longer, longer, shorter, same, shorter
+GROUP_IDS = torch.tensor([0, 0, 0, 1, 1])
+
+
+def fitted(**options) -> Balancer:
+    return Balancer(BalanceOptions(**options), ["a", "b"]).fit(GROUP_IDS, torch.stack([CHOSEN, REJECTED], dim=1))
+
+
+def test_balancer_fit_and_state():
+    balance = fitted(weighting="cells")
     assert balance.unit_sizes.tolist() == [[2, 1, 0], [0, 1, 1]]
     log4 = math.log(4)
     assert balance.slopes[0].item() == pytest.approx(fit_length_slope([log4, log4, -log4]))
     assert balance.slopes[0].item() == pytest.approx(math.log(2) / log4, abs=2e-3)  # the ridge moves it a little
-    assert balance.slopes[1].item() == pytest.approx(fit_length_slope([0.0, math.log(2 / 8)]))
-    # group a holds 3/5 of the mass, 1.5/5 per direction: w = q * N / n = 0.75 (longer, 2 pairs), 1.5 (shorter);
-    # group b has no chosen-longer pair, so its cells keep weight 1
-    weights = balance.pair_weights(group_ids, torch.as_tensor(length_cells(chosen, rejected)))
-    assert weights.tolist() == pytest.approx([0.75, 0.75, 1.5, 1.0, 1.0])
-    lengths = torch.stack([chosen, rejected], dim=1)
-    expected = 0.5 * balance.slopes[group_ids] * (torch.log1p(chosen.float()) - torch.log1p(rejected.float()))
-    torch.testing.assert_close(balance.expert_logit(group_ids, lengths), expected)
-    # a pair of a group seen only at evaluation weighs 1 and gets no expert vote
-    balance.add_groups(["new"])
-    assert balance.pair_weights(torch.tensor([2]), torch.tensor([LONGER])).tolist() == [1.0]
-    assert balance.expert_logit(torch.tensor([2]), torch.tensor([[5, 1]])).tolist() == [0.0]
-    restored = GroupBalance()
+    assert balance.slopes[1].item() == pytest.approx(fit_length_slope([0.0, -log4]))
+    restored = Balancer(BalanceOptions())
     restored.load_state_dict(balance.state_dict())
     assert torch.equal(restored.mix, balance.mix) and torch.equal(restored.slopes, balance.slopes)
+    assert balance.state_dict()["group_names"] == ["a", "b"]  # the keys every checkpoint has had
+
+
+def test_balancer_terms_hand_values():
+    balance = fitted(weighting="cells", length_expert=0.5, length_head=2.0)
+    balance.slopes = torch.tensor([2.0, -1.0])
+    inputs = {"group_id": GROUP_IDS, "response_lengths": torch.stack([CHOSEN, REJECTED], dim=1)}
+    # Rewards: 3 L + 1 on group a's six responses (rho(L, reward) = 1), and on group b's four, whose L are
+    # (log 10, log 2 | log 10, log 8), rewards (1, 0 | -1, 0): centred products d, 0, -d, 0, so rho = 0 exactly.
+    log_chosen, log_rejected = CHOSEN.float().log1p(), REJECTED.float().log1p()
+    chosen = torch.cat([3 * log_chosen[:3] + 1, torch.tensor([1.0, 0.0])])
+    rejected = torch.cat([3 * log_rejected[:3] + 1, torch.tensor([-1.0, 0.0])])
+    head = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(head.weight)  # length score = the feature, and the features are L: rho(L, length score) = 1
+    features = (log_chosen[:, None], log_rejected[:, None])
+    terms = balance.terms(inputs, chosen, rejected, True, features, head)
+    # group a holds 3/5 of the mass, 1.5/5 per direction: w = q * N / n = 0.75 (longer, 2 pairs), 1.5 (shorter);
+    # group b has no chosen-longer pair, so its cells keep weight 1
+    assert terms.weights.tolist() == pytest.approx([0.75, 0.75, 1.5, 1.0, 1.0])
+    # shift = expert 0.5 * beta_g * dlog (beta 2, -1) + length head's score difference dlog
+    log4 = math.log(4)
+    expected = torch.tensor([2 * log4, 2 * log4, -2 * log4, 0.0, math.log(2) - log4])
+    # float32 sums of a few terms of size <= 3: rounding is a few 1e-7 (torch's float32 defaults cover it)
+    torch.testing.assert_close(terms.shift, expected)
+    # 2.0 * mean over groups of (1 - rho(L, length score)) + |rho(L, reward)|: a (1 - 1 + 1), b (1 - 1 + 0)
+    torch.testing.assert_close(terms.penalty, torch.tensor(1.0))
+    evaluation = balance.terms(inputs, chosen, rejected, False)  # only training sees the shift and the penalty
+    assert torch.equal(evaluation.weights, terms.weights) and evaluation.shift is None and evaluation.penalty is None
+    # a pair of a group seen only at evaluation weighs 1 and gets no expert vote
+    balance.add_groups(["new"])
+    new = balance.terms({"group_id": torch.tensor([2]), "response_lengths": torch.tensor([[5, 1]])},
+                        torch.zeros(1), torch.zeros(1), True)
+    assert new.weights.tolist() == [1.0] and new.shift.tolist() == [0.0] and new.penalty is None
+
+
+def test_balancer_restart_keeps_the_data_and_refuses_new_negatives():
+    balance = fitted(weighting="cells", group_dro=True)
+    balance.mix = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])  # as DRO might have left it
+    balance.restart(BalanceOptions(weighting="groups"))
+    assert balance.unit_sizes.tolist() == [[2, 1, 0], [0, 1, 1]]
+    torch.testing.assert_close(balance.mix, unit_mixture(balance.unit_sizes, "groups"))
+    with pytest.raises(ConfigError, match="cross_prompt and cross_prompt_partners cannot change between trials"):
+        balance.restart(BalanceOptions(cross_prompt=1.0))
 
 
 def test_dro_update_hand_values():
-    balance = GroupBalance(group_dro=True, dro_step_size=1.0, dro_adjustment=2.0)
-    balance.add_groups(["g"])
+    balance = Balancer(BalanceOptions(group_dro=True, dro_step_size=1.0, dro_adjustment=2.0), ["g"])
     balance.unit_sizes = torch.tensor([[4, 1, 0]])
     balance.mix = torch.tensor([[0.5, 0.5, 0.0]])
     # mean losses 0.5 and 1.0; adjustments 2 / sqrt(4) = 1 and 2 / sqrt(1) = 2
@@ -92,11 +129,31 @@ def test_dro_update_hand_values():
     expected = torch.tensor([math.exp(1.5), math.exp(3.0)])
     torch.testing.assert_close(balance.mix[0, :2], expected / expected.sum())
     assert balance.mix[0, 2].item() == 0.0
-    balance.dro_adjustment, balance.unit_sizes = 0.0, torch.tensor([[4, 1, 0]])
+    balance.options = replace(balance.options, dro_adjustment=0.0)
     before = balance.mix.clone()
     balance.dro_update(torch.tensor([[0.0, 3.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]))  # unit 0 unseen: factor 1
     ratio = (balance.mix[0, 1] / balance.mix[0, 0]) / (before[0, 1] / before[0, 0])
     assert ratio.item() == pytest.approx(math.exp(3.0), rel=1e-5)
+
+
+def test_balanced_options_with_a_loss_fn_are_refused(tmp_path, model_dir, pairs):
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", loss_type="balanced",
+                                loss_kwargs={"weighting": "cells"})
+    with pytest.raises(ConfigError, match=r"loss_fn= cannot be combined with loss_type='balanced' \(loss_kwargs "
+                                          r"\{'weighting': 'cells'\}\): the balanced loss's options .* are applied by "
+                                          r"the trainer around its built-in Bradley-Terry loss, so with a loss_fn of "
+                                          r"your own they would be ignored\. Drop loss_fn"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, loss_fn=lambda c, r, margin=None: c - r)
+
+
+def test_other_losses_keep_group_names_without_a_balancer(tmp_path, model_dir, pairs):
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", group_column="source", max_steps=1,
+                                save_strategy="steps", save_steps=1)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    assert trainer.balance is None and trainer.group_names == ["big", "small"]
+    trainer.train()
+    state = json.loads((tmp_path / "checkpoint-1" / "reward_state.json").read_text())
+    assert state["group_names"] == ["big", "small"] and "balance" not in state
 
 
 def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(tmp_path, model_dir, pairs):

@@ -61,7 +61,7 @@ def test_every_loss_trains_logs_and_evaluates(tmp_path, model_dir, pairs, loss_t
 
 def balance_start(trainer):
     from hf_balanced_reward.balancing import unit_mixture
-    return unit_mixture(trainer.balance.unit_sizes, trainer.balance.weighting)
+    return unit_mixture(trainer.balance.unit_sizes, trainer.balance.options.weighting)
 
 
 def test_encoder_model_trains(tmp_path, tokenizer, pairs):

@@ -328,7 +328,8 @@ def test_hyperparameter_search_from_python(tmp_path, model_dir, pairs):
     class Record(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             head = trainer.accelerator.unwrap_model(model).score.weight
-            seen.append((args.loss_kwargs, trainer.balance.weighting, trainer.balance.length_expert, head.sum().item()))
+            seen.append((args.loss_kwargs, trainer.balance.options.weighting, trainer.balance.options.length_expert,
+                         head.sum().item()))
 
     config = BalancedRewardConfig(output_dir=str(tmp_path), loss_type="balanced", group_column="source", max_steps=2,
                                   per_device_train_batch_size=4, learning_rate=0.01, report_to="none", seed=0)

@@ -35,8 +35,8 @@ trainer.save_model()
 rank = trainer.args.process_index
 with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"world_size": trainer.args.world_size, "should_save": trainer.args.should_save,
-               "group_sizes": trainer.balance.unit_sizes.sum(dim=1).tolist(),
-               "group_mix": trainer.balance.mix.flatten().tolist(),
+               "group_sizes": None if lists else trainer.balance.unit_sizes.sum(dim=1).tolist(),
+               "group_mix": None if lists else trainer.balance.mix.flatten().tolist(),
                "log_tie": trainer.log_tie.item() if trainer.log_tie is not None else None}, f)
 if rank == 0:
     with open(os.path.join(report_dir, "result.json"), "w") as f:
