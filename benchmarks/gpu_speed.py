@@ -101,7 +101,7 @@ def pick_pairs(tokenizer, max_length: int, longer_than: int, count: int) -> list
     all HH dialogues) that this package's validation accepts, whose two texts with the eos trl appends fit max_length
     (trl drops longer pairs; this trainer would cut their prompt), and whose longer text has more than `longer_than`
     tokens."""
-    from hf_balanced_reward.data import row_problem
+    from hf_balanced_reward.row_checks import row_problem
 
     kept = []
     rows = load_dataset("json", data_files=os.path.join(DATA, "train_chat.jsonl"), split="train").shuffle(seed=0)
@@ -349,7 +349,7 @@ def check_rewards(cli, tokenizer, device) -> dict:
         with torch.no_grad(), autocast:
             model.set_attn_implementation("flex_attention")
             fast = torch.cat(score_shared_prompt(model, packed))
-            difference, tolerance = shared_prompt_difference(model, packed, tokenizer.pad_token_id,
+            difference, tolerance = shared_prompt_difference(model, examples[:2], tokenizer.pad_token_id,
                                                              full_precision=precision == "fp32")
             model.set_attn_implementation("sdpa")
             reference = torch.cat(score_plain(model, plain))

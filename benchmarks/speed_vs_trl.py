@@ -53,7 +53,7 @@ def smollm2_shaped_model(tokenizer, seed: int) -> LlamaForSequenceClassification
 def select_pairs(tokenizer, count: int, max_length: int) -> Dataset:
     """The first `count` pairs that both trainers train on: texts that fit in max_length with the eos trl appends
     (trl drops longer pairs), and rows this package's validation accepts (it refuses e.g. an empty response)."""
-    from hf_balanced_reward.data import row_problem
+    from hf_balanced_reward.row_checks import row_problem
 
     rows = load_dataset("json", data_files=os.path.join(DATA, "train_chat.jsonl"), split="train")
     kept = []

@@ -124,6 +124,16 @@ def flex_block_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
 
 
 @dataclass
+class Layout:
+    """The run's layout, one object that the trainer's collator and forward share: `shared_prompt` packs rows into
+    shared-prompt segments; `decided` once `forward.decide_layout` has checked it on the model (a run that falls back
+    to plain rows collates plain batches from then on)."""
+
+    shared_prompt: bool = False
+    decided: bool = False
+
+
+@dataclass
 class PairCollator:
     """Collates tokenised pairs (`chosen_ids`, `rejected_ids`, optional `margin`, `weight`, `group_id`).
 
@@ -137,18 +147,22 @@ class PairCollator:
     sequence per pair: plain layout, B more rows after the rejected ones; shared-prompt layout, a third branch of the
     pair's segment. `off_prompt_end` indexes its reward (a row, or a flat cell index).
     Examples with `completion_ids` are lists of K completions of one prompt: see `list_batch`.
+    `shared_prompt`: True or False, or a `Layout` whose current choice every batch follows (the trainer's).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
-    shared_prompt: bool = False
+    shared_prompt: bool | Layout = False
     max_row_tokens: int = 2048
+
+    def __post_init__(self):
+        self.layout = self.shared_prompt if isinstance(self.shared_prompt, Layout) else Layout(self.shared_prompt)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if "completion_ids" in examples[0]:
             return self.list_batch(examples)
         prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
-        batch = self.shared_prompt_batch(examples, prompts) if self.shared_prompt else self.plain_batch(examples)
+        batch = self.shared_prompt_batch(examples, prompts) if self.layout.shared_prompt else self.plain_batch(examples)
         # Response tokens after the shared prompt: for the length-bias metrics.
         batch["response_lengths"] = torch.tensor(
             [[len(e["chosen_ids"]) - p, len(e["rejected_ids"]) - p] for e, p in zip(examples, prompts)]
@@ -242,7 +256,7 @@ class PairCollator:
         (`list_mask` is True on real completions); `scores` only when every list has them. The model inputs are
         those of `list_plain_batch` or `list_shared_prompt_batch`."""
         prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
-        if self.shared_prompt:
+        if self.layout.shared_prompt:
             batch = self.list_shared_prompt_batch(examples, prompts)
         else:
             batch = self.list_plain_batch(examples)
@@ -275,35 +289,3 @@ class PairCollator:
         batch["completion_ends"] = padded_slots(ends, torch.long)
         batch["list_mask"] = list_mask([len(e["completion_ids"]) for e in examples])
         return batch
-
-
-def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
-    """The (chosen_ids, rejected_ids[, off_prompt_ids]) examples of a shared-prompt batch, in pair order: for checks
-    and fallback."""
-    ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
-    keys = {CHOSEN: "chosen_ids", REJECTED: "rejected_ids", OFF_PROMPT: "off_prompt_ids"}
-    if "off_prompt_end" not in batch:
-        del keys[OFF_PROMPT]
-    pairs = [{key: [] for key in keys.values()} for _ in range(len(batch["chosen_end"]))]
-    for token, pair, branch in zip(ids, segments, branches):
-        if pair < 0:
-            continue
-        for sequence_branch, key in keys.items():
-            if branch in (PROMPT, sequence_branch):
-                pairs[pair][key].append(token)
-    return pairs
-
-
-def unpack_lists(batch: dict[str, torch.Tensor]) -> list[dict]:
-    """The `completion_ids` of each list of a shared-prompt list batch, in list order: for checks and fallback."""
-    ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
-    prompts = [[] for _ in range(len(batch["completion_ends"]))]
-    tails = [{} for _ in prompts]  # per list: branch -> that completion's tokens after the prompt
-    for token, segment, branch in zip(ids, segments, branches):
-        if segment < 0:
-            continue
-        if branch == PROMPT:
-            prompts[segment].append(token)
-        else:
-            tails[segment].setdefault(branch, []).append(token)
-    return [{"completion_ids": [prompt + tail[b] for b in sorted(tail)]} for prompt, tail in zip(prompts, tails)]

@@ -1,5 +1,5 @@
 """Scoring a collated batch of pairs or lists: the plain layout (a row per sequence) and the shared-prompt layout
-(packed segments), plus the check that the two agree on a model (made on the first batch of a run).
+(packed segments), plus the run's `Layout`, decided once by checking that the two agree on the model.
 
 Rewards are read from the reward head's own output (captured with a forward hook), at explicit end positions, so the
 model's "last non-pad token" guess is never used; they are returned in fp32 whatever the model's dtype.
@@ -10,7 +10,7 @@ import logging
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .collator import PairCollator, flex_block_mask, shared_prompt_mask, unpack_lists, unpack_pairs
+from .collator import Layout, PairCollator, flex_block_mask, shared_prompt_mask
 from .config import ConfigError
 from .modeling import find_reward_head
 
@@ -88,31 +88,17 @@ def score_lists(model, inputs, shared_prompt: bool) -> torch.Tensor:
     return scores[inputs["completion_ends"]].float().masked_fill(~inputs["list_mask"], 0.0)
 
 
-def plain_inputs(examples, like, pad_token_id) -> dict[str, torch.Tensor]:
-    """`like` (a batch) with its model inputs replaced by the plain layout of `examples` (pairs or lists), on the
-    same device."""
-    collator = PairCollator(pad_token_id)
-    if "completion_ids" in examples[0]:
-        plain = collator.list_plain_batch(examples)
-    else:
-        plain = collator.plain_batch(examples)
-    return {**like, **{k: v.to(like["input_ids"].device) for k, v in plain.items()}}
-
-
-def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) -> tuple[float, float]:
-    """Largest reward difference between the shared-prompt (pairs) or K-branch (lists) layout and the plain one, on
-    the first two pairs or lists of a packed batch, in eval mode without gradients; and the tolerance it must stay
-    within (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
-    lists = "completion_ends" in inputs
-    examples = (unpack_lists if lists else unpack_pairs)(inputs)[:2]
-    collator = PairCollator(pad_token_id, shared_prompt=True)
-    packed = (collator.list_shared_prompt_batch if lists else collator.shared_prompt_batch)(examples)
-    packed = {k: v.to(inputs["input_ids"].device) for k, v in packed.items()}
-    plain = plain_inputs(examples, {"input_ids": packed["input_ids"]}, pad_token_id)
+def shared_prompt_difference(model, examples, pad_token_id, full_precision: bool) -> tuple[float, float]:
+    """Largest reward difference between the shared-prompt (pairs) or K-branch (lists) layout and the plain one of
+    `examples` (tokenised pairs or lists), in eval mode without gradients; and the tolerance it must stay within
+    (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
+    device = next(model.parameters()).device
+    packed, plain = (PairCollator(pad_token_id, shared_prompt=shared)(examples) for shared in (True, False))
+    packed, plain = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, plain))
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if lists:
+        if "completion_ends" in packed:
             fast, reference = score_lists(model, packed, shared_prompt=True), score_lists(model, plain, False)
         else:
             fast, reference = torch.cat(score_shared_prompt(model, packed)), torch.cat(score_plain(model, plain))
@@ -121,18 +107,23 @@ def shared_prompt_difference(model, inputs, pad_token_id, full_precision: bool) 
     return (fast - reference).abs().max().item(), tolerance
 
 
-def shared_prompt_agrees(model, inputs, pad_token_id, full_precision: bool, required: bool) -> bool:
-    """Whether a shared-prompt batch's rewards equal the plain forward's on this model; when they differ, stop if the
-    shared prompt was `required` (shared_prompt=true), else warn. Guards attention that ignores the layout."""
-    difference, tolerance = shared_prompt_difference(model, inputs, pad_token_id, full_precision)
+def decide_layout(layout: Layout, model, examples, pad_token_id, full_precision: bool, required: bool) -> None:
+    """Settle `layout` once, before the first batch is collated: keep the shared prompt if `examples` (the first
+    rows of a dataset) get the plain forward's rewards from it on this model; else stop if it was `required`
+    (shared_prompt=true), or fall back to plain rows for the rest of the run. Guards attention that ignores the
+    layout's mask or position ids."""
+    if layout.decided or not layout.shared_prompt or not examples:
+        return
+    layout.decided = True
+    difference, tolerance = shared_prompt_difference(model, examples, pad_token_id, full_precision)
     if difference <= tolerance:
         logger.info(f"Shared-prompt layout checked against the plain layout: max reward difference {difference:.2e}.")
-        return True
+        return
     message = (
         f"the shared-prompt layout changes this model's rewards (max difference {difference:.3g} on the first "
-        f"batch, tolerance {tolerance:.3g}); its attention does not follow the layout's mask or position ids."
+        f"rows, tolerance {tolerance:.3g}); its attention does not follow the layout's mask or position ids."
     )
     if required:
         raise ConfigError(f"{message} Set shared_prompt: false.")
     logger.warning(f"{message} Using the plain layout.")
-    return False
+    layout.shared_prompt = False

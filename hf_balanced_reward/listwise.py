@@ -23,9 +23,9 @@ from datasets import Features, Sequence, Value
 from trl.data_utils import maybe_extract_prompt
 
 from .collator import list_prefix_length
-from .data import (ALL_IDENTICAL, DataError, check_chat_template, column_names, drop_nulls,
-                   number_problem, numeric_columns, prepare_stream, rename_legacy_columns, render_texts, row_problem,
-                   template_options_problem, text_problem, tokenize_and_collect, too_long, truncate_list)
+from .data import (DataError, check_chat_template, column_names, drop_nulls, numeric_columns, prepare_stream,
+                   rename_legacy_columns, render_texts, tokenize_and_collect, truncate_list)
+from .row_checks import ALL_IDENTICAL, number_problem, row_problem, template_options_problem, text_problem, too_long
 
 LABELS = ("ranks", "scores")
 

@@ -24,8 +24,8 @@ from trl.data_utils import common_prefix_length
 
 from .config import ConfigError
 from .paths import resolve_model_path
-from .data import (MAX_SHOWN, DataError, load_preference_dataset, render_texts, template_options_problem, text_problem,
-                   truncate_pair)
+from .data import DataError, load_preference_dataset, render_texts, truncate_pair
+from .row_checks import MAX_SHOWN, template_options_problem, text_problem
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import socket
 import sys
 
 from .errors import ConfigError, DataError, did_you_mean
+from .row_checks import template_options_problem, text_problem
 from .serve_batching import Batcher, QueueFull, RewardModel
 
 logger = logging.getLogger(__name__)
@@ -224,8 +225,6 @@ def structured_items(body, max_items: int) -> list[dict]:
 
 def item_problem(item) -> str | None:
     """What is wrong with one item, worded to follow 'items[i]', or None."""
-    from .data import template_options_problem, text_problem
-
     if not isinstance(item, dict):
         return f" is {json_type(item)}, not an object with 'prompt' and 'response' (or 'completions')."
     if unknown := [key for key in item if key not in ITEM_FIELDS]:

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, EvalPrediction, PreTrainedModel, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
@@ -27,7 +28,8 @@ from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data
                           remove_unpublished, resolve_checkpoint, restore_reward_state, reward_state, staging_dir,
                           wants_resume, write_json_atomically)
 from .run_lock import RunLock, check_new_run, delete_set_aside
-from .collator import PairCollator, unpack_lists, unpack_pairs
+from .row_checks import check_hinge_margins
+from .collator import Layout, PairCollator
 from .cross_prompt import add_off_prompt_responses
 from .balancing import BalanceOptions, balancer_for
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
@@ -39,7 +41,6 @@ from .data import (
     add_group_ids,
     apply_token_options,
     check_columns,
-    check_hinge_margins,
     column_names,
     ROW_COLUMN,
     has_pair_texts,
@@ -50,7 +51,7 @@ from .data import (
     prepare_stream,
     report_summary,
 )
-from .forward import plain_inputs, score_lists, score_plain, score_shared_prompt, shared_prompt_agrees
+from .forward import decide_layout, score_lists, score_plain, score_shared_prompt
 from .listwise import check_scored, is_listwise, prepare_list_stream, prepare_lists
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name, pair_metrics
@@ -262,8 +263,9 @@ class BalancedRewardTrainer(Trainer):
         prepare_model(model, processing_class, args, self._added_tokens, self.max_length)
         if token_check_sets:
             check_token_ids(token_check_sets, model.get_input_embeddings().num_embeddings)  # resized, not yet wrapped
-        self.shared_prompt = use_shared_prompt(model, args)
-        self._shared_prompt_checked = False
+        # One object for the run, shared with the collator; each model gets its layout chosen and checked afresh.
+        self.layout = getattr(self, "layout", None) or Layout()
+        self.layout.shared_prompt, self.layout.decided = use_shared_prompt(model, args), False
         if peft_config is not None:
             model = wrap_peft(model, peft_config, args, self._added_tokens)
         find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
@@ -322,7 +324,7 @@ class BalancedRewardTrainer(Trainer):
         return PairCollator(
             pad_token_id,
             args.pad_to_multiple_of,
-            shared_prompt=self.shared_prompt,
+            shared_prompt=self.layout,
             max_row_tokens=2 * (self.max_length or 1024),  # wider rows waste less padding but cost more attention
         )
 
@@ -405,6 +407,7 @@ class BalancedRewardTrainer(Trainer):
     def get_train_dataloader(self):
         """A streamed train set with train_sampling_strategy="group_by_length" is batched by length from a buffer
         (see `streaming.LengthGroupedStream`); transformers would ignore the option for a stream."""
+        self._decide_layout(self.train_dataset)
         if not (is_stream(self.train_dataset) and self.args.train_sampling_strategy == "group_by_length"):
             return super().get_train_dataloader()
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -415,11 +418,13 @@ class BalancedRewardTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
+        self._decide_layout(dataset)
         if is_stream(dataset) and self.args.world_size > 1:
             return self._padded_stream_dataloader(dataset, "Evaluation")
         return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset):
+        self._decide_layout(test_dataset)
         if is_stream(test_dataset) and self.args.world_size > 1:
             return self._padded_stream_dataloader(test_dataset, "test")
         return super().get_test_dataloader(test_dataset)
@@ -742,38 +747,38 @@ class BalancedRewardTrainer(Trainer):
         with self.offload_activations:
             return super().training_step(*args, **kwargs)
 
+    @property
+    def shared_prompt(self) -> bool:
+        """Whether batches are packed with a shared prompt (see `collator.Layout`)."""
+        return self.layout.shared_prompt
+
     def score_pairs(self, model, inputs, with_features: bool = False) -> tuple:
         """Chosen and rejected rewards (fp32) of a collated batch, and the off-prompt ones when it has them, in one
         forward pass; with `with_features`, also the features the reward head read for each (`forward.score_plain`)."""
-        if "segment_ids" not in inputs:
-            return score_plain(model, inputs, with_features)
-        self._check_shared_prompt(model, inputs)
-        if self.shared_prompt:
+        if "segment_ids" in inputs:  # packed by the collator
             return score_shared_prompt(model, inputs, with_features)
-        return score_plain(model, self._plain_inputs(unpack_pairs(inputs), inputs), with_features)
-
-    def _plain_inputs(self, pairs, like) -> dict[str, torch.Tensor]:
-        return plain_inputs(pairs, like, self.processing_class.pad_token_id)
+        return score_plain(model, inputs, with_features)
 
     def score_lists(self, model, inputs) -> torch.Tensor:
         """Rewards [lists, K] (fp32, 0 in padded slots) of a collated list batch, in one forward pass."""
-        if "segment_ids" not in inputs:
-            return score_lists(model, inputs, shared_prompt=False)
-        self._check_shared_prompt(model, inputs)
-        if self.shared_prompt:
-            return score_lists(model, inputs, shared_prompt=True)
-        return score_lists(model, self._plain_inputs(unpack_lists(inputs), inputs), shared_prompt=False)
+        return score_lists(model, inputs, shared_prompt="segment_ids" in inputs)
 
-    def _check_shared_prompt(self, model, inputs) -> None:
-        """On the first packed batch: fall back to the plain layout (or stop, when shared_prompt=true was asked for)
-        if its shared-prompt rewards differ from the plain forward's (see `forward.shared_prompt_agrees`)."""
-        if self._shared_prompt_checked:
+    def _decide_layout(self, dataset) -> None:
+        """Check the shared-prompt layout on the model with the dataset's first two rows before a dataloader is built
+        (`forward.decide_layout`): once per model, so every batch of the run is collated in the layout it keeps."""
+        if self.layout.decided or not self.layout.shared_prompt or dataset is None:
             return
-        self._shared_prompt_checked = True
+        if getattr(self.data_collator, "layout", None) is not self.layout:
+            return  # a collator of the user's: it chooses its batches' layout
+        if is_deepspeed_zero3_enabled():  # the weights are partitioned: no forward outside the engine
+            self.layout.decided = True
+            logger.warning("shared_prompt: the check of the packed layout against the plain one is skipped under "
+                           "DeepSpeed ZeRO-3; set shared_prompt: false if this model's attention ignores custom masks.")
+            return
+        examples = list(dataset.take(2) if is_stream(dataset) else dataset.select(range(min(2, len(dataset)))))
         full_precision = not (self.args.bf16 or self.args.fp16) and self.model.dtype == torch.float32
-        if not shared_prompt_agrees(model, inputs, self.processing_class.pad_token_id, full_precision,
-                                    required=bool(self.args.shared_prompt)):
-            self.shared_prompt = False
+        decide_layout(self.layout, self.model, examples, self.processing_class.pad_token_id, full_precision,
+                      required=bool(self.args.shared_prompt))
 
     def _loss_fn_options(self, args) -> dict:
         """The `loss_kwargs` that the loss function takes: none for the balanced loss (its balancer applies them),

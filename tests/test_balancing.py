@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.balancing import (
     LONGER, SAME, SHORTER, Balancer, BalanceOptions, fit_length_slope, length_cells, length_head_penalty, unit_mixture,
 )
@@ -182,7 +182,7 @@ def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(t
     eval_batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
         chosen, rejected = trainer.score_pairs(trainer.model, eval_batch)
-        plain = trainer._plain_inputs([trainer.train_dataset[i] for i in range(4)], eval_batch)
+        plain = PairCollator(trainer.processing_class.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
         logits = saved(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, 0]
     # the saved model's own output is the reward: no length term, no extra weights
     torch.testing.assert_close(logits, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)

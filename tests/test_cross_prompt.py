@@ -2,14 +2,14 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
 from conftest import build_tokenizer, preference_rows
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
-from hf_balanced_reward.collator import shared_prefix_length, unpack_pairs
+from hf_balanced_reward.collator import shared_prefix_length
+from unpacking import unpack_pairs
 from hf_balanced_reward.cross_prompt import off_prompt_sequence, pick_partners
 from test_shared_prompt import TEXTS, smollm2_shaped
 

@@ -103,7 +103,7 @@ def test_long_responses_cut_alike_are_reported_as_such(tokenizer):
             {"prompt": "Q", "chosen": " Yes.", "rejected": " No."}]
     _, report = prepare_dataset(Dataset.from_list(rows), tokenizer,
                                 config(max_length=16, on_bad_rows="skip", long_responses="cut"))
-    from hf_balanced_reward.data import IDENTICAL, IDENTICAL_ONCE_CUT
+    from hf_balanced_reward.row_checks import IDENTICAL, IDENTICAL_ONCE_CUT
 
     assert report["dropped"] == {IDENTICAL_ONCE_CUT: 1, IDENTICAL: 1}
 

@@ -9,8 +9,8 @@ import torch
 import hf_balanced_reward.forward as forward_module
 from conftest import build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import PairCollator
-from hf_balanced_reward.collator import unpack_lists
 from hf_balanced_reward.forward import score_lists, shared_prompt_difference
+from unpacking import unpack_lists
 from test_shared_prompt import smollm2_shaped
 
 LISTS = [  # (prompt, completions): prompts of several lengths, completions longer, shorter, or starting alike
@@ -158,7 +158,7 @@ def test_tiny_llama_k_branch_rewards_and_the_layout_check(attention):
         expected = one_by_one(model, examples) * batch["list_mask"]
         assert (score_lists(model, batch, shared_prompt=True) - expected).abs().max() <= 1e-4
     model.train()
-    difference, tolerance = shared_prompt_difference(model, batch, tokenizer.pad_token_id, full_precision=True)
+    difference, tolerance = shared_prompt_difference(model, examples[:2], tokenizer.pad_token_id, full_precision=True)
     assert difference <= 1e-5 and tolerance >= 1e-3
     assert model.training  # the check leaves the mode as it found it
 
@@ -170,8 +170,8 @@ def test_the_layout_check_catches_a_model_that_ignores_the_mask(monkeypatch):
 
     monkeypatch.setattr(forward_module, "shared_prompt_mask", causal_only)
     tokenizer = build_tokenizer()
-    batch = PairCollator(tokenizer.pad_token_id, shared_prompt=True)(tokenized_lists(tokenizer, [3, 3]))
-    difference, tolerance = shared_prompt_difference(tiny_llama(tokenizer), batch, tokenizer.pad_token_id, True)
+    examples = tokenized_lists(tokenizer, [3, 3])
+    difference, tolerance = shared_prompt_difference(tiny_llama(tokenizer), examples, tokenizer.pad_token_id, True)
     assert difference > tolerance
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from hf_balanced_reward.data import IDENTICAL, DataError
-from hf_balanced_reward.listwise import (ALL_IDENTICAL, canonical_row, list_problem, load_summeval_lists,
-                                         prepare_lists, split_by_document)
+from hf_balanced_reward.data import DataError
+from hf_balanced_reward.listwise import (canonical_row, list_problem, load_summeval_lists, prepare_lists,
+                                         split_by_document)
 from hf_balanced_reward.losses import (LISTWISE_LOSSES, LOSSES, TIE_LOSSES, bradley_terry, davidson, graded,
                                        list_pairs, pairwise, plackett_luce, rao_kupper)
 from hf_balanced_reward.ranking import ranking_metrics
+from hf_balanced_reward.row_checks import ALL_IDENTICAL, IDENTICAL
 
 E = math.e
 SUMMEVAL = os.path.join(SHARED_DATA, "summeval", "summeval.jsonl")

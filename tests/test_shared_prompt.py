@@ -13,8 +13,8 @@ from transformers import AutoModelForSequenceClassification
 import hf_balanced_reward.forward as forward_module
 from conftest import build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
-from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask, unpack_pairs
-from hf_balanced_reward.forward import score_plain
+from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask
+from unpacking import unpack_pairs
 
 TEXTS = [  # (prompt, chosen, rejected): shared prompts of several lengths, responses longer and shorter
     ("Question: what is the capital of France? Answer:", " Paris is the capital.", " The quick brown fox."),
@@ -209,11 +209,10 @@ def test_a_model_that_breaks_the_layout_falls_back_to_plain(tmp_path, tokenizer,
         trainer.train()
     assert "shared-prompt layout changes this model's rewards" in caplog.text and "Using the plain layout" in caplog.text
     assert not trainer.shared_prompt
-    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
-    plain = trainer._plain_inputs(unpack_pairs(batch), batch)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.cat(trainer.score_pairs(trainer.model, batch)),
-                                   torch.cat(score_plain(trainer.model, plain)))
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(examples)
+    assert "segment_ids" not in batch  # decided once: every batch after the check is collated plain
+    assert batch.keys() == PairCollator(tokenizer.pad_token_id)(examples).keys()
 
     args = config(tmp_path, max_steps=2, shared_prompt=True)
     strict = BalancedRewardTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=pairs,
