@@ -98,6 +98,17 @@ def preference_rows(n: int = 24) -> list[dict]:
 
 
 @pytest.fixture
+def no_model_load(monkeypatch):
+    """Data and config errors must come before the weights are loaded."""
+    import hf_balanced_reward.trainer as trainer_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(trainer_module, "load_model", refuse)
+
+
+@pytest.fixture
 def pairs() -> Dataset:
     return Dataset.from_list(preference_rows())
 

@@ -12,19 +12,6 @@ def test_defaults_are_valid():
     assert config.loss_type == "bradley_terry" and config.loss_kwargs == {} and config.disable_dropout
 
 
-def test_unknown_loss_lists_choices_and_nearest():
-    with pytest.raises(ConfigError, match=r"loss_type='bradly_terry' is not a known loss \(did you mean "
-                       r"'bradley_terry'\?\)\. Choose one of: balanced, bradley_terry, davidson, graded, hinge, pairwise, "
-                       r"plackett_luce, rao_kupper\."):
-        make(loss_type="bradly_terry")
-
-
-def test_misspelled_loss_option_names_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown option 'hinge_margn' for loss 'hinge' \(did you mean "
-                       r"'hinge_margin'\?\)\. Options of 'hinge': hinge_margin\."):
-        make(loss_type="hinge", loss_kwargs={"hinge_margn": 0.5})
-
-
 def test_option_of_another_loss_is_rejected():
     with pytest.raises(ConfigError, match=r"unknown option 'hinge_margin' for loss 'bradley_terry'.*Options of "
                        r"'bradley_terry': none\."):
@@ -42,16 +29,6 @@ def test_old_balance_method_option_names_the_new_ones():
                        r"weighting, group_dro, dro_step_size, dro_adjustment, length_expert, length_head, cross_prompt, "
                        r"cross_prompt_partners\."):
         make(loss_type="balanced", loss_kwargs={"method": "group_dro"})
-
-
-def test_negative_hinge_margin():
-    with pytest.raises(ConfigError, match=r"hinge_margin must be >= 0, got -1"):
-        make(loss_type="hinge", loss_kwargs={"hinge_margin": -1})
-
-
-def test_negative_dro_step_size():
-    with pytest.raises(ConfigError, match=r"dro_step_size must be a number >= 0, got -0.1"):
-        make(loss_type="balanced", loss_kwargs={"group_dro": True, "dro_step_size": -0.1})
 
 
 def test_loss_kwargs_from_a_json_string():

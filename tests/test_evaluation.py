@@ -106,8 +106,6 @@ def test_evaluate_scores_every_pair_as_a_client_does_and_writes_predictions(tmp_
     """max_length 24: some pairs only need their prompt cut, and in some a response alone is longer. By default each
     text is cut as `score` / `reward_function` cut it, so every pair is scored with the rewards a client gets;
     --long_responses drop leaves the long ones out, as training does."""
-    from datasets import Dataset
-
     from hf_balanced_reward.scoring import reward_function
 
     rows = [{"prompt": "Question: what is the capital of France?" * (1 + i % 3), "chosen": " Paris." * (1 + 5 * (i % 2)),

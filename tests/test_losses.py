@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hf_balanced_reward import LOSSES, balanced, bradley_terry, hinge
+from hf_balanced_reward import LOSSES, bradley_terry, hinge
 from hf_balanced_reward.losses import PAIR_LOSSES, TIE_LOSSES
 
 PAIRWISE = sorted({**PAIR_LOSSES, **TIE_LOSSES})  # the losses of (chosen, rejected, margin); listwise ones: test_listwise
@@ -25,11 +25,6 @@ def test_hinge_hand_values():
     loss = hinge(t(0.3, 2.0, 0.0), t(0.0, 0.0, 1.0), margin=t(0.0, 0.0, 0.5))
     assert loss.tolist() == pytest.approx([0.7, 0.0, 2.5], abs=1e-6)
     assert hinge(t(0.3), t(0.0), hinge_margin=0.2).tolist() == pytest.approx([0.0])
-
-
-def test_balanced_is_bradley_terry_per_pair():
-    chosen, rejected = torch.randn(8), torch.randn(8)
-    assert torch.equal(balanced(chosen, rejected), bradley_terry(chosen, rejected))
 
 
 @pytest.mark.parametrize("name", PAIRWISE)

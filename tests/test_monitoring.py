@@ -1,4 +1,5 @@
-"""Monitoring callbacks, metrics in TensorBoard, the model card, and what push_to_hub would upload."""
+"""Metrics in TensorBoard, eval_strategy, the model card, and what push_to_hub would upload (the reward drift
+callback: test_callbacks.py)."""
 
 import glob
 import json
@@ -13,7 +14,6 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
-from hf_balanced_reward.callbacks import RewardDriftCallback
 from hf_balanced_reward.cli import main
 
 
@@ -38,17 +38,6 @@ def test_reward_metrics_reach_tensorboard(tmp_path, model_dir, pairs, monkeypatc
                 "eval/length_baseline_accuracy", "eval/calibration_error"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("eval/accuracy")] == [2, 4]
-
-
-def test_reward_drift_is_flagged(tmp_path, model_dir, pairs, caplog):
-    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, reward_drift_limit=1e-6),
-                                    train_dataset=pairs)
-    trainer.train()
-    drift = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, RewardDriftCallback))
-    assert drift.warned_at == [1, 2, 3, 4]
-    assert "Reward scale drift at step 1: reward_mean=" in caplog.text and "center_rewards_coefficient" in caplog.text
-    quiet = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, reward_drift_limit=None), train_dataset=pairs)
-    assert not any(isinstance(cb, RewardDriftCallback) for cb in quiet.callback_handler.callbacks)
 
 
 @pytest.mark.parametrize("strategy,epochs", [("no", []), ("epoch", [1.0, 2.0])])

@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForSequenceClassification
 from transformers import AutoModelForSequenceClassification
 
 import hf_balanced_reward.forward as forward_module
-from conftest import build_tokenizer, tiny_bert, tiny_llama
+from conftest import build_tokenizer, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask
 from unpacking import unpack_pairs
@@ -174,27 +174,6 @@ def test_first_training_steps_match_the_plain_layout(tmp_path, model_dir, pairs)
     assert "score.weight" in moved and len(moved) > 10
     for name, value in plain_params.items():
         torch.testing.assert_close(fast_params[name], value, atol=1e-6, rtol=1e-5)
-
-
-def test_encoders_use_the_plain_layout(tmp_path, tokenizer, pairs):
-    trainer = BalancedRewardTrainer(model=tiny_bert(tokenizer), args=config(tmp_path), train_dataset=pairs,
-                                    processing_class=tokenizer)
-    assert not trainer.shared_prompt
-    assert "end_positions" in next(iter(trainer.get_train_dataloader()))
-    with pytest.raises(ConfigError, match="shared_prompt=true does not apply here: BertForSequenceClassification is "
-                                          "not a causal decoder.*Set shared_prompt: false"):
-        BalancedRewardTrainer(model=tiny_bert(tokenizer), args=config(tmp_path, shared_prompt=True),
-                              train_dataset=pairs, processing_class=tokenizer)
-
-
-def test_attention_without_custom_masks_uses_the_plain_layout(tmp_path, tokenizer, pairs):
-    model = tiny_llama(tokenizer)
-    model.config._attn_implementation = "flash_attention_2"  # set directly: flash-attn is not installed here
-    trainer = BalancedRewardTrainer(model=model, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
-    assert not trainer.shared_prompt
-    with pytest.raises(ConfigError, match="attn_implementation='flash_attention_2' cannot take the layout's"):
-        BalancedRewardTrainer(model=model, args=config(tmp_path, shared_prompt=True), train_dataset=pairs,
-                              processing_class=tokenizer)
 
 
 def test_a_model_that_breaks_the_layout_falls_back_to_plain(tmp_path, tokenizer, pairs, monkeypatch, caplog):

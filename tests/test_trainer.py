@@ -173,13 +173,6 @@ def test_trl_reward_config_is_accepted(tmp_path, model_dir, pairs):
     trainer.train()
 
 
-def test_model_with_several_labels_is_refused(tmp_path, tokenizer, pairs):
-    model = tiny_llama(tokenizer)
-    model.config.num_labels = 2
-    with pytest.raises(ConfigError, match=r"a reward model has one output, this model has num_labels=2"):
-        BalancedRewardTrainer(model=model, args=config(tmp_path), train_dataset=pairs, processing_class=tokenizer)
-
-
 PROBE_KEYS = ("probe_accuracy", "probe_accuracy_without_prompt", "probe_prompt_use", "probe_on_topic_random",
               "probe_on_topic_nearest", "probe_padding_rise_rate", "probe_padding_mean_rise")
 
