@@ -1,5 +1,6 @@
 """`TrainerCallback`s that watch a run: reward scale drift, stopping cleanly on SIGINT / SIGTERM, and making a
-skipped non-finite batch (nan_policy: skip) change nothing.
+skipped non-finite batch (nan_policy: skip) change nothing, and clearing the gradients of the trainable
+parameters beside the model (length head, log_tie).
 
 NaN / inf losses are caught in `BalancedRewardTrainer.compute_loss`, not here: a callback only hears of a step after
 the optimizer has applied it, too late to keep the last good weights.
@@ -164,3 +165,24 @@ class SkipEmptySteps(TrainerCallback):
         if self.accelerator.num_processes > 1:  # each process's mean over the same number of micro-batches
             mean = self.accelerator.reduce(mean, reduction="mean")
         logs[key] = mean.item()
+
+
+class ClearOutsideGradients(TrainerCallback):
+    """Trainer clears the model's gradients (`model.zero_grad()`) as training begins and after every optimizer step;
+    the trainable parameters beside the model (length head, log_tie), in the optimizer but not in the model, are
+    cleared here at the same points. Left alone, their gradients summed over the run: every step applied the sum of
+    all earlier steps' gradients, and a resumed run (which starts from none) trained them differently from an
+    uninterrupted one. `parameters`: a function giving them (a hyperparameter trial makes new ones)."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters
+
+    def clear(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None  # as model.zero_grad() leaves the model's
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clear()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.clear()

@@ -22,7 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
 
-from .callbacks import RewardDriftCallback, SkipEmptySteps, StopOnSignal
+from .callbacks import ClearOutsideGradients, RewardDriftCallback, SkipEmptySteps, StopOnSignal
 from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data_identity,
                           has_final_model, is_complete_checkpoint, publish_checkpoint, read_reward_state,
                           remove_unpublished, resolve_checkpoint, restore_reward_state, reward_state, staging_dir,
@@ -236,6 +236,7 @@ class BalancedRewardTrainer(Trainer):
         self.add_callback(self.signal_stop)
         self.skip_steps = SkipEmptySteps(self.accelerator)  # nan_policy skip: a skipped step changes nothing
         self.add_callback(self.skip_steps)
+        self.add_callback(ClearOutsideGradients(self._outside_parameters))
         self.finished_checkpoint = None  # set when train() resumes a checkpoint at or past the run's last step
         self.output_dir_lock = RunLock(args.output_dir)  # held by train() on process zero (see `run_lock`)
         self._saved_here, self._writing_to = set(), None  # checkpoints of this run; where a checkpoint is being written
@@ -309,6 +310,11 @@ class BalancedRewardTrainer(Trainer):
             self.length_head = make_length_head(self.model, args.device, self.accelerator)
         if args.loss_kwargs.get(LEARN_TIE):
             self.log_tie = make_log_tie(args.loss_kwargs.get("log_tie", 0.0), args.device, self.accelerator)
+
+    def _outside_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters beside the model: the length head's and log_tie (see `create_optimizer`)."""
+        head = list(self.length_head.parameters()) if self.length_head is not None else []
+        return head + ([self.log_tie] if self.log_tie is not None else [])
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

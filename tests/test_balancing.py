@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.balancing import (
@@ -217,3 +217,41 @@ def test_length_head_trains_with_the_model_and_is_not_saved(tmp_path, model_dir,
     with open(tmp_path / "out" / "checkpoint-3" / "reward_state.json") as f:
         state = json.load(f)
     torch.testing.assert_close(torch.tensor(state["length_head"]["weight"]), trainer.length_head.weight.detach())
+
+
+class StopAfter(TrainerCallback):
+    """Stops a run after `step` optimizer steps, as a stop signal would (the checkpoint of that step is saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_a_resumed_length_head_run_ends_with_the_uninterrupted_runs_weights(tmp_path, model_dir, pairs):
+    """The length head lives beside the model (in the optimizer, not in the model): its gradients are cleared after
+    every step as the model's are, so a run resumed from checkpoint-4 takes the same steps as the straight run (they
+    used to sum over the run, which a resumed run, starting from none, did not)."""
+    def args(output_dir):
+        return BalancedRewardConfig(
+            output_dir=str(output_dir), report_to="none", per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+            save_strategy="steps", save_steps=2, seed=0, group_column="source", loss_type="balanced",
+            loss_kwargs={"length_head": 1.0},
+        )
+
+    stopped = BalancedRewardTrainer(model=model_dir, args=args(tmp_path / "run"), train_dataset=pairs,
+                                    callbacks=[StopAfter(4)])
+    stopped.train()
+    assert stopped.state.global_step == 4
+    resumed = BalancedRewardTrainer(model=model_dir, args=args(tmp_path / "run"), train_dataset=pairs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert resumed.state.global_step == 6
+    straight = BalancedRewardTrainer(model=model_dir, args=args(tmp_path / "straight"), train_dataset=pairs)
+    straight.train()
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=1e-6, rtol=0)
+    for name, value in straight.length_head.state_dict().items():
+        torch.testing.assert_close(resumed.length_head.state_dict()[name], value, atol=1e-6, rtol=0)
+    assert not torch.equal(stopped.length_head.weight, straight.length_head.weight)  # steps 5 and 6 moved it
