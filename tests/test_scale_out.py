@@ -78,7 +78,9 @@ def test_bf16_autocast_trains_with_fp32_losses_and_rewards(tmp_path, model_dir, 
 
     trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, bf16=True, use_cpu=True),
                                     train_dataset=pairs, loss_fn=recording_loss)
-    trainer.model.score.register_forward_hook(lambda module, args, output: seen["head"].add(output.dtype))
+    # Training forwards only: the layout check before the first batch scores two pairs in eval mode, outside autocast.
+    trainer.model.score.register_forward_hook(
+        lambda module, args, output: seen["head"].add(output.dtype) if module.training else None)
     trainer.train()
     assert seen["head"] == {torch.bfloat16}  # Accelerate's autocast ran the forward in bf16 ...
     assert seen["rewards"] == {torch.float32}  # ... and the loss saw fp32 rewards
