@@ -318,10 +318,10 @@ class BalancedRewardTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.length_head is not None:
-            optimizer.add_param_group({"params": list(self.length_head.parameters()), "weight_decay": 0.0})
-        if self.log_tie is not None:
-            optimizer.add_param_group({"params": [self.log_tie], "weight_decay": 0.0})
+        # Trainer keeps its optimizer across train() calls on one trainer: add what it does not hold yet, once.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if new := [p for p in self._outside_parameters() if id(p) not in held]:
+            optimizer.add_param_group({"params": new, "weight_decay": 0.0})
         if self.args.nan_policy == "skip" and not self.is_deepspeed_enabled:  # DeepSpeed steps inside its engine
             self.skip_steps.guard(optimizer)
         return optimizer

@@ -255,3 +255,15 @@ def test_a_resumed_length_head_run_ends_with_the_uninterrupted_runs_weights(tmp_
     for name, value in straight.length_head.state_dict().items():
         torch.testing.assert_close(resumed.length_head.state_dict()[name], value, atol=1e-6, rtol=0)
     assert not torch.equal(stopped.length_head.weight, straight.length_head.weight)  # steps 5 and 6 moved it
+
+
+def test_train_called_twice_keeps_one_copy_of_the_length_head_in_the_optimizer(tmp_path, model_dir, pairs):
+    args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4, max_steps=1,
+                                save_strategy="no", group_column="source", loss_type="balanced",
+                                loss_kwargs={"length_head": 1.0}, overwrite_output_dir=True)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
+    trainer.train()
+    trainer.train()  # Trainer keeps its optimizer; adding the head's group again would be refused by torch
+    held = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    head = list(trainer.length_head.parameters())
+    assert sum(any(p is h for p in held) for h in head) == len(head) and len(held) == len({id(p) for p in held})
