@@ -32,6 +32,7 @@ import sys
 import time
 
 import numpy as np
+from transformers import TrainerCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
@@ -141,6 +142,14 @@ def probe_figures(trainer, dataset, seed: int) -> dict:
     return figures
 
 
+class SaveStepsFromArgs(TrainerCallback):
+    """A resumed run keeps the save_steps of the checkpoint's trainer_state.json (transformers' rule); these runs save
+    every COMMON["save_steps"] whatever the checkpoint they resume from was written with."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.save_steps = args.save_steps
+
+
 def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None,
             probes: bool = False) -> dict:
     from transformers import set_seed
@@ -157,7 +166,8 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     resume_from = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     args = BalancedRewardConfig(output_dir=output_dir, seed=seed, loss_type=loss_type, loss_kwargs=loss_kwargs,
                                 overwrite_output_dir=resume_from is None, **settings)
-    trainer = BalancedRewardTrainer(model=network, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer = BalancedRewardTrainer(model=network, args=args, train_dataset=train, processing_class=tokenizer,
+                                    callbacks=[SaveStepsFromArgs()])
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.time() - start
