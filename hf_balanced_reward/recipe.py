@@ -112,13 +112,13 @@ def dataclass_fields_in_source(path: str, class_name: str) -> list[str] | None:
 
 
 def training_option_names() -> list[str] | None:
-    """Every key `train` accepts: `ScriptArguments` (cli.py), `BalancedRewardConfig` (config.py) and the
+    """Every key `train` accepts: `ScriptArguments` (cli_arguments.py), `BalancedRewardConfig` (config.py) and the
     `TrainingArguments` it extends, as declared in the installed sources; None when any cannot be read."""
     spec = importlib.util.find_spec("transformers")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
         return None
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [(os.path.join(here, "cli.py"), "ScriptArguments"),
+    sources = [(os.path.join(here, "cli_arguments.py"), "ScriptArguments"),
                (os.path.join(here, "config.py"), "BalancedRewardConfig"),
                (os.path.join(spec.submodule_search_locations[0], "training_args.py"), "TrainingArguments")]
     names = []
