@@ -120,8 +120,9 @@ def scored_pairs(trainer, dataset, name) -> dict:
     """Rewards and response lengths of every usable pair, in the prepared dataset's order."""
     prepared = trainer._prepare(dataset, trainer.processing_class, trainer.args, name)
     output = trainer.predict(prepared, metric_key_prefix=name)
-    chosen, rejected, _ = output.predictions
-    group_ids, lengths = output.label_ids
+    rewards, _ = output.predictions  # [pairs, 2]: chosen, rejected
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    group_ids, _, _, lengths = output.label_ids
     return {
         "group": [trainer.group_names[g] for g in np.asarray(group_ids).reshape(-1)],
         "chosen": np.round(np.asarray(chosen, dtype=np.float64), 6).tolist(),

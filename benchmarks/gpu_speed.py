@@ -328,8 +328,8 @@ def synchronize(device):
 def check_rewards(cli, tokenizer, device) -> dict:
     """Flex (shared-prompt BlockMask) rewards against the plain two-sequence sdpa forward, fp32 and bf16 autocast,
     and the trainer's own first-batch check on the same batch."""
-    from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, PairCollator
-    from hf_balanced_reward.forward import score_plain, score_shared_prompt, shared_prompt_difference
+    from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, RewardCollator
+    from hf_balanced_reward.forward import score_batch, shared_prompt_difference
 
     model = build_model("smollm2-135m", tokenizer, "flex_attention", cli.tiny).to(device).eval()
     args = BalancedRewardConfig(output_dir="/tmp/gpu_checks", report_to="none", append_eos_token=True,
@@ -337,9 +337,9 @@ def check_rewards(cli, tokenizer, device) -> dict:
     trainer = BalancedRewardTrainer(model=model, args=args, train_dataset=load_pairs(cli.data, 1024, 16),
                                     processing_class=tokenizer)
     examples = [trainer.train_dataset[i] for i in range(16)]
-    packed = {k: v.to(device) for k, v in PairCollator(tokenizer.pad_token_id, shared_prompt=True,
-                                                        max_row_tokens=2048)(examples).items()}
-    plain = {k: v.to(device) for k, v in PairCollator(tokenizer.pad_token_id)(examples).items()}
+    packed = {k: v.to(device) for k, v in RewardCollator(tokenizer.pad_token_id, shared_prompt=True,
+                                                          max_row_tokens=2048)(examples).items()}
+    plain = {k: v.to(device) for k, v in RewardCollator(tokenizer.pad_token_id)(examples).items()}
     out = {}
     if device == "cpu":  # torch 2.13's CPU inductor emits C++ that does not compile for flex in bf16
         out["bf16"] = {"error": "skipped on CPU: flex_attention under bf16 autocast fails to compile there "
@@ -348,11 +348,11 @@ def check_rewards(cli, tokenizer, device) -> dict:
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.no_grad(), autocast:
             model.set_attn_implementation("flex_attention")
-            fast = torch.cat(score_shared_prompt(model, packed))
+            fast = score_batch(model, packed)[0]
             difference, tolerance = shared_prompt_difference(model, examples[:2], tokenizer.pad_token_id,
                                                              full_precision=precision == "fp32")
             model.set_attn_implementation("sdpa")
-            reference = torch.cat(score_plain(model, plain))
+            reference = score_batch(model, plain)[0]
         scale = 1 + reference.abs().max().item()
         limit = (1e-3 if precision == "fp32" else 5e-2) * scale  # the package's own first-batch tolerances
         out[precision] = {"max_abs_difference": (fast - reference).abs().max().item(), "tolerance": limit,
@@ -413,9 +413,9 @@ def check_losses_bf16(cli, tokenizer, device) -> dict:
     from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer
 
     class Recording(BalancedRewardTrainer):
-        def score_pairs(self, model, inputs, with_features=False):
-            scored = super().score_pairs(model, inputs, with_features)
-            self.reward_dtypes.add(str((scored[0] if with_features else scored)[0].dtype))
+        def score(self, model, inputs, with_features=False):
+            scored = super().score(model, inputs, with_features)
+            self.reward_dtypes.add(str(scored[0].dtype))
             return scored
 
     attention = "flex_attention" if device == "cuda" else "sdpa"

@@ -8,7 +8,7 @@ are the order taken (speed does not depend on them).
 Per list, one training forward + backward of a randomly initialised model of SmolLM2-135M's shape (576 wide, 9
 query / 3 key-value heads, 49152 vocabulary; `--layers` of its 30 layers, 4 by default so that a run takes a few
 minutes on 2 CPU cores), fp32, sdpa, and the same Bradley-Terry loss over the 6 pairs (i, j), i ranked better:
-- k_branch: the list as one segment, prompt once and 4 branches (PairCollator.list_batch, shared_prompt=True);
+- k_branch: the list as one segment, prompt once and 4 branches (RewardCollator, shared_prompt=True);
 - pairs_plain: the 6 pairs as trl's RewardTrainer lays them out, chosen rows then rejected rows, 12 sequences
   right-padded to the longest.
 The two are interleaved (k_branch, pairs_plain, k_branch, ...; each repeat's first list is a warm-up, not timed),
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-from hf_balanced_reward import PairCollator
-from hf_balanced_reward.forward import score_lists, score_plain
+from hf_balanced_reward import RewardCollator
+from hf_balanced_reward.forward import score_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "preference", "train_chat.jsonl")
@@ -106,13 +106,13 @@ def smollm2_shaped_model(tokenizer, layers: int) -> LlamaForSequenceClassificati
 def as_pairs(example) -> list[dict]:
     """The K choose 2 pairs of a list, the better ranked completion as chosen."""
     ids, ranks = example["completion_ids"], example["ranks"]
-    return [{"chosen_ids": ids[i], "rejected_ids": ids[j]} if ranks[i] < ranks[j] else
-            {"chosen_ids": ids[j], "rejected_ids": ids[i]} for i, j in combinations(range(len(ids)), 2)]
+    return [{"completion_ids": [ids[i], ids[j]] if ranks[i] < ranks[j] else [ids[j], ids[i]], "ranks": [1, 2]}
+            for i, j in combinations(range(len(ids)), 2)]
 
 
 def k_branch_step(model, collator, example) -> tuple:
     batch = collator([example])
-    rewards = score_lists(model, batch, shared_prompt=True)[0]
+    rewards = score_batch(model, batch)[0][0]
     ranks = example["ranks"]
     better, worse = zip(*[(i, j) if ranks[i] < ranks[j] else (j, i) for i, j in combinations(range(len(ranks)), 2)])
     loss = -F.logsigmoid(rewards[list(better)] - rewards[list(worse)]).mean()
@@ -122,7 +122,7 @@ def k_branch_step(model, collator, example) -> tuple:
 
 def pairs_plain_step(model, collator, example) -> tuple:
     batch = collator(as_pairs(example))
-    chosen, rejected = score_plain(model, batch)
+    chosen, rejected = score_batch(model, batch)[0].unbind(1)
     loss = -F.logsigmoid(chosen - rejected).mean()
     loss.backward()
     return loss.item(), batch["input_ids"].numel(), int(batch["attention_mask"].sum())
@@ -142,8 +142,8 @@ def main():
     lists = select_lists(rows, tokenizer, cli.prompts + 1, cli.max_length)  # + 1: the warm-up list
     model = smollm2_shaped_model(tokenizer, cli.layers)
     runs = {
-        "k_branch": (k_branch_step, PairCollator(tokenizer.pad_token_id, shared_prompt=True)),
-        "pairs_plain": (pairs_plain_step, PairCollator(tokenizer.pad_token_id)),
+        "k_branch": (k_branch_step, RewardCollator(tokenizer.pad_token_id, shared_prompt=True)),
+        "pairs_plain": (pairs_plain_step, RewardCollator(tokenizer.pad_token_id)),
     }
     seconds = {name: [] for name in runs}
     tokens = {name: [0, 0] for name in runs}  # processed (padding included), real

@@ -217,21 +217,22 @@ class Balancer:
         self.options = options
         self.mix = unit_mixture(self.unit_sizes, options.weighting)
 
-    def terms(self, inputs, chosen, rejected, training: bool, features=None, length_head=None) -> BalanceTerms:
-        """Unit weights of a batch of pairs; in training also the logit shift and penalty that only the loss sees.
-        `features`: what the reward head read for chosen and rejected, for `length_head`."""
-        group_ids, lengths = inputs["group_id"], inputs["response_lengths"]
-        weights = self.pair_weights(group_ids, length_cells(lengths[:, 0], lengths[:, 1]))
+    def terms(self, group_ids, chosen_lengths, rejected_lengths, chosen, rejected, training: bool, features=None,
+              length_head=None) -> BalanceTerms:
+        """Unit weights of pairs (tensors of any one shape: a pair per element); in training also the logit shift and
+        penalty that only the loss sees. `features`: what the reward head read for chosen and rejected, for
+        `length_head`."""
+        weights = self.pair_weights(group_ids, length_cells(chosen_lengths, rejected_lengths))
         shift, penalty = None, None
         if training and self.options.length_expert:
-            shift = self.expert_logit(group_ids, lengths)
+            shift = self.expert_logit(group_ids, chosen_lengths, rejected_lengths)
         if training and features is not None:
             length_scores = length_head(torch.cat(features).float()).squeeze(-1)
             chosen_score, rejected_score = length_scores.chunk(2)
             shift = chosen_score - rejected_score if shift is None else shift + chosen_score - rejected_score
-            log_lengths = torch.cat([lengths[:, 0], lengths[:, 1]]).float().log1p()
+            log_lengths = torch.cat([chosen_lengths, rejected_lengths]).float().log1p()
             penalty = self.options.length_head * length_head_penalty(
-                torch.cat([chosen, rejected]), length_scores, log_lengths, group_ids.repeat(2))
+                torch.cat([chosen, rejected]), length_scores, log_lengths, torch.cat([group_ids, group_ids]))
         return BalanceTerms(weights, shift, penalty)
 
     def pair_weights(self, group_ids: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -241,18 +242,18 @@ class Balancer:
         weights = self.mix.to(group_ids.device)[group_ids, cells] * sizes.sum().float() / unit_size.clamp(min=1)
         return torch.where(unit_size > 0, weights, torch.ones_like(weights))
 
-    def expert_logit(self, group_ids: torch.Tensor, response_lengths: torch.Tensor) -> torch.Tensor:
+    def expert_logit(self, group_ids: torch.Tensor, chosen_lengths, rejected_lengths) -> torch.Tensor:
         """length_expert * beta_g * dlog_len per pair: the length expert's vote for the chosen response."""
-        difference = log_length_difference(response_lengths[:, 0], response_lengths[:, 1])
+        difference = log_length_difference(chosen_lengths, rejected_lengths)
         return self.options.length_expert * self.slopes.to(difference.device)[group_ids] * difference
 
     @property
     def num_units(self) -> int:
         return 3 * len(self.group_names)
 
-    def unit_ids(self, group_ids: torch.Tensor, response_lengths: torch.Tensor) -> torch.Tensor:
+    def unit_ids(self, group_ids: torch.Tensor, chosen_lengths, rejected_lengths) -> torch.Tensor:
         """Unit of each pair, group * 3 + length cell: where group DRO's evidence is counted."""
-        return group_ids * 3 + length_cells(response_lengths[:, 0], response_lengths[:, 1])
+        return group_ids * 3 + length_cells(chosen_lengths, rejected_lengths)
 
     def dro_update(self, unit_loss_sum: torch.Tensor, unit_count: torch.Tensor) -> None:
         """q_u <- q_u * exp(step * (mean loss_u + C / sqrt(n_u))) for the units seen in the step; renormalise.

@@ -1,7 +1,8 @@
-"""Turns tokenised pairs and lists into model inputs: plain padded rows, or packed shared-prompt rows for decoders.
+"""Turns prepared rows (a pair is the list of two) into model inputs: plain padded rows, or packed shared-prompt rows
+for decoders.
 
-Plain layout (every model): 2B right-padded rows, chosen rows first, then rejected rows (lists: every completion
-one row, list by list).
+Plain layout (every model): one right-padded row per completion, completion by completion (pairs: every chosen
+response, then every rejected one, as trl batches them).
 
 Shared-prompt layout (causal decoders): each pair becomes one segment `prompt + chosen + rejected`, and segments are
 packed first-fit-decreasing into a few rows of one width, so the prompt is computed once and almost nothing is
@@ -20,8 +21,7 @@ import torch
 from trl.data_utils import common_prefix_length
 
 PROMPT, CHOSEN, REJECTED, OFF_PROMPT = 0, 1, 2, 3
-LIST_FIELDS = (("weight", torch.float32), ("group_id", torch.long))
-PAIR_FIELDS = (("margin", torch.float32), *LIST_FIELDS)
+ROW_FIELDS = (("margin", torch.float32), ("weight", torch.float32), ("group_id", torch.long))
 
 
 def shared_prefix_length(chosen_ids, rejected_ids) -> int:
@@ -134,19 +134,20 @@ class Layout:
 
 
 @dataclass
-class PairCollator:
-    """Collates tokenised pairs (`chosen_ids`, `rejected_ids`, optional `margin`, `weight`, `group_id`).
+class RewardCollator:
+    """Collates prepared rows (`preparation.py`): `completion_ids` (K full sequences; a pair is K = 2, chosen first),
+    `ranks`, optional `scores`, `margin`, `weight`, `group_id`; K may differ between rows.
 
-    Plain layout: `input_ids`, `attention_mask` and `end_positions`, the index of each row's scored token (see
-    `scored_index`), given explicitly so that rows padded on either side, or packed, are read right.
-    With `shared_prompt=True`: `input_ids`, `position_ids`, `segment_ids`, `branch_ids`, and `chosen_end` /
-    `rejected_end`, flat indices (row * width + column) of the two scored tokens of each pair. Rows are at most
-    `max_row_tokens` wide unless a single pair needs more. Both layouts add `response_lengths` [B, 2]: tokens of
-    each response after the shared prompt.
-    Examples with `off_prompt_ids` (training with cross-prompt negatives, see `cross_prompt.py`) add a third
-    sequence per pair: plain layout, B more rows after the rejected ones; shared-prompt layout, a third branch of the
-    pair's segment. `off_prompt_end` indexes its reward (a row, or a flat cell index).
-    Examples with `completion_ids` are lists of K completions of one prompt: see `list_batch`.
+    Per-completion keys are [rows, Kmax], 0 in padded slots: `completion_ends` (where each completion's reward is
+    read: a row of the plain layout, or a flat cell index row * width + column of the packed one), `list_mask` (True
+    on real completions), `ranks`, `response_lengths` (tokens after the shared prompt) and `scores` (only when every
+    row has them). Model inputs: plain layout, `input_ids`, `attention_mask` and `end_positions` (each row's scored
+    token, see `scored_index`), one row per completion, every row's first completion, then every row's second, ...;
+    shared-prompt layout, `input_ids`,
+    `position_ids`, `segment_ids` and `branch_ids`, one K-branch segment per row, packed into rows at most
+    `max_row_tokens` wide unless one segment needs more.
+    Rows with `off_prompt_ids` (training with cross-prompt negatives, see `cross_prompt.py`) add that sequence after
+    their completions (one more branch of the row's segment) and `off_prompt_end` [rows] indexes its reward.
     `shared_prompt`: True or False, or a `Layout` whose current choice every batch follows (the trainer's).
     """
 
@@ -159,27 +160,38 @@ class PairCollator:
         self.layout = self.shared_prompt if isinstance(self.shared_prompt, Layout) else Layout(self.shared_prompt)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if "completion_ids" in examples[0]:
-            return self.list_batch(examples)
-        prompts = [shared_prefix_length(e["chosen_ids"], e["rejected_ids"]) for e in examples]
-        batch = self.shared_prompt_batch(examples, prompts) if self.layout.shared_prompt else self.plain_batch(examples)
-        # Response tokens after the shared prompt: for the length-bias metrics.
-        batch["response_lengths"] = torch.tensor(
-            [[len(e["chosen_ids"]) - p, len(e["rejected_ids"]) - p] for e, p in zip(examples, prompts)]
-        )
-        for key, dtype in PAIR_FIELDS:
+        completions = [e["completion_ids"] for e in examples]
+        counts = [len(c) for c in completions]
+        sequences = [list(c) + [e["off_prompt_ids"]] if "off_prompt_ids" in e else c
+                     for c, e in zip(completions, examples)]
+        prompts = [list_prefix_length(s) for s in sequences]
+        if self.layout.shared_prompt:
+            batch, ends = self.pack_segments(sequences, prompts)
+        else:
+            # Completion by completion: every row's first, then every row's second, ... (a batch of pairs is trl's:
+            # all chosen rows, then all rejected rows).
+            order = [(k, r) for k in range(max(map(len, sequences))) for r in range(len(sequences))
+                     if k < len(sequences[r])]
+            batch = self.plain_rows([sequences[r][k] for k, r in order])
+            ends = [[] for _ in sequences]
+            for position, (_, r) in enumerate(order):
+                ends[r].append(position)
+        batch["completion_ends"] = padded_slots([e[:k] for e, k in zip(ends, counts)], torch.long)
+        if len(sequences[0]) > counts[0]:
+            batch["off_prompt_end"] = torch.tensor([e[-1] for e in ends])
+        batch["list_mask"] = list_mask(counts)
+        batch["ranks"] = padded_slots([e["ranks"] for e in examples], torch.long)
+        if all(e.get("scores") is not None for e in examples):
+            batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
+        # Response tokens after the prompt the completions share: the length metrics and the balanced loss read them.
+        shared = [list_prefix_length(c) for c in completions]
+        batch["response_lengths"] = padded_slots([[len(s) - p for s in c] for c, p in zip(completions, shared)],
+                                                 torch.long)
+        for key, dtype in ROW_FIELDS:
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
-        # Tokens of both full texts of every pair, prompt counted in each: trl's num_tokens, whatever the layout.
-        batch["text_tokens"] = torch.tensor(sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples))
-        return batch
-
-    def plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        if "off_prompt_ids" not in examples[0]:
-            return self.plain_rows(sequences)
-        batch = self.plain_rows(sequences + [e["off_prompt_ids"] for e in examples])
-        batch["off_prompt_end"] = torch.arange(2 * len(examples), 3 * len(examples))
+        # Tokens of every full text, prompt counted in each: trl's num_tokens, whatever the layout.
+        batch["text_tokens"] = torch.tensor(sum(len(s) for c in completions for s in c))
         return batch
 
     def plain_rows(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -196,20 +208,6 @@ class PairCollator:
             "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
             "end_positions": torch.tensor([scored_index(s, self.pad_token_id) for s in sequences]),
         }
-
-    def shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """`prompts`: each pair's shared prefix length, when the caller has it already."""
-        if "off_prompt_ids" in examples[0]:  # the prompt shared by all three sequences
-            groups = [(e["chosen_ids"], e["rejected_ids"], e["off_prompt_ids"]) for e in examples]
-            prompts = [list_prefix_length(g) for g in groups]
-        else:
-            groups = [(e["chosen_ids"], e["rejected_ids"]) for e in examples]
-            if prompts is None:
-                prompts = [shared_prefix_length(*g) for g in groups]
-        batch, ends = self.pack_segments(groups, prompts)
-        for key, end in zip(("chosen_end", "rejected_end", "off_prompt_end"), zip(*ends)):
-            batch[key] = torch.tensor(end)
-        return batch
 
     def pack_segments(self, groups: list, prompts: list[int]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
         """Packs groups of sequences that share their first `prompts[g]` tokens (a pair, a list), one segment each:
@@ -250,42 +248,5 @@ class PairCollator:
                 start += len(tokens)
         return batch, ends
 
-    def list_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Collates tokenised lists (`completion_ids`: K full sequences, prompt included; `ranks`, optional `scores`,
-        `weight`, `group_id`); K may differ between lists. Per-completion keys are [lists, Kmax], 0 in padded slots
-        (`list_mask` is True on real completions); `scores` only when every list has them. The model inputs are
-        those of `list_plain_batch` or `list_shared_prompt_batch`."""
-        prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
-        if self.layout.shared_prompt:
-            batch = self.list_shared_prompt_batch(examples, prompts)
-        else:
-            batch = self.list_plain_batch(examples)
-        batch["ranks"] = padded_slots([e["ranks"] for e in examples], torch.long)
-        if all(e.get("scores") is not None for e in examples):
-            batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
-        batch["response_lengths"] = padded_slots(
-            [[len(s) - p for s in e["completion_ids"]] for e, p in zip(examples, prompts)], torch.long
-        )
-        for key, dtype in LIST_FIELDS:
-            if key in examples[0]:
-                batch[key] = torch.tensor([e[key] for e in examples], dtype=dtype)
-        batch["text_tokens"] = torch.tensor(sum(len(s) for e in examples for s in e["completion_ids"]))
-        return batch
 
-    def list_plain_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Every completion one row, list by list; `completion_ends` [lists, Kmax] is each completion's row."""
-        counts = [len(e["completion_ids"]) for e in examples]
-        batch = self.plain_rows([s for e in examples for s in e["completion_ids"]])
-        firsts = [sum(counts[:i]) for i in range(len(counts))]
-        batch["completion_ends"] = padded_slots([range(f, f + k) for f, k in zip(firsts, counts)], torch.long)
-        batch["list_mask"] = list_mask(counts)
-        return batch
-
-    def list_shared_prompt_batch(self, examples: list[dict], prompts: list[int] | None = None) -> dict:
-        """One K-branch segment per list, packed; `completion_ends` [lists, Kmax] holds flat indices."""
-        if prompts is None:
-            prompts = [list_prefix_length(e["completion_ids"]) for e in examples]
-        batch, ends = self.pack_segments([e["completion_ids"] for e in examples], prompts)
-        batch["completion_ends"] = padded_slots(ends, torch.long)
-        batch["list_mask"] = list_mask([len(e["completion_ids"]) for e in examples])
-        return batch
+PairCollator = RewardCollator  # its name when it collated pairs only

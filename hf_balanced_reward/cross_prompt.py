@@ -80,8 +80,9 @@ def add_off_prompt_responses(dataset, prompt_texts: list | None, how: str, seed:
     """The prepared train set with an `off_prompt_ids` column (see the module docstring). `prompt_texts`: each
     prepared pair's prompt as given (text or messages), which tells prompts apart and finds the nearest; None for
     data given as token ids, where the prompt tokens stand in for it."""
-    chosen, rejected = dataset["chosen_ids"], dataset["rejected_ids"]
-    prompts = [shared_prefix_length(c, r) for c, r in zip(chosen, rejected)]
+    pairs = dataset["completion_ids"]  # chosen, rejected
+    chosen = [pair[0] for pair in pairs]
+    prompts = [shared_prefix_length(*pair) for pair in pairs]
     if prompt_texts is None:
         prompt_texts = [" ".join(f"t{token}" for token in c[:p]) for c, p in zip(chosen, prompts)]
     partners = pick_partners([as_text(p) for p in prompt_texts], dataset["group_id"], seed, nearest=how == "nearest")

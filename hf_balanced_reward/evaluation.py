@@ -17,11 +17,11 @@ from . import plots
 from .balancing import LENGTH_CELLS, length_cells
 from .config import BalancedRewardConfig
 from .data import ROW_COLUMN, numbered, pair_texts
-from .metrics import calibration, pair_metrics, wilson_interval
+from .metrics import calibration, metric_name, pair_metrics, wilson_interval
 from .model_card import refresh_evaluation
 from .paths import resolve_model_path
 from .probes import exploit_probes, model_reward
-from .ranking import list_metrics, ranking_metrics
+from .ranking import decisive_pairs, padded, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,14 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
     output = trainer.predict(prepared, metric_key_prefix="eval")
-    if len(output.predictions) == 2:  # lists: (rewards, list losses)
-        return write_list_report(output, trainer, model, output_dir, dataset_name)
-    chosen, rejected, _ = output.predictions
-    group_ids, lengths = output.label_ids
-    report = build_report(chosen, rejected, group_ids, trainer.group_names, lengths[:, 0], lengths[:, 1],
+    group_ids, ranks, mask, lengths = output.label_ids
+    rewards, ranks, mask = padded(output.predictions[0], ranks, mask == 1)
+    group_ids = np.asarray(group_ids).reshape(-1)
+    chosen, rejected, pair_rows, (chosen_lengths, rejected_lengths) = decisive_pairs(rewards, ranks, mask, lengths)
+    if rewards.shape[1] != 2 or len(pair_rows) != len(rewards):  # lists, or pairs with ties
+        return write_list_report(rewards, ranks, mask, group_ids, trainer, model, output_dir, dataset_name)
+    lengths = np.stack([chosen_lengths, rejected_lengths], axis=1)
+    report = build_report(chosen, rejected, group_ids, trainer.group_names, chosen_lengths, rejected_lengths,
                           length_calibration)
     report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
     report["dataset"] = dataset_name
@@ -114,16 +117,19 @@ def write_predictions(path: str, rows, chosen, rejected, groups, lengths) -> Non
         f.write("\n".join(lines) + "\n")
 
 
-def write_list_report(output, trainer, model: str, output_dir: str, dataset_name: str | None = None) -> dict:
+def write_list_report(rewards, ranks, mask, group_ids, trainer, model: str, output_dir: str,
+                      dataset_name: str | None = None) -> dict:
     """The report of a dataset of lists: `ranking_metrics` overall and per group (`trainer.evaluate()`'s metrics,
     with counts). The pair plots (margins, calibration, length cells) have no list counterpart and are not drawn."""
-    rewards, _ = output.predictions
-    group_ids, ranks, mask = output.label_ids
-    mask = mask == 1
-    report = list_metrics(rewards, ranks, mask, group_ids, trainer.group_names or ["all"])
+    report = ranking_metrics(rewards, ranks, mask)
+    if "pairwise_accuracy" in report:  # under the name pair evaluations use
+        report["accuracy"] = report["pairwise_accuracy"]
     names = trainer.group_names or ["all"]
     report["groups"] = {names[g]: ranking_metrics(rewards[group_ids == g], ranks[group_ids == g], mask[group_ids == g])
                         for g in np.unique(group_ids)}
+    if len(names) > 1:
+        report.update({f"accuracy_{metric_name(group)}": in_group["pairwise_accuracy"]
+                       for group, in_group in report["groups"].items() if "pairwise_accuracy" in in_group})
     report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length, plots={},
                   dataset=dataset_name)
     os.makedirs(output_dir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Scoring a collated batch of pairs or lists: the plain layout (a row per sequence) and the shared-prompt layout
+"""Scoring a collated batch (pairs and lists alike): the plain layout (a row per sequence) and the shared-prompt layout
 (packed segments), plus the run's `Layout`, decided once by checking that the two agree on the model.
 
 Rewards are read from the reward head's own output (captured with a forward hook), at explicit end positions, so the
@@ -10,7 +10,7 @@ import logging
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .collator import Layout, PairCollator, flex_block_mask, shared_prompt_mask
+from .collator import Layout, RewardCollator, flex_block_mask, shared_prompt_mask
 from .config import ConfigError
 from .modeling import find_reward_head
 
@@ -60,48 +60,29 @@ def packed_scores(model, inputs) -> tuple:
     return head_output.reshape(-1), features.reshape(-1, features.shape[-1])
 
 
-def score_plain(model, inputs, with_features: bool = False) -> tuple:
-    """(chosen, rejected) rewards, plus the off-prompt sequences' when the batch has them (`off_prompt_end`); with
-    `with_features`, also the head's input features of each, in the same order."""
-    rewards, features = plain_scores(model, inputs)
-    pairs = (len(rewards) - len(inputs.get("off_prompt_end", ()))) // 2
-    ends = [slice(0, pairs), slice(pairs, 2 * pairs)] + ([inputs["off_prompt_end"]] if "off_prompt_end" in inputs else [])
-    scored = tuple(rewards[end].float() for end in ends)
-    if with_features:
-        return scored, tuple(features[end] for end in ends)
-    return scored
-
-
-def score_shared_prompt(model, inputs, with_features: bool = False) -> tuple:
-    scores, features = packed_scores(model, inputs)
-    ends = [inputs[key] for key in ("chosen_end", "rejected_end", "off_prompt_end") if key in inputs]
-    rewards = tuple(scores[end].float() for end in ends)
-    if with_features:
-        return rewards, tuple(features[end] for end in ends)
-    return rewards
-
-
-def score_lists(model, inputs, shared_prompt: bool) -> torch.Tensor:
-    """Rewards [lists, Kmax] (fp32, 0.0 in padded slots) of a list batch in either layout: `completion_ends` indexes
-    each completion's reward among the plain layout's rows or the packed layout's cells."""
-    scores, _ = (packed_scores if shared_prompt else plain_scores)(model, inputs)
-    return scores[inputs["completion_ends"]].float().masked_fill(~inputs["list_mask"], 0.0)
+def score_batch(model, inputs, with_features: bool = False) -> tuple:
+    """(rewards [rows, Kmax] in fp32 with 0 in padded slots, the off-prompt rewards [rows] or None, and with
+    `with_features` the features [rows, Kmax, hidden] the reward head read, else None) of a collated batch in one
+    forward pass: `completion_ends` indexes each completion's reward among the plain layout's rows or the packed
+    layout's cells."""
+    scores, features = (packed_scores if "segment_ids" in inputs else plain_scores)(model, inputs)
+    ends = inputs["completion_ends"]
+    rewards = scores[ends].float().masked_fill(~inputs["list_mask"], 0.0)
+    off_prompt = scores[inputs["off_prompt_end"]].float() if "off_prompt_end" in inputs else None
+    return rewards, off_prompt, features[ends] if with_features else None
 
 
 def shared_prompt_difference(model, examples, pad_token_id, full_precision: bool) -> tuple[float, float]:
-    """Largest reward difference between the shared-prompt (pairs) or K-branch (lists) layout and the plain one of
-    `examples` (tokenised pairs or lists), in eval mode without gradients; and the tolerance it must stay within
+    """Largest reward difference between the shared-prompt layout and the plain one of `examples` (prepared rows),
+    in eval mode without gradients; and the tolerance it must stay within
     (1e-3 in fp32, 5e-2 in half precision, relative to the reward scale)."""
     device = next(model.parameters()).device
-    packed, plain = (PairCollator(pad_token_id, shared_prompt=shared)(examples) for shared in (True, False))
+    packed, plain = (RewardCollator(pad_token_id, shared_prompt=shared)(examples) for shared in (True, False))
     packed, plain = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, plain))
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if "completion_ends" in packed:
-            fast, reference = score_lists(model, packed, shared_prompt=True), score_lists(model, plain, False)
-        else:
-            fast, reference = torch.cat(score_shared_prompt(model, packed)), torch.cat(score_plain(model, plain))
+        fast, reference = score_batch(model, packed)[0], score_batch(model, plain)[0]
     model.train(was_training)
     tolerance = (1e-3 if full_precision else 5e-2) * (1 + reference.abs().max().item())
     return (fast - reference).abs().max().item(), tolerance

@@ -4,14 +4,14 @@ A listwise row has `prompt` (text or messages, may be empty text), `completions`
 message lists) and either `ranks` (K integers, 1 = best, equal ranks are ties) or `scores` (K finite numbers, higher
 is better). Optional: `tie` (bool; true on a K = 2 row means the two are tied), `weight` (per-list loss weight),
 the group column, `tools` and `chat_template_kwargs`. (`margin` is a pair's: a row check accepts it on K = 2, and
-`prepare_lists` refuses the column, since a list's margins come from its scores.) A pairwise row (`chosen` /
+preparation refuses the column on a set of lists, since a list's margins come from its scores.) A pairwise row (`chosen` /
 `rejected`, optionally `prompt`, `tie`) is the K = 2 list [chosen, rejected] with ranks (1, 2), or (1, 1) when tied.
 
 Canonical form (`canonical_row`): the row's other columns, plus `prompt`, `completions`, `ranks` (dense: 1, 2, ...
 with no gaps, equal for ties, derived from scores when only scores are given) and `scores` (floats, or None). The
 order of the completions is kept and carries no meaning. Bad rows are named as `data.py` names bad pairs:
-"row 3: column 'ranks' item 1 is 0; ...". `prepare_lists` / `prepare_list_stream` turn rows into tokenised lists for
-the trainer (`completion_ids`, `ranks`, `scores`, ...), the way `data.prepare_dataset` turns rows into pairs.
+"row 3: column 'ranks' item 1 is 0; ...". `preparation.py` turns every row, pair or list, into K tokenised
+completions for the trainer.
 """
 
 import json
@@ -19,13 +19,10 @@ import math
 import random
 from collections import defaultdict
 
-from datasets import Features, Sequence, Value
 from trl.data_utils import maybe_extract_prompt
 
-from .collator import list_prefix_length
-from .data import (DataError, check_chat_template, column_names, drop_nulls, numeric_columns, prepare_stream,
-                   rename_legacy_columns, render_texts, tokenize_and_collect, truncate_list)
-from .row_checks import ALL_IDENTICAL, number_problem, row_problem, template_options_problem, text_problem, too_long
+from .data import DataError, column_names, drop_nulls
+from .row_checks import ALL_IDENTICAL, number_problem, row_problem, template_options_problem, text_problem
 
 LABELS = ("ranks", "scores")
 
@@ -162,9 +159,6 @@ def canonical_row(example: dict, group_column: str | None = None, allow_empty_re
     return row
 
 
-# Tokenised lists for training and evaluation -------------------------------------------------------------------
-
-
 def is_listwise(dataset) -> bool:
     """Whether a dataset holds lists (a `completions` column) or pairs marked with ties (a `tie` column): both are
     trained and evaluated as lists."""
@@ -172,114 +166,22 @@ def is_listwise(dataset) -> bool:
     return "completions" in columns or "tie" in columns
 
 
-def render_completion(row: dict, completion, tokenizer, append_eos: bool) -> str:
-    """prompt + completion as one text, rendered exactly as `data.render_texts` renders prompt + chosen of a pair
-    (chat template with the row's tools and template arguments, one BOS, eos appended), so that a pair trained as a
-    K = 2 list is tokenised as it is on the pair path."""
-    texts = {"prompt": row["prompt"], "chosen": completion, "rejected": completion}
-    options = {k: row[k] for k in ("tools", "chat_template_kwargs") if row.get(k) is not None}
-    return render_texts({**texts, **options}, tokenizer, append_eos)[1]
 
 
-def tokenize_list(example, tokenizer, max_length, append_eos, group_column, special_ids, allow_empty_response,
-                  code_version=None, cut_long_responses=False):
-    """One row (a list, a pair, or a tokenised pair) as `completion_ids` (K full sequences), `ranks`, `scores`
-    (None without them), `group`, `response_lengths` (tokens after the shared prompt), `length`, `fit`, `problem`;
-    a bad row gets its problem and empty values."""
-    if "chosen_ids" in example and "rejected_ids" in example:
-        problem = row_problem(example, group_column, allow_empty_response) or _tie_problem(example.get("tie"), 2)
-    else:
-        problem = list_problem(example, group_column, allow_empty_response)
-    if problem:
-        return {"completion_ids": [], "ranks": [], "scores": None, "group": "", "response_lengths": [], "fit": "bad",
-                "length": 0, "problem": problem}
-    if "chosen_ids" in example and "rejected_ids" in example:
-        sequences = [list(example["chosen_ids"]), list(example["rejected_ids"])]
-        ranks, scores, empty = ([1, 1] if example.get("tie") is True else [1, 2]), None, False
-    else:
-        row = canonical_row(example, group_column, allow_empty_response)
-        texts = [render_completion(row, completion, tokenizer, append_eos) for completion in row["completions"]]
-        sequences = [tokenizer(text)["input_ids"] for text in texts]
-        ranks, scores = row["ranks"], row["scores"]
-        empty = any(isinstance(c, str) and not c.strip() for c in row["completions"])
-    sequences, status = truncate_list(sequences, max_length, special_ids, cut_long_responses)
-    if status != "dropped" and empty:
-        status = "empty response"
-    prompt = list_prefix_length(sequences)
-    lengths = [len(s) - prompt for s in sequences]
-    return {"completion_ids": sequences, "ranks": ranks, "scores": scores,
-            "group": str(example[group_column]) if group_column else "all", "response_lengths": lengths,
-            "fit": status, "length": prompt + sum(lengths),
-            "problem": too_long(max_length) if status == "dropped" else ""}
 
 
-# The prepared columns' types, given to `map` so that `scores` may be null in some rows (lists with ranks only).
-LIST_FEATURES = {"completion_ids": Sequence(Sequence(Value("int64"))), "ranks": Sequence(Value("int64")),
-                 "scores": Sequence(Value("float64")), "group": Value("string"),
-                 "response_lengths": Sequence(Value("int64")), "fit": Value("string"), "length": Value("int64"),
-                 "problem": Value("string")}
 
 
-def prepare_lists(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
-    """`data.prepare_dataset` for lists: every row (a list, or a pair as the K = 2 list) checked, rendered, tokenised
-    and cut to `max_length` (the shared prompt from the left), with `on_bad_rows` applied as for pairs. Returns the
-    prepared lists and a report (rows, lists, completions, truncated, empty responses, dropped per reason)."""
-    dataset = rename_legacy_columns(dataset, name)
-    check_list_columns(set(dataset.column_names), args, name)
-    keep = numeric_columns(dataset, ("weight",), name)
-    if len(dataset):
-        check_first_text(dataset[0], tokenizer, name)
-    features = Features({**{k: dataset.features[k] for k in keep}, **LIST_FEATURES})
-    prepared, report = tokenize_and_collect(dataset, tokenize_list, tokenizer, args, name, max_length, keep,
-                                            unit="lists", features=features)
-    report["completions"] = sum(map(len, prepared["response_lengths"]))
-    if all(scores is None for scores in prepared["scores"]):
-        prepared = prepared.remove_columns("scores")
-    return prepared, report
 
 
-def check_scored(dataset, name: str) -> None:
-    """Loss `graded` reads every list's scores: say before training which set lacks them, and how many lists."""
-    scores = dataset["scores"] if "scores" in dataset.column_names else [None] * len(dataset)
-    missing = sum(s is None for s in scores)
-    if missing:
-        raise DataError(f"loss 'graded' reads every list's scores, and {missing} of {len(dataset)} {name} lists have "
-                        "none (ranks only, or pairs); give 'scores' for every list, or train with plackett_luce or "
-                        "pairwise, which need ranks only.")
 
 
-def prepare_list_stream(dataset, tokenizer, args, name: str = "train", max_length: int | None = None):
-    """`prepare_lists` for a stream (`data.prepare_stream` with the list tokenisation): rows are checked and
-    tokenised as they stream by, and counted in the report (rows, lists, dropped per reason) pass by pass."""
-    dataset = rename_legacy_columns(dataset, name)
-    columns = set(column_names(dataset))
-    if not columns:
-        raise DataError(f"{name} dataset is empty: it has no rows.")
-    check_list_columns(columns, args, name)
-    check_first_text(next(iter(dataset)), tokenizer, name)
-    return prepare_stream(dataset, tokenizer, args, name, max_length, tokenize=tokenize_list, unit="lists",
-                          keep=("weight",))
 
 
-def check_first_text(first: dict, tokenizer, name: str) -> None:
-    """Conversations need a chat template: judged on the first row's first completion (or chosen response)."""
-    completions = first.get("completions")
-    check_chat_template(completions[0] if completions else first.get("chosen"), tokenizer, name)
 
 
-def check_list_columns(columns: set, args, name: str) -> None:
-    """Columns a dataset of lists (or pairs trained as lists) must have, and the ones it must not."""
-    pairs = {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns
-    if "completions" not in columns and not pairs:
-        raise DataError(f"{name} dataset has neither a 'completions' column (lists, with 'ranks' or 'scores') nor "
-                        f"'chosen' / 'rejected' (pairs); its columns are {sorted(columns)}.")
-    if "margin" in columns:
-        raise DataError(f"{name} dataset has a 'margin' column, which the list losses do not read (a list's margins "
-                        "come from its 'scores', with loss 'graded'); drop the column, or train the pairs with a "
-                        "pairwise loss and no 'tie' or 'completions' column.")
-    if args.group_column is not None and args.group_column not in columns:
-        raise DataError(f"group_column='{args.group_column}' is not a column of the {name} dataset; its columns are "
-                        f"{sorted(columns)}.")
+
+
 
 
 # Scored pairs back into lists (SummEval) ---------------------------------------------------------------------------

@@ -151,27 +151,24 @@ def check_hub_reachable(args: BalancedRewardConfig) -> None:
 
 
 def check_token_ids(datasets: dict, vocab_size: int) -> None:
-    """Token ids in the prepared sets (`chosen_ids`, `rejected_ids`, `completion_ids`) must index the model's
-    embeddings; named by dataset, row and column before training (the model would fail with an IndexError inside its
-    forward). Arrow finds the extremes without reading rows into Python."""
+    """Token ids in the prepared sets (`completion_ids`) must index the model's embeddings; named by dataset, row and
+    sequence before training (the model would fail with an IndexError inside its forward). Arrow finds the extremes
+    without reading rows into Python."""
     import pyarrow.compute as pc
 
     from .errors import DataError
 
     for name, dataset in datasets.items():
-        for column in [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in dataset.column_names]:
-            values = dataset.with_format("arrow")[column]  # the kept rows (preparation filters with an index map)
-            for _ in range(2 if column == "completion_ids" else 1):
-                values = pc.list_flatten(values)
-            extremes = pc.min_max(values).as_py()
-            if extremes["min"] is None or (0 <= extremes["min"] and extremes["max"] < vocab_size):
-                continue
-            bad = extremes["max"] if extremes["max"] >= vocab_size else extremes["min"]
-            row = next((r for r, ids in enumerate(dataset[column])
-                        if bad in (ids if column != "completion_ids" else [i for s in ids for i in s])), "?")
-            raise DataError(f"{name} dataset row {row}: column '{column}' holds token id {bad}, outside the model's "
-                            f"vocabulary (0 to {vocab_size - 1}); tokenise with the model's own tokenizer, or resize "
-                            "its embeddings to the tokenizer.")
+        values = dataset.with_format("arrow")["completion_ids"]  # the kept rows (preparation filters with an index map)
+        extremes = pc.min_max(pc.list_flatten(pc.list_flatten(values))).as_py()
+        if extremes["min"] is None or (0 <= extremes["min"] and extremes["max"] < vocab_size):
+            continue
+        bad = extremes["max"] if extremes["max"] >= vocab_size else extremes["min"]
+        row, sequence = next(((r, k) for r, row in enumerate(dataset["completion_ids"])
+                              for k, ids in enumerate(row) if bad in ids), ("?", "?"))
+        raise DataError(f"{name} dataset row {row}: its sequence {sequence} (a pair's chosen_ids are 0, rejected_ids "
+                        f"1) holds token id {bad}, outside the model's vocabulary (0 to {vocab_size - 1}); tokenise "
+                        "with the model's own tokenizer, or resize its embeddings to the tokenizer.")
 
 
 def check_free_disk(args: BalancedRewardConfig, model) -> None:

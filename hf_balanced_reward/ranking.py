@@ -1,4 +1,5 @@
-"""Metrics of a reward model on ranked lists, from exact counts over the whole evaluation set (never batch means).
+"""Metrics of a reward model on ranked lists (and on any evaluation set, `reward_metrics`), from exact counts over the
+whole evaluation set (never batch means).
 
 `ranking_metrics(rewards, ranks, mask)` takes the lists padded to one K with a mask (as the listwise losses do), or
 ragged Python lists without a mask. Ranks: 1 is best, equal ranks are ties. Every mean says over how many lists or
@@ -8,7 +9,9 @@ pairs it was taken (`*_lists`, `pairs`, `tied_pairs`); a mean over nothing is le
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
-from .metrics import metric_name
+from transformers import EvalPrediction
+
+from .metrics import pair_metrics
 
 # A labelled tie is matched when the two rewards are within this many reward (Bradley-Terry log-odds) units: the
 # model then prefers neither completion at more than sigmoid(0.5) = 62% to 38%.
@@ -93,19 +96,38 @@ def ranking_metrics(rewards, ranks, mask=None, tie_tolerance: float = TIE_TOLERA
     return metrics
 
 
-def list_metrics(rewards, ranks, mask, group_ids, group_names) -> dict:
-    """`ranking_metrics` over an evaluation set of lists, as `trainer.evaluate()` reports them: plus `accuracy` (the
-    pairwise accuracy, under the name pair evaluations use, so `metric_for_best_model: accuracy` means the same) and,
-    with several groups, `accuracy_<group>` per group."""
+def decisive_pairs(rewards, ranks, mask, *per_completion) -> tuple:
+    """The pairs with different ranks of every list, better-ranked first: (chosen rewards, rejected rewards, the list
+    index of each pair, then each `per_completion` array [N, K] as (of chosen, of rejected)). A K = 2 list ranked
+    (1, 2) gives its one pair."""
+    first, second = np.triu_indices(rewards.shape[1], k=1)
+    order = np.sign(ranks[:, second] - ranks[:, first])  # +1: first is better ranked; 0: tied labels
+    decisive = mask[:, first] & mask[:, second] & (order != 0)
+    better, worse = np.where(order > 0, first, second)[decisive], np.where(order > 0, second, first)[decisive]
+    rows = np.nonzero(decisive)[0]
+    sides = [(values[rows, better], values[rows, worse]) for values in (rewards, *per_completion)]
+    return (*sides[0], rows, *sides[1:])
+
+
+def reward_metrics(rewards, losses, group_ids, ranks, mask, response_lengths, group_names,
+                   user_compute_metrics=None) -> dict:
+    """What `trainer.evaluate()` reports on rows of K completions (a pair is K = 2): `metrics.pair_metrics` over every
+    decisive pair (accuracy, per group, length metrics, calibration), plus `ranking_metrics` when a row has more than
+    two completions or a labelled tie, and `loss`, the mean per-row loss, every row weighed once on any number of
+    processes and batch sizes. A user's `compute_metrics` gets `(chosen, rejected)` rewards of a set of pairs, and
+    `rewards` with `(ranks, mask)` of any other set."""
     rewards, ranks, mask = padded(rewards, ranks, mask)
-    metrics = ranking_metrics(rewards, ranks, mask)
-    if "pairwise_accuracy" in metrics:
-        metrics["accuracy"] = metrics["pairwise_accuracy"]
+    chosen, rejected, rows, (chosen_lengths, rejected_lengths) = decisive_pairs(
+        rewards, ranks, mask, np.asarray(response_lengths))
     group_ids = np.asarray(group_ids).reshape(-1)
-    if len(group_names) > 1:
-        for group_id in np.unique(group_ids):
-            chosen = group_ids == group_id
-            in_group = ranking_metrics(rewards[chosen], ranks[chosen], mask[chosen])
-            if "pairwise_accuracy" in in_group:
-                metrics[f"accuracy_{metric_name(group_names[group_id])}"] = in_group["pairwise_accuracy"]
+    metrics = pair_metrics(chosen, rejected, group_ids[rows], group_names, chosen_lengths, rejected_lengths) \
+        if len(rows) else {}
+    pairs_only = rewards.shape[1] == 2 and len(rows) == len(rewards)
+    if not pairs_only:
+        metrics.update(ranking_metrics(rewards, ranks, mask))
+    metrics["loss"] = float(np.mean(losses))
+    if user_compute_metrics is not None:
+        prediction = EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids) if pairs_only else \
+            EvalPrediction(predictions=rewards, label_ids=(ranks, mask))
+        metrics.update(user_compute_metrics(prediction))
     return metrics

@@ -4,7 +4,7 @@ trl's `GRPOTrainer(reward_funcs=...)`) and `score_file` / `score_main` (the `sco
 One contract for every client: a (prompt, completion) is rendered as training renders a pair (`data.render_texts`:
 plain concatenation, or the chat template for conversations), tokenised with the tokenizer's own special tokens
 (as training does; trl's built-in reward-model path does not), its prompt cut from the left after the leading
-special tokens when it is longer than `max_length` (`data.truncate_pair`), and the reward is the model's own output
+special tokens when it is longer than `max_length` (`preparation.truncate_list`), and the reward is the model's own output
 `model(**batch).logits[:, 0]` on right-padded batches, in fp32, under `no_grad`.
 """
 
@@ -24,7 +24,8 @@ from trl.data_utils import common_prefix_length
 
 from .config import ConfigError
 from .paths import resolve_model_path
-from .data import DataError, load_preference_dataset, render_texts, truncate_pair
+from .data import DataError, load_preference_dataset, render_texts
+from .preparation import truncate_list
 from .row_checks import MAX_SHOWN, template_options_problem, text_problem
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def tokenize_with_cuts(prompts, completions, tokenizer, max_length, append_eos: 
             raise DataError(f"text {i} has no tokens: its prompt and response are both empty.")
         if max_length is None or len(ids) <= max_length:
             continue
-        fitted, _, status = truncate_pair(ids, ids, max_length, special_ids)
+        (fitted, _), status = truncate_list([ids, ids], max_length, special_ids)
         if status == "dropped":
             raise ConfigError(f"max_length={max_length} leaves no room for a response after the leading special "
                               "tokens; use a larger max_length.")

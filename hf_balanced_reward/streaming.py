@@ -20,7 +20,8 @@ import logging
 import numpy as np
 import torch
 
-from .data import DataError, report_summary
+from .data import DataError
+from .preparation import report_summary
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class LengthGroupedStream(torch.utils.data.IterableDataset):
     def length(self, example: dict) -> int:
         if self.length_column in example:
             return example[self.length_column]
-        return len(example["chosen_ids"]) + len(example["rejected_ids"])
+        return sum(map(len, example["completion_ids"]))
 
     def grouped(self, buffer: list[dict], index: int, worker_id: int = 0):
         order = sorted(range(len(buffer)), key=lambda i: self.length(buffer[i]))  # stable: ties keep stream order

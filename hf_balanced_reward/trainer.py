@@ -29,7 +29,7 @@ from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data
                           wants_resume, write_json_atomically)
 from .run_lock import RunLock, check_new_run, delete_set_aside
 from .row_checks import check_hinge_margins
-from .collator import Layout, PairCollator
+from .collator import Layout, RewardCollator
 from .cross_prompt import add_off_prompt_responses
 from .balancing import BalanceOptions, balancer_for
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
@@ -38,7 +38,6 @@ from .paths import resolve_model_path
 from .data import (
     MODEL_COLUMNS,
     DataError,
-    add_group_ids,
     apply_token_options,
     check_columns,
     column_names,
@@ -47,15 +46,13 @@ from .data import (
     is_stream,
     numbered,
     pair_texts,
-    prepare_dataset,
-    prepare_stream,
-    report_summary,
 )
-from .forward import decide_layout, score_lists, score_plain, score_shared_prompt
-from .listwise import check_scored, is_listwise, prepare_list_stream, prepare_lists
+from .forward import decide_layout, score_batch
+from .listwise import is_listwise
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
-from .metrics import metric_name, pair_metrics
-from .ranking import list_metrics
+from .metrics import metric_name
+from .ranking import reward_metrics
+from .preparation import add_group_ids, check_scored, prepare_dataset, prepare_stream, report_summary
 from .model_card import hub_files, write_model_card
 from .paths import dataset_label
 from .preflight import (as_config, check_hub_reachable, check_launch, check_list_options, check_model_options,
@@ -149,11 +146,13 @@ class BalancedRewardTrainer(Trainer):
         self.balance = balancer_for(args.loss_type, args.loss_kwargs, loss_fn)
         self.loss_fn = loss_fn or LOSSES[args.loss_type]
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
-        # Lists (and pairs with ties) train as lists: every row is K completions with ranks; a pair is K = 2.
-        self.trains_lists = trains_lists(self.loss_fn) or (train_dataset is not None and is_listwise(train_dataset))
+        # Every row is K completions with ranks (a pair is K = 2); a list or tie loss takes whole rows, a pairwise loss
+        # each row's pairs. Lists (and pairs with ties) rule out what needs a pair's one length direction.
+        self.pairwise = not trains_lists(self.loss_fn)
+        self.trains_lists = not self.pairwise or (train_dataset is not None and is_listwise(train_dataset))
         if self.trains_lists:
             check_list_options(args, loss_fn)
-        self.list_loss = as_list_loss(self.loss_fn, self._loss_fn_options(args))
+        self._set_loss_options(args)
         self.base_model_name = model if isinstance(model, str) else model.config._name_or_path
         # Config, tokenizer and data first: every mistake they reveal surfaces before the weights are loaded.
         model_id = model if isinstance(model, str) else None
@@ -184,13 +183,12 @@ class BalancedRewardTrainer(Trainer):
                 "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
                 "length directions over all pairs."
             )
-        if self.balance is not None and isinstance(train_dataset, Dataset) \
-                and "rejected_ids" in train_dataset.column_names:
+        if self.balance is not None and isinstance(train_dataset, Dataset):
             self.balance.fit(train_dataset["group_id"], train_dataset["response_lengths"])
             logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
         if self.balance is not None and self.balance.options.cross_prompt:
             train_dataset = self._with_off_prompt_responses(train_dataset, args, raw_train)
-        if isinstance(train_dataset, Dataset) and "ranks" in train_dataset.column_names:
+        if isinstance(train_dataset, Dataset):
             warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
         # The eval sets' texts, for the exploit probes (they score edited texts, not the tokenised pairs), numbered so
         # that the rows preparation keeps are found again.
@@ -294,7 +292,7 @@ class BalancedRewardTrainer(Trainer):
         args = self.args
         args.validate_reward_options()  # a trial's loss_kwargs, checked as a recipe's are
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
-        self.list_loss = as_list_loss(self.loss_fn, self._loss_fn_options(args))
+        self._set_loss_options(args)
         if self.balance is not None:  # the groups, unit sizes and length slopes come from the data, kept
             self.balance.restart(BalanceOptions(**args.loss_kwargs))
         self._fresh_trained_state()
@@ -326,8 +324,8 @@ class BalancedRewardTrainer(Trainer):
             self.skip_steps.guard(optimizer)
         return optimizer
 
-    def _default_collator(self, pad_token_id, args) -> PairCollator:
-        return PairCollator(
+    def _default_collator(self, pad_token_id, args) -> RewardCollator:
+        return RewardCollator(
             pad_token_id,
             args.pad_to_multiple_of,
             shared_prompt=self.layout,
@@ -355,9 +353,8 @@ class BalancedRewardTrainer(Trainer):
             lists = self.trains_lists or is_listwise(dataset)
             if self.loss_fn is LOSSES["hinge"] and not lists:  # before tokenising: rows named as the user's
                 check_hinge_margins(dataset, name, self._hinge_margin(args))
-            prepare = prepare_lists if lists else prepare_dataset
-            dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
-            if self.loss_fn is LOSSES["graded"] and "completion_ids" in dataset.column_names:
+            dataset, self.data_report[name] = prepare_dataset(dataset, tokenizer, args, name, self.max_length, lists)
+            if self.loss_fn is LOSSES["graded"]:
                 check_scored(dataset, name)  # before the model loads, not at the first unscored batch
             new = sorted(set(dataset.unique("group")) - set(self.group_names))
             self._register_groups(new)
@@ -371,7 +368,7 @@ class BalancedRewardTrainer(Trainer):
     def _with_off_prompt_responses(self, train_dataset, args, raw_train=None):
         """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed.
         `raw_train`: the numbered texts the pairs were prepared from (None for data given as token ids)."""
-        if not isinstance(train_dataset, Dataset) or "rejected_ids" not in train_dataset.column_names:
+        if not isinstance(train_dataset, Dataset):
             raise ConfigError("loss_kwargs cross_prompt needs a train set of pairs in memory (it picks each pair's "
                               "partner among all prompts before training); set streaming: false, or cross_prompt: 0.")
         try:
@@ -391,8 +388,8 @@ class BalancedRewardTrainer(Trainer):
         weighs by, exactly as for a dataset in memory."""
         if "group_id" in column_names(dataset):
             return dataset
-        prepare = prepare_list_stream if self.trains_lists or is_listwise(dataset) else prepare_stream
-        dataset, self.data_report[name] = prepare(dataset, tokenizer, args, name, max_length=self.max_length)
+        dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, self.max_length,
+                                                         self.trains_lists or is_listwise(dataset))
         if count:
             groups, lengths = count_stream(dataset, name, self.data_report[name], args.on_bad_rows)
             self._register_groups(sorted(set(groups) - set(self.group_names)))  # in order, as for a dataset in memory
@@ -568,10 +565,7 @@ class BalancedRewardTrainer(Trainer):
             dataset = dataset.take(1000) if is_stream(dataset) else dataset.select(range(min(len(dataset), 1000)))
         predictions, labels = real_pairs(self.predict(dataset, metric_key_prefix="normalize"))
         pairs = len(predictions[0])  # pairs, or lists
-        if len(predictions) == 2:  # lists: their real completions' rewards
-            rewards = predictions[0][labels[2] == 1].astype(np.float64)
-        else:
-            rewards = np.concatenate(predictions[:2]).astype(np.float64)
+        rewards = predictions[0][labels[2] == 1].astype(np.float64)  # the real completions'
         mean, std = float(rewards.mean()), float(rewards.std())
         if not std > 0:
             raise TrainingStopped(f"normalize_rewards: the rewards on {pairs} pairs all equal {mean}; there is "
@@ -758,16 +752,10 @@ class BalancedRewardTrainer(Trainer):
         """Whether batches are packed with a shared prompt (see `collator.Layout`)."""
         return self.layout.shared_prompt
 
-    def score_pairs(self, model, inputs, with_features: bool = False) -> tuple:
-        """Chosen and rejected rewards (fp32) of a collated batch, and the off-prompt ones when it has them, in one
-        forward pass; with `with_features`, also the features the reward head read for each (`forward.score_plain`)."""
-        if "segment_ids" in inputs:  # packed by the collator
-            return score_shared_prompt(model, inputs, with_features)
-        return score_plain(model, inputs, with_features)
-
-    def score_lists(self, model, inputs) -> torch.Tensor:
-        """Rewards [lists, K] (fp32, 0 in padded slots) of a collated list batch, in one forward pass."""
-        return score_lists(model, inputs, shared_prompt="segment_ids" in inputs)
+    def score(self, model, inputs, with_features: bool = False) -> tuple:
+        """(rewards [rows, K], off-prompt rewards [rows] or None, head features or None) of a collated batch, in one
+        forward pass (`forward.score_batch`)."""
+        return score_batch(model, inputs, with_features)
 
     def _decide_layout(self, dataset) -> None:
         """Check the shared-prompt layout on the model with the dataset's first two rows before a dataloader is built
@@ -786,82 +774,84 @@ class BalancedRewardTrainer(Trainer):
         decide_layout(self.layout, self.model, examples, self.processing_class.pad_token_id, full_precision,
                       required=bool(self.args.shared_prompt))
 
-    def _loss_fn_options(self, args) -> dict:
-        """The `loss_kwargs` that the loss function takes: none for the balanced loss (its balancer applies them),
-        and never `learn_tie` (the trainer's)."""
-        return {} if self.balance is not None else {k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
+    def _set_loss_options(self, args) -> None:
+        """The options the loss function is called with: `loss_kwargs`, but none for the balanced loss (its balancer
+        applies them) and never `learn_tie` (the trainer's); a list or tie loss is wrapped to take whole rows."""
+        self.loss_options = {} if self.balance is not None else {
+            k: v for k, v in args.loss_kwargs.items() if k != LEARN_TIE}
+        self.list_loss = None if self.pairwise else as_list_loss(self.loss_fn, self.loss_options)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "ranks" in inputs:
-            return self.compute_list_loss(model, inputs, return_outputs)
-        balance_terms = model.training and self.balance is not None  # terms of the training loss only
-        if balance_terms and self.length_head is not None:
-            (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs, with_features=True)
-            features = features[:2]
+        """One loss per row (a pair, a list), then one weighted mean: a pairwise loss over each row's decisive pairs
+        (`_pair_losses`), a list or tie loss over the whole row."""
+        with_features = model.training and self.length_head is not None
+        rewards, off_prompt, features = self.score(model, inputs, with_features)
+        ranks, mask = inputs["ranks"], inputs["list_mask"]
+        pairs = list_pairs(rewards, ranks, mask)
+        center = self.args.center_rewards_coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 \
+            if self.args.center_rewards_coefficient else None  # (r_c + r_r)^2 on a pair
+        penalty = None
+        if self.pairwise:
+            per_row, pair_losses, penalty = self._pair_losses(pairs, inputs, off_prompt, features, center, model.training)
         else:
-            (chosen, rejected, *off_prompt), features = self.score_pairs(model, inputs), None
-        terms = None if self.balance is None else self.balance.terms(inputs, chosen, rejected, model.training,
-                                                                      features, self.length_head)
-        margin, options = inputs.get("margin"), self._loss_fn_options(self.args)
-        if terms is not None and terms.shift is not None:  # inside the training logit only: r_c - r_r + shift
-            margin = -terms.shift if margin is None else margin - terms.shift
-        per_pair = self.loss_fn(chosen, rejected, margin=margin, **options)
-        if per_pair.shape != chosen.shape:
-            raise ValueError(
-                f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
-                f"it returned shape {tuple(per_pair.shape)}."
-            )
-        if balance_terms and off_prompt:  # cross-prompt negatives: the chosen response beats another prompt's
-            per_pair = per_pair + self.balance.options.cross_prompt * self.loss_fn(chosen, off_prompt[0], **options)
-        if self.args.center_rewards_coefficient:
-            per_pair = per_pair + self.args.center_rewards_coefficient * (chosen + rejected) ** 2
+            extra = {"log_tie": self.log_tie} if self.log_tie is not None else {}
+            per_row = self.list_loss(rewards, ranks, mask, inputs.get("scores"), **extra)
+            if per_row.shape != rewards.shape[:1]:
+                raise ValueError(f"the loss function must return one loss per list, shape {tuple(rewards.shape[:1])}; "
+                                 f"it returned shape {tuple(per_row.shape)}.")
+            per_row = per_row if center is None else per_row + center
+            pair_losses = per_row[:, None].expand_as(pairs.chosen)
         weights = inputs.get("weight")
-        if terms is not None:
-            weights = terms.weights if weights is None else weights * terms.weights
-        weighted = per_pair if weights is None else weights * per_pair
-        loss = weighted.mean() if terms is None or terms.penalty is None else weighted.mean() + terms.penalty
-        if model.training:
-            self._micro_batches += 1
-            if not all_finite(self.accelerator, loss, chosen, rejected):
-                return self._non_finite(model, loss, chosen, rejected)
-            self.skip_steps.batch(loss)
-            with torch.no_grad():
-                self._record_train_step(chosen, rejected, per_pair, inputs)
-        return (loss, {"chosen": chosen, "rejected": rejected, "pair_losses": weighted}) if return_outputs else loss
-
-    def compute_list_loss(self, model, inputs, return_outputs=False):
-        """The loss of a list batch: one loss per list (`self.list_loss`), then the same weighted mean as pairs."""
-        rewards = self.score_lists(model, inputs)
-        mask = inputs["list_mask"]
-        extra = {"log_tie": self.log_tie} if self.log_tie is not None else {}
-        per_list = self.list_loss(rewards, inputs["ranks"], mask, inputs.get("scores"), **extra)
-        if per_list.shape != rewards.shape[:1]:
-            raise ValueError(f"the loss function must return one loss per list, shape {tuple(rewards.shape[:1])}; "
-                             f"it returned shape {tuple(per_list.shape)}.")
-        if self.args.center_rewards_coefficient:  # (2 x the list's mean reward)^2: (r_c + r_r)^2 on a pair
-            mean_reward = (rewards * mask).sum(-1) / mask.sum(-1)
-            per_list = per_list + self.args.center_rewards_coefficient * (2 * mean_reward) ** 2
-        weights = inputs.get("weight")
-        weighted = per_list if weights is None else weights * per_list
-        loss = weighted.mean()
+        weighted = per_row if weights is None else weights * per_row
+        loss = weighted.mean() if penalty is None else weighted.mean() + penalty
         if model.training:
             self._micro_batches += 1
             if not all_finite(self.accelerator, loss, rewards[mask]):
-                return self._non_finite(model, loss, rewards[mask], rewards[:0, 0])
+                return self._non_finite(model, loss, rewards[mask])
             self.skip_steps.batch(loss)
-            with torch.no_grad():  # training accuracy and reward scale over the lists' decisive pairs
-                pairs = list_pairs(rewards, inputs["ranks"], mask)
-                decisive = pairs.valid & ~pairs.tie
-                per_pair = {"group_id": inputs["group_id"][:, None].expand_as(decisive)[decisive]} \
-                    if "group_id" in inputs else {}
-                per_pair["text_tokens"] = inputs.get("text_tokens")
-                self._record_train_step(pairs.chosen[decisive], pairs.rejected[decisive],
-                                        per_list[:, None].expand_as(decisive)[decisive], per_pair)
-        return (loss, {"rewards": rewards, "list_losses": weighted}) if return_outputs else loss
+            with torch.no_grad():
+                self._record_train_step(pairs, pair_losses, inputs)
+        return (loss, {"rewards": rewards, "losses": weighted}) if return_outputs else loss
 
-    def _non_finite(self, model, loss, chosen, rejected):
+    def _pair_losses(self, pairs, inputs, off_prompt, features, center, training) -> tuple:
+        """(loss per row: the mean over its decisive pairs, a pair row's one pair; each pair's loss [rows, pairs]; the
+        balanced loss's penalty or None). The loss function sees the pairs flattened, one per element, as a trl-style
+        loss expects; a pair row's `margin`, the balanced loss's terms and cross-prompt negatives apply per pair, and
+        `center` [rows] is added to each pair's loss before the unit weights, as to a pair's."""
+        shape = pairs.chosen.shape
+        chosen, rejected = pairs.chosen.reshape(-1), pairs.rejected.reshape(-1)
+        margin = inputs.get("margin")  # a pair's own column: on rows of one pair only
+        margin = None if margin is None else margin[:, None].expand(shape).reshape(-1)
+        terms = None
+        if self.balance is not None:
+            lengths = inputs["response_lengths"]
+            rows = torch.arange(shape[0], device=chosen.device)[:, None]
+            pair_features = None if features is None else (features[rows, pairs.better].flatten(0, 1),
+                                                            features[rows, pairs.worse].flatten(0, 1))
+            terms = self.balance.terms(inputs["group_id"][:, None].expand(shape).reshape(-1),
+                                       lengths.gather(1, pairs.better).reshape(-1),
+                                       lengths.gather(1, pairs.worse).reshape(-1), chosen, rejected, training,
+                                       pair_features, self.length_head)
+            if terms.shift is not None:  # inside the training logit only: r_c - r_r + shift
+                margin = -terms.shift if margin is None else margin - terms.shift
+        per_pair = self.loss_fn(chosen, rejected, margin=margin, **self.loss_options)
+        if per_pair.shape != chosen.shape:
+            raise ValueError(f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
+                             f"it returned shape {tuple(per_pair.shape)}.")
+        if training and off_prompt is not None and self.balance is not None:  # the chosen beats another prompt's
+            off_prompt = off_prompt[:, None].expand(shape).reshape(-1)
+            per_pair = per_pair + self.balance.options.cross_prompt * self.loss_fn(chosen, off_prompt,
+                                                                                  **self.loss_options)
+        if center is not None:
+            per_pair = per_pair + center[:, None].expand(shape).reshape(-1)
+        weighted = (per_pair if terms is None else terms.weights * per_pair).view(shape)
+        decisive = pairs.valid & ~pairs.tie
+        per_row = torch.where(decisive, weighted, 0.0).sum(-1) / decisive.sum(-1).clamp(min=1)
+        return per_row, per_pair.view(shape), None if terms is None else terms.penalty
+
+    def _non_finite(self, model, loss, rewards):
         """Apply nan_policy to a batch whose loss or rewards are NaN or inf (the optimizer has not stepped yet)."""
-        rewards = torch.cat([chosen, rejected]).detach()
+        rewards = rewards.detach()
         accumulation = self.args.gradient_accumulation_steps
         where = (
             f"training step {self.state.global_step + 1}, micro-batch {(self._micro_batches - 1) % accumulation + 1} "
@@ -884,12 +874,18 @@ class BalancedRewardTrainer(Trainer):
             f"{checkpoint}; or set nan_policy: skip to leave such batches out."
         )
 
-    def _record_train_step(self, chosen, rejected, per_pair, inputs):
+    def _record_train_step(self, pairs, pair_losses, inputs):
+        """Training accuracy, loss and reward scale over the batch's decisive pairs; group DRO's unit losses."""
+        decisive = pairs.valid & ~pairs.tie
         group_ids = inputs.get("group_id")
-        self.train_totals.add(chosen, rejected, per_pair, group_ids, len(self.group_names), inputs.get("text_tokens"))
+        group_ids = None if group_ids is None else group_ids[:, None].expand_as(decisive)[decisive]
+        chosen, rejected, losses = pairs.chosen[decisive], pairs.rejected[decisive], pair_losses[decisive]
+        self.train_totals.add(chosen, rejected, losses, group_ids, len(self.group_names), inputs.get("text_tokens"))
         if group_ids is not None and self.balance is not None and self.balance.options.group_dro:
-            units = self.balance.unit_ids(group_ids, inputs["response_lengths"])
-            self.unit_losses.add(units, per_pair, self.balance.num_units)
+            lengths = inputs["response_lengths"]
+            units = self.balance.unit_ids(group_ids, lengths.gather(1, pairs.better)[decisive],
+                                          lengths.gather(1, pairs.worse)[decisive])
+            self.unit_losses.add(units, losses, self.balance.num_units)
             if self.accelerator.sync_gradients:  # last micro-batch of this optimizer step
                 self.balance.dro_update(*self.unit_losses.take())
 
@@ -917,34 +913,15 @@ class BalancedRewardTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, rewards = self.compute_loss(model, inputs, return_outputs=True)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
-        if "ranks" in inputs:  # lists: Trainer pads K across batches with -100, so the mask travels as 1 / 0
-            group_ids = inputs.get("group_id", torch.zeros_like(rewards["list_losses"], dtype=torch.long))
-            return (loss.detach(), (rewards["rewards"], rewards["list_losses"].detach()),
-                    (group_ids, inputs["ranks"], inputs["list_mask"].long()))
-        group_ids = inputs.get("group_id", torch.zeros_like(rewards["chosen"], dtype=torch.long))
-        labels = (group_ids, inputs["response_lengths"]) if "response_lengths" in inputs else (group_ids,)
-        return loss.detach(), (rewards["chosen"], rewards["rejected"], rewards["pair_losses"].detach()), labels
+        # Trainer pads K across batches with -100, so the mask travels as 1 / 0.
+        group_ids = inputs.get("group_id", torch.zeros_like(outputs["losses"], dtype=torch.long))
+        return (loss.detach(), (outputs["rewards"], outputs["losses"].detach()),
+                (group_ids, inputs["ranks"], inputs["list_mask"].long(), inputs["response_lengths"]))
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        if len(eval_prediction.predictions) == 2:  # lists: (rewards, list losses)
-            return self._list_metrics(eval_prediction)
-        (chosen, rejected, pair_losses), (group_ids, *lengths) = real_pairs(eval_prediction)
-        response_lengths = (lengths[0][:, 0], lengths[0][:, 1]) if lengths else (None, None)
-        metrics = pair_metrics(chosen, rejected, group_ids, self.group_names or ["all"], *response_lengths)
-        # Replaces Trainer's eval_loss, a mean of per-batch means: this one weighs every pair once, on any number
-        # of processes and batch sizes.
-        metrics["loss"] = float(pair_losses.mean())
-        if self.user_compute_metrics is not None:
-            metrics.update(self.user_compute_metrics(EvalPrediction(predictions=(chosen, rejected), label_ids=group_ids)))
-        return metrics
-
-    def _list_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        (rewards, list_losses), (group_ids, ranks, mask) = real_pairs(eval_prediction)
-        metrics = list_metrics(rewards, ranks, mask == 1, group_ids, self.group_names or ["all"])
-        metrics["loss"] = float(list_losses.mean())
-        if self.user_compute_metrics is not None:
-            metrics.update(self.user_compute_metrics(EvalPrediction(predictions=rewards, label_ids=(ranks, mask == 1))))
-        return metrics
+        (rewards, losses), (group_ids, ranks, mask, lengths) = real_pairs(eval_prediction)
+        return reward_metrics(rewards, losses, group_ids, ranks, mask == 1, lengths, self.group_names or ["all"],
+                              self.user_compute_metrics)

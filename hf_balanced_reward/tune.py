@@ -242,19 +242,19 @@ def suggest(trial, name: str, spec):
 
 
 def check_objective(objective: str, path: str) -> None:
-    """The objective must be a metric evaluation reports: a name `pair_metrics` or `list_metrics` gives (asked of
+    """The objective must be a metric evaluation reports: a name `pair_metrics` or `ranking_metrics` gives (asked of
     them on made-up pairs and lists), or one of the per-group, per-cell and probe names, which depend on the data."""
     import numpy as np
 
     from .metrics import MIN_CELL_PAIRS, pair_metrics
-    from .ranking import list_metrics
+    from .ranking import ranking_metrics
 
     # Two groups, each with every length cell full enough to be reported and more chosen-longer pairs than not.
     group = np.repeat([[20, 10], [10, 20], [10, 10]], [2 * MIN_CELL_PAIRS, MIN_CELL_PAIRS, MIN_CELL_PAIRS], axis=0)
     lengths, n = np.tile(group, (2, 1)), 2 * len(group)
     rewards = np.random.default_rng(0).normal(size=(2, n))
     names = set(pair_metrics(*rewards, np.repeat([0, 1], n // 2), ["a", "b"], *lengths.T, calibrate=True))
-    names |= set(list_metrics([[1.0, 0.0, 0.5]], [[1, 2, 2]], [[True] * 3], [0], ["a"])) | {"loss"}
+    names |= set(ranking_metrics([[1.0, 0.0, 0.5]], [[1, 2, 2]])) | {"loss"}
     if objective in names or objective.startswith(("accuracy_", "reward_length_spearman_", "probe_")):
         return
     raise UsageError(f"config '{path}': search: objective '{objective}' is not a metric evaluation reports"
@@ -266,7 +266,8 @@ def run_search(argv: list[str], path: str, recipe: dict, search: Search) -> int:
     report them all."""
     from transformers import HfArgumentParser
 
-    from .cli import ScriptArguments, parse_train_args, quiet_libraries
+    from .cli import parse_train_args, quiet_libraries
+    from .cli_arguments import ScriptArguments
     from .config import BalancedRewardConfig
     from .tune_study import Study, report, run_trials
 

@@ -135,3 +135,8 @@ def run_workers_together(runs, **env) -> list[dict]:
         with open(os.path.join(report_dir, "result.json")) as f:
             results.append(json.load(f))
     return results
+
+
+def pair_row(chosen_ids, rejected_ids, **columns) -> dict:
+    """A prepared pair, as the collator takes it: the K = 2 list (chosen, rejected) ranked (1, 2)."""
+    return {"completion_ids": [list(chosen_ids), list(rejected_ids)], "ranks": [1, 2], **columns}

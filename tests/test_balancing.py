@@ -14,6 +14,7 @@ from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, Conf
 from hf_balanced_reward.balancing import (
     LONGER, SAME, SHORTER, Balancer, BalanceOptions, fit_length_slope, length_cells, length_head_penalty, unit_mixture,
 )
+from hf_balanced_reward.forward import score_batch
 
 
 def test_length_cells():
@@ -81,7 +82,6 @@ def test_balancer_fit_and_state():
 def test_balancer_terms_hand_values():
     balance = fitted(weighting="cells", length_expert=0.5, length_head=2.0)
     balance.slopes = torch.tensor([2.0, -1.0])
-    inputs = {"group_id": GROUP_IDS, "response_lengths": torch.stack([CHOSEN, REJECTED], dim=1)}
     # Rewards: 3 L + 1 on group a's six responses (rho(L, reward) = 1), and on group b's four, whose L are
     # (log 10, log 2 | log 10, log 8), rewards (1, 0 | -1, 0): centred products d, 0, -d, 0, so rho = 0 exactly.
     log_chosen, log_rejected = CHOSEN.float().log1p(), REJECTED.float().log1p()
@@ -90,7 +90,7 @@ def test_balancer_terms_hand_values():
     head = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.ones_(head.weight)  # length score = the feature, and the features are L: rho(L, length score) = 1
     features = (log_chosen[:, None], log_rejected[:, None])
-    terms = balance.terms(inputs, chosen, rejected, True, features, head)
+    terms = balance.terms(GROUP_IDS, CHOSEN, REJECTED, chosen, rejected, True, features, head)
     # group a holds 3/5 of the mass, 1.5/5 per direction: w = q * N / n = 0.75 (longer, 2 pairs), 1.5 (shorter);
     # group b has no chosen-longer pair, so its cells keep weight 1
     assert terms.weights.tolist() == pytest.approx([0.75, 0.75, 1.5, 1.0, 1.0])
@@ -101,12 +101,11 @@ def test_balancer_terms_hand_values():
     torch.testing.assert_close(terms.shift, expected)
     # 2.0 * mean over groups of (1 - rho(L, length score)) + |rho(L, reward)|: a (1 - 1 + 1), b (1 - 1 + 0)
     torch.testing.assert_close(terms.penalty, torch.tensor(1.0))
-    evaluation = balance.terms(inputs, chosen, rejected, False)  # only training sees the shift and the penalty
+    evaluation = balance.terms(GROUP_IDS, CHOSEN, REJECTED, chosen, rejected, False)  # only training sees the shift and the penalty
     assert torch.equal(evaluation.weights, terms.weights) and evaluation.shift is None and evaluation.penalty is None
     # a pair of a group seen only at evaluation weighs 1 and gets no expert vote
     balance.add_groups(["new"])
-    new = balance.terms({"group_id": torch.tensor([2]), "response_lengths": torch.tensor([[5, 1]])},
-                        torch.zeros(1), torch.zeros(1), True)
+    new = balance.terms(torch.tensor([2]), torch.tensor([5]), torch.tensor([1]), torch.zeros(1), torch.zeros(1), True)
     assert new.weights.tolist() == [1.0] and new.shift.tolist() == [0.0] and new.penalty is None
 
 
@@ -168,7 +167,7 @@ def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(t
     trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
-        chosen, rejected = trainer.score_pairs(trainer.model, batch)
+        chosen, rejected = score_batch(trainer.model, batch)[0].unbind(1)
     lengths = batch["response_lengths"].float()
     expert = 2.0 * trainer.balance.slopes[batch["group_id"]] * (lengths[:, 0].log1p() - lengths[:, 1].log1p())
     by_hand = -F.logsigmoid(chosen - rejected - batch["margin"] + expert).mean()
@@ -181,7 +180,7 @@ def test_length_expert_is_in_the_training_loss_and_absent_from_the_saved_model(t
     trainer.model.eval()
     eval_batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     with torch.no_grad():
-        chosen, rejected = trainer.score_pairs(trainer.model, eval_batch)
+        chosen, rejected = score_batch(trainer.model, eval_batch)[0].unbind(1)
         plain = PairCollator(trainer.processing_class.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
         logits = saved(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, 0]
     # the saved model's own output is the reward: no length term, no extra weights

@@ -6,10 +6,10 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
-from conftest import build_tokenizer, preference_rows
+from conftest import build_tokenizer, pair_row, preference_rows
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import shared_prefix_length
-from unpacking import unpack_pairs
+from unpacking import unpack_rows
 from hf_balanced_reward.cross_prompt import off_prompt_sequence, pick_partners
 from test_shared_prompt import TEXTS, smollm2_shaped
 
@@ -61,11 +61,12 @@ def test_pairs_of_one_prompt_are_never_partners_even_when_their_responses_open_a
             {"prompt": "Question: who wrote Hamlet?", "chosen": " Shakespeare.", "rejected": " Dickens.", "source": "a"}]
     args = config(tmp_path, group_column=None, loss_kwargs={"cross_prompt": 1.0})
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
-    egg = [e for e in trainer.train_dataset if e["chosen_ids"][:12] == trainer.train_dataset[0]["chosen_ids"][:12]]
+    chosen = [e["completion_ids"][0] for e in trainer.train_dataset]
+    egg = [c for c in chosen if c[:12] == chosen[0][:12]]
     tokenizer = trainer.processing_class
     for example in trainer.train_dataset:
         off_text = tokenizer.decode(example["off_prompt_ids"])
-        own_prompt = tokenizer.decode(example["chosen_ids"]).split("?")[0]
+        own_prompt = tokenizer.decode(example["completion_ids"][0]).split("?")[0]
         assert off_text.split("?")[0] == own_prompt  # the pair's own prompt
         if "egg" in own_prompt:  # never answered with the other egg pair's response
             assert "eight minutes" not in off_text and "boiling water" not in off_text
@@ -84,9 +85,10 @@ def test_off_prompt_sequence_keeps_the_prompt_and_the_scored_token():
 def test_cross_prompt_loss_on_hand_worked_rewards(tmp_path, model_dir, pairs, monkeypatch):
     args = config(tmp_path, loss_kwargs={"weighting": "none", "length_expert": 0.0, "cross_prompt": 0.5})
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
-    rewards = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 2.0])
-    monkeypatch.setattr(trainer, "score_pairs", lambda model, inputs, with_features=False: rewards)
-    inputs = {"group_id": torch.tensor([0, 1]), "response_lengths": torch.tensor([[3, 3], [3, 3]])}
+    scored = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, 2.0]), None  # (chosen, rejected), off-prompt
+    monkeypatch.setattr(trainer, "score", lambda model, inputs, with_features=False: scored)
+    inputs = {"group_id": torch.tensor([0, 1]), "response_lengths": torch.tensor([[3, 3], [3, 3]]),
+              "ranks": torch.tensor([[1, 2], [1, 2]]), "list_mask": torch.ones(2, 2, dtype=torch.bool)}
     trainer.model.train()
 
     def nll(d):
@@ -105,9 +107,10 @@ def test_training_adds_off_prompt_sequences_and_learns(tmp_path, model_dir):
     train = trainer.train_dataset
     assert "off_prompt_ids" in train.column_names and "off_prompt_ids" not in trainer.eval_dataset.column_names
     for example in train:  # the pair's own prompt, then a response that is not its chosen one
-        prompt = shared_prefix_length(example["chosen_ids"], example["rejected_ids"])
-        assert example["off_prompt_ids"][:prompt] == example["chosen_ids"][:prompt]
-        assert example["off_prompt_ids"][prompt:] != example["chosen_ids"][prompt:]
+        chosen_ids, rejected_ids = example["completion_ids"]
+        prompt = shared_prefix_length(chosen_ids, rejected_ids)
+        assert example["off_prompt_ids"][:prompt] == chosen_ids[:prompt]
+        assert example["off_prompt_ids"][prompt:] != chosen_ids[prompt:]
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())
@@ -119,8 +122,8 @@ def test_packed_off_prompt_branch_equals_the_plain_rows(tmp_path):
     model = smollm2_shaped(tokenizer).eval()
     examples = []
     for (p, c, r), (_, other, _) in zip(TEXTS, TEXTS[1:] + TEXTS[:1]):
-        examples.append({"chosen_ids": tokenizer(p + c)["input_ids"], "rejected_ids": tokenizer(p + r)["input_ids"],
-                         "off_prompt_ids": tokenizer(p + other)["input_ids"]})
+        examples.append(pair_row(tokenizer(p + c)["input_ids"], tokenizer(p + r)["input_ids"],
+                                 off_prompt_ids=tokenizer(p + other)["input_ids"]))
     trainer = BalancedRewardTrainer(model=model, args=config(tmp_path, group_column=None), processing_class=tokenizer)
     assert trainer.shared_prompt
     packed = trainer.data_collator(examples)
@@ -128,14 +131,14 @@ def test_packed_off_prompt_branch_equals_the_plain_rows(tmp_path):
     assert packed["branch_ids"].max() == 3 and len(packed["off_prompt_end"]) == len(examples)
     assert len(plain["input_ids"]) == 3 * len(examples)
     with torch.no_grad():
-        reference = torch.tensor([model(torch.tensor([e[key]])).logits[0, 0].item()
-                                  for key in ("chosen_ids", "rejected_ids", "off_prompt_ids") for e in examples])
+        sequences = [[e["completion_ids"][0] for e in examples], [e["completion_ids"][1] for e in examples],
+                     [e["off_prompt_ids"] for e in examples]]
+        reference = torch.tensor([model(torch.tensor([s])).logits[0, 0].item() for side in sequences for s in side])
         for batch in (packed, plain):
-            rewards = trainer.score_pairs(model, batch)
-            assert len(rewards) == 3
-            assert (torch.cat(rewards) - reference).abs().max() <= 1e-4
+            rewards, off_prompt, _ = trainer.score(model, batch)
+            assert (torch.cat([*rewards.unbind(1), off_prompt]) - reference).abs().max() <= 1e-4
     # The fallback and the first-batch check rebuild the three sequences from a packed batch exactly.
-    assert unpack_pairs(packed) == examples
+    assert unpack_rows(packed) == [{k: e[k] for k in ("completion_ids", "off_prompt_ids")} for e in examples]
 
 
 def test_cross_prompt_options_are_checked_before_training(tmp_path, model_dir):

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from trl import RewardConfig
 
 from conftest import CHAT_TEMPLATE, build_tokenizer, tiny_bert, tiny_llama
-from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 
 TRL_FIELDS = [f.name for f in dataclasses.fields(RewardConfig) if f.init]
 TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -110,7 +110,7 @@ def check_dataset_num_proc(tmp_path, model_dir, pairs):
 
 def check_max_length(tmp_path, model_dir, pairs):
     trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, max_length=24), train_dataset=pairs)
-    lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in trainer.train_dataset]
+    lengths = [max(map(len, e["completion_ids"])) for e in trainer.train_dataset]
     assert max(lengths) == 24 and trainer.data_report["train"]["truncated"] > 0  # prompts cut from the left to fit
 
 
@@ -129,7 +129,7 @@ def check_center_rewards_coefficient(tmp_path, model_dir, pairs):
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         with torch.no_grad():
             losses[coefficient], rewards = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    expected = losses[None] + 0.5 * ((rewards["chosen"] + rewards["rejected"]) ** 2).mean()
+    expected = losses[None] + 0.5 * (rewards["rewards"].sum(1) ** 2).mean()  # (r_c + r_r)^2 per pair
     torch.testing.assert_close(losses[0.5], expected)
 
 
@@ -146,7 +146,7 @@ def check_chat_template_path(tmp_path, model_dir, pairs):
     reference = build_tokenizer()  # the same tokenizer with CHAT_TEMPLATE
     row = conversations()[0]
     expected = reference.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
-    assert trainer.train_dataset[0]["chosen_ids"] == reference(expected)["input_ids"]
+    assert trainer.train_dataset[0]["completion_ids"][0] == reference(expected)["input_ids"]
     trainer.train()
 
     # A tokenizer folder: its template, its added tokens (the model's embeddings grow to hold them) and its eos.
@@ -178,7 +178,7 @@ def check_eos_token(tmp_path, model_dir, pairs):
     tokenizer = build_tokenizer()
     tokenizer.pad_token = None
     trainer = BalancedRewardTrainer(tiny_llama(build_tokenizer()), args, train_dataset=pairs, processing_class=tokenizer)
-    assert all(e["chosen_ids"][-1] == eos_id for e in trainer.train_dataset)
+    assert all(e["completion_ids"][0][-1] == eos_id for e in trainer.train_dataset)
     assert trainer.processing_class.pad_token == "<|user|>" and trainer.model.config.pad_token_id == eos_id
     with pytest.raises(ConfigError, match=r"eos_token='<eot>' is not in the tokenizer's vocabulary"):
         BalancedRewardTrainer(model_dir, trl_config(tmp_path, eos_token="<eot>"), train_dataset=pairs)
@@ -188,7 +188,7 @@ def check_pad_token(tmp_path, model_dir, pairs):
     trainer = BalancedRewardTrainer(model_dir, trl_config(tmp_path, pad_token="<|user|>"), train_dataset=pairs)
     pad_id = trainer.processing_class.convert_tokens_to_ids("<|user|>")
     assert trainer.model.config.pad_token_id == pad_id
-    batch = trainer.data_collator.plain_batch([trainer.train_dataset[i] for i in range(4)])
+    batch = PairCollator(pad_id)([trainer.train_dataset[i] for i in range(4)])
     assert trainer.data_collator.pad_token_id == pad_id and (batch["input_ids"] == pad_id).any()  # padded with it
     with pytest.raises(ConfigError, match=r"pad_token='<nothing>' is not in the tokenizer's vocabulary"):
         BalancedRewardTrainer(model_dir, trl_config(tmp_path, pad_token="<nothing>"), train_dataset=pairs)
@@ -293,15 +293,15 @@ def test_tools_tool_calls_and_template_kwargs_render_as_apply_chat_template(tmp_
     assert trainer.data_report["train"]["pairs"] == len(rows)
     for row, prepared in zip(rows, trainer.train_dataset):
         prompt = row.get("prompt", [])
-        for side in ("chosen", "rejected"):
+        for side, ids in zip(("chosen", "rejected"), prepared["completion_ids"]):
             text = tokenizer.apply_chat_template(prompt + row[side], tools=row["tools"], tokenize=False,
                                                  **row["chat_template_kwargs"])
-            assert prepared[f"{side}_ids"] == tokenizer(text)["input_ids"], (row, side)
-            assert "BROKEN" not in text and "None" not in tokenizer.decode(prepared[f"{side}_ids"])
-    first = tokenizer.decode(trainer.train_dataset[0]["chosen_ids"])
+            assert ids == tokenizer(text)["input_ids"], (row, side)
+            assert "BROKEN" not in text and "None" not in tokenizer.decode(ids)
+    first = tokenizer.decode(trainer.train_dataset[0]["completion_ids"][0])
     assert first.startswith("<s><think on>") and 'call get_weather{"city": "Paris"}' in first
     assert '"name": "get_weather"' in first and "search" not in first  # row 1's tools only
-    assert "<think on>" not in tokenizer.decode(trainer.train_dataset[1]["chosen_ids"])  # no argument: not rendered
+    assert "<think on>" not in tokenizer.decode(trainer.train_dataset[1]["completion_ids"][0])  # no argument: not rendered
     trainer.train()
 
 
@@ -338,7 +338,7 @@ def test_old_tokenized_column_names_are_accepted_with_a_warning(tmp_path, model_
     reference = BalancedRewardTrainer(model_dir, BalancedRewardConfig(output_dir=str(tmp_path / "ref"), report_to="none"),
                                       train_dataset=new)
     assert trainer.train_dataset[:] == reference.train_dataset[:]
-    assert trainer.eval_dataset["held_out"]["chosen_ids"] == [c for c, _ in ids]
+    assert trainer.eval_dataset["held_out"]["completion_ids"] == [list(pair) for pair in ids]
     trainer.train()
 
 

@@ -9,7 +9,7 @@ import torch
 import hf_balanced_reward.forward as forward_module
 from conftest import build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import PairCollator
-from hf_balanced_reward.forward import score_lists, shared_prompt_difference
+from hf_balanced_reward.forward import score_batch, shared_prompt_difference
 from test_shared_prompt import smollm2_shaped
 
 
@@ -55,9 +55,9 @@ def test_k_branch_rewards_equal_one_forward_per_sequence(family):
             expected = reference[:, : mask.shape[1]] * mask
             for collator in (packed, packed_rows):
                 batch = collator(examples)
-                assert (score_lists(model, batch, shared_prompt=True) - expected).abs().max() <= 1e-4
+                assert (score_batch(model, batch)[0] - expected).abs().max() <= 1e-4
             rows_used.append(len(batch["input_ids"]))
-            assert (score_lists(model, plain(examples), shared_prompt=False) - expected).abs().max() <= 1e-4
+            assert (score_batch(model, plain(examples))[0] - expected).abs().max() <= 1e-4
     assert min(rows_used) < len(LISTS)  # some batch had several lists in one row
 
 
@@ -71,7 +71,7 @@ def test_tiny_llama_k_branch_rewards_and_the_layout_check(attention):
     model.eval()
     with torch.no_grad():
         expected = one_by_one(model, examples) * batch["list_mask"]
-        assert (score_lists(model, batch, shared_prompt=True) - expected).abs().max() <= 1e-4
+        assert (score_batch(model, batch)[0] - expected).abs().max() <= 1e-4
     model.train()
     difference, tolerance = shared_prompt_difference(model, examples[:2], tokenizer.pad_token_id, full_precision=True)
     assert difference <= 1e-5 and tolerance >= 1e-3
@@ -96,4 +96,4 @@ def test_encoder_list_rewards_equal_one_forward_per_sequence(tokenizer):
     batch = PairCollator(tokenizer.pad_token_id)(examples)
     with torch.no_grad():
         expected = one_by_one(model, examples) * batch["list_mask"]
-        assert (score_lists(model, batch, shared_prompt=False) - expected).abs().max() <= 1e-4
+        assert (score_batch(model, batch)[0] - expected).abs().max() <= 1e-4

@@ -4,7 +4,7 @@ against one plain forward per sequence: test_forward.py)."""
 import torch
 
 from hf_balanced_reward import PairCollator
-from unpacking import unpack_lists
+from unpacking import unpack_rows
 
 
 EXAMPLES = [
@@ -31,13 +31,13 @@ def test_list_fields_are_padded_to_the_longest_list():
     assert "scores" not in PairCollator(0)(one_missing)  # scores for some lists only: none
 
 
-def test_plain_list_layout_is_one_row_per_completion_list_by_list():
-    batch = PairCollator(pad_token_id=0)(EXAMPLES)
+def test_plain_list_layout_is_one_row_per_completion_completion_by_completion():
+    batch = PairCollator(pad_token_id=0)(EXAMPLES)  # every list's first completion, then every list's second, ...
     assert torch.equal(batch["input_ids"], torch.tensor(
-        [[1, 5, 6, 7, 0], [1, 5, 8, 0, 0], [1, 5, 9, 9, 4], [1, 3, 0, 0, 0], [1, 4, 0, 0, 0]]))
+        [[1, 5, 6, 7, 0], [1, 3, 0, 0, 0], [1, 5, 8, 0, 0], [1, 4, 0, 0, 0], [1, 5, 9, 9, 4]]))
     assert torch.equal(batch["attention_mask"], (batch["input_ids"] != 0).long())
-    assert torch.equal(batch["end_positions"], torch.tensor([3, 2, 4, 1, 1]))
-    assert torch.equal(batch["completion_ends"], torch.tensor([[0, 1, 2], [3, 4, 0]]))
+    assert torch.equal(batch["end_positions"], torch.tensor([3, 1, 2, 1, 4]))
+    assert torch.equal(batch["completion_ends"], torch.tensor([[0, 2, 4], [1, 3, 0]]))
     assert "segment_ids" not in batch
 
 
@@ -50,13 +50,13 @@ def test_shared_prompt_list_layout_is_one_k_branch_segment_per_list():
     assert torch.equal(batch["branch_ids"], torch.tensor([[0, 0, 1, 1, 2, 3, 3, 3, 0, 1, 2]]))
     assert torch.equal(batch["completion_ends"], torch.tensor([[3, 4, 7], [9, 10, 0]]))
     assert torch.equal(batch["ranks"], torch.tensor([[1, 2, 2], [2, 1, 0]]))
-    assert unpack_lists(batch) == [{"completion_ids": e["completion_ids"]} for e in EXAMPLES]
+    assert unpack_rows(batch) == [{"completion_ids": e["completion_ids"]} for e in EXAMPLES]
 
     rows = PairCollator(pad_token_id=0, shared_prompt=True, max_row_tokens=8)(EXAMPLES)  # too narrow for both
     assert torch.equal(rows["input_ids"], torch.tensor([[1, 5, 6, 7, 8, 9, 9, 4], [1, 3, 4, 0, 0, 0, 0, 0]]))
     assert torch.equal(rows["segment_ids"][1], torch.tensor([1, 1, 1, -1, -1, -1, -1, -1]))
     assert torch.equal(rows["completion_ends"], torch.tensor([[3, 4, 7], [9, 10, 0]]))  # row 1 starts at 8
-    assert unpack_lists(rows) == unpack_lists(batch)
+    assert unpack_rows(rows) == unpack_rows(batch)
 
 
 def test_a_completion_read_inside_the_prompt_is_read_there_in_both_layouts():
@@ -71,22 +71,3 @@ def test_a_completion_read_inside_the_prompt_is_read_there_in_both_layouts():
     flat, cells = plain["input_ids"].flatten(), packed["input_ids"].flatten()
     width = plain["input_ids"].shape[1]
     assert cells[packed["completion_ends"][0]].tolist() == [flat[r * width + c] for r, c in enumerate([2, 1, 2])]
-
-
-def test_a_list_of_two_is_laid_out_as_the_pair():
-    pair = {"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8], "weight": 1.0}
-    as_list = {"completion_ids": [pair["chosen_ids"], pair["rejected_ids"]], "ranks": [1, 2], "weight": 1.0}
-    collator = PairCollator(0)
-    pairs, lists = collator([pair]), collator([as_list])
-    assert set(pairs) == {"input_ids", "attention_mask", "end_positions", "response_lengths", "weight", "text_tokens"}
-    for key in pairs:
-        assert torch.equal(pairs[key], lists[key])
-    assert lists["completion_ends"].tolist() == [[0, 1]]
-
-    collator = PairCollator(0, shared_prompt=True, pad_to_multiple_of=8)
-    pairs, lists = collator([pair]), collator([as_list])
-    assert set(pairs) == {"input_ids", "position_ids", "segment_ids", "branch_ids", "chosen_end", "rejected_end",
-                          "response_lengths", "weight", "text_tokens"}
-    for key in ("input_ids", "position_ids", "segment_ids", "branch_ids", "response_lengths", "weight", "text_tokens"):
-        assert torch.equal(pairs[key], lists[key])
-    assert torch.equal(lists["completion_ends"], torch.stack([pairs["chosen_end"], pairs["rejected_end"]], dim=1))

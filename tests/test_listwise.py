@@ -9,7 +9,8 @@ import torch
 
 from conftest import SHARED_DATA
 from hf_balanced_reward.data import DataError
-from hf_balanced_reward.listwise import (canonical_row, list_problem, load_summeval_lists, prepare_lists,
+from hf_balanced_reward.preparation import prepare_dataset
+from hf_balanced_reward.listwise import (canonical_row, list_problem, load_summeval_lists,
                                          split_by_document)
 from hf_balanced_reward.losses import (LISTWISE_LOSSES, LOSSES, TIE_LOSSES, bradley_terry, davidson, graded,
                                        list_pairs, pairwise, plackett_luce, rao_kupper)
@@ -420,7 +421,7 @@ def test_prepare_lists_names_bad_rows_and_counts_dropped_ones(tokenizer, tmp_pat
 
     def prepare(rows, **options):
         args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none", **options)
-        return prepare_lists(Dataset.from_list(rows), tokenizer, args)
+        return prepare_dataset(Dataset.from_list(rows), tokenizer, args, lists=True)
 
     with pytest.raises(DataError, match=r"^train dataset has 1 bad row\(s\) of 4: row 2: column 'ranks' item 0 is 0; "
                                         r"ranks are whole numbers from 1 \(best\), equal for ties\. Fix them, or set "

@@ -12,8 +12,7 @@ from datasets import Dataset
 
 from conftest import REPO, preference_rows, tiny_bert
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, DataError, prepare_dataset
-from hf_balanced_reward.data import truncate_list
-from hf_balanced_reward.listwise import prepare_lists
+from hf_balanced_reward.preparation import truncate_list
 
 
 def list_rows(n: int = 12) -> list[dict]:
@@ -39,16 +38,18 @@ def config(tmp_path, **kwargs):
     return BalancedRewardConfig(**{**defaults, **kwargs})
 
 
-def test_a_pair_as_a_list_is_tokenised_as_on_the_pair_path(tokenizer, tmp_path):
+def test_a_pair_is_tokenised_as_the_list_of_its_two_responses(tokenizer, tmp_path):
     conversation = {"prompt": [{"role": "user", "content": "Hello world"}],
                     "chosen": [{"role": "assistant", "content": "Paris is the capital."}],
                     "rejected": [{"role": "assistant", "content": "No."}]}
     for rows in ([{k: v for k, v in r.items() if k != "margin"} for r in preference_rows(4)], [conversation] * 2):
         args = config(tmp_path, group_column=None)
-        pairs, _ = prepare_dataset(Dataset.from_list(rows), tokenizer, args)
-        lists, report = prepare_lists(Dataset.from_list(rows), tokenizer, args)
-        assert lists["completion_ids"] == [[c, r] for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"])]
-        assert lists["ranks"] == [[1, 2]] * len(rows) and lists["response_lengths"] == pairs["response_lengths"]
+        pairs, _ = prepare_dataset(Dataset.from_list(rows), tokenizer, args)  # rendered as a pair, chosen first
+        as_lists = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [1, 2]} for r in rows]
+        lists, report = prepare_dataset(Dataset.from_list(as_lists), tokenizer, args)  # each completion on its own
+        assert lists["completion_ids"] == pairs["completion_ids"]
+        assert lists["ranks"] == pairs["ranks"] == [[1, 2]] * len(rows)
+        assert lists["response_lengths"] == pairs["response_lengths"]
         assert report["lists"] == len(rows) and report["completions"] == 2 * len(rows)
 
 
@@ -56,7 +57,7 @@ def test_lists_keep_labels_and_ties(tokenizer, tmp_path):
     rows = list_rows(3) + [{"prompt": "Q", "completions": [" a", " b"], "ranks": None, "scores": None, "tie": True,
                             "source": "big"}]
     rows[0]["tie"] = rows[1]["tie"] = rows[2]["tie"] = None
-    lists, report = prepare_lists(Dataset.from_list(rows), tokenizer, config(tmp_path))
+    lists, report = prepare_dataset(Dataset.from_list(rows), tokenizer, config(tmp_path), lists=True)
     assert lists["ranks"] == [[1, 1], [1, 2, 3], [1, 1, 2, 3], [1, 1]]
     assert lists["scores"] == [None, [4.0, 3.5, 1.0], None, None]
     assert [len(c) for c in lists["completion_ids"]] == [2, 3, 4, 2]
@@ -78,15 +79,15 @@ def test_bad_list_rows_are_named_or_skipped_and_counted(tokenizer, tmp_path):
     rows[2]["completions"] = [" same", " same", " same", " same"][:4]
     rows[2]["ranks"] = [1, 2, 3, 4]
     with pytest.raises(DataError, match=r"row 1: column 'scores' has 1 entries for 3 completions"):
-        prepare_lists(Dataset.from_list(rows), tokenizer, config(tmp_path))
-    lists, report = prepare_lists(Dataset.from_list(rows), tokenizer, config(tmp_path, on_bad_rows="skip"))
+        prepare_dataset(Dataset.from_list(rows), tokenizer, config(tmp_path), lists=True)
+    lists, report = prepare_dataset(Dataset.from_list(rows), tokenizer, config(tmp_path, on_bad_rows="skip"), lists=True)
     assert len(lists) == 2 and report["lists"] == 2 and sum(report["dropped"].values()) == 2
 
 
 def test_a_margin_column_is_refused_on_the_list_path(tokenizer, tmp_path):
     rows = [{**r, "tie": False} for r in preference_rows(4)]
     with pytest.raises(DataError, match="has a 'margin' column, which the list losses do not read"):
-        prepare_lists(Dataset.from_list(rows), tokenizer, config(tmp_path))
+        prepare_dataset(Dataset.from_list(rows), tokenizer, config(tmp_path), lists=True)
 
 
 LIST_SETTINGS = [("plackett_luce", {}), ("graded", {"margin_scale": 0.5}), ("davidson", {"learn_tie": True}),

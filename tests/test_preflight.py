@@ -19,7 +19,8 @@ def test_model_with_several_labels_is_refused(tmp_path, tokenizer, pairs):
 def test_token_ids_outside_the_vocabulary_are_named_before_training(tmp_path, model_dir):
     rows = [{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}, {"chosen_ids": [1, 5, 99999], "rejected_ids": [1, 8]}]
     args = BalancedRewardConfig(output_dir=str(tmp_path), report_to="none")
-    with pytest.raises(DataError, match=r"train dataset row 1: column 'chosen_ids' holds token id 99999, outside the "
+    with pytest.raises(DataError, match=r"train dataset row 1: its sequence 0 \(a pair's chosen_ids are 0, rejected_ids "
+                                        r"1\) holds token id 99999, outside the "
                                         r"model's vocabulary \(0 to \d+\); tokenise with the model's own tokenizer"):
         BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
 

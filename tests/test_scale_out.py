@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer
 from hf_balanced_reward.cli import main
+from hf_balanced_reward.forward import score_batch
 
 
 def config(tmp_path, **kwargs):
@@ -25,7 +26,7 @@ def lora():
 def rewards(trainer, model, examples):
     model.eval()
     with torch.no_grad():
-        return torch.cat(trainer.score_pairs(model, trainer._prepare_inputs(trainer.data_collator(examples))))
+        return score_batch(model, trainer._prepare_inputs(trainer.data_collator(examples)))[0].T.reshape(-1)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])

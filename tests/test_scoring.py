@@ -39,7 +39,7 @@ def training_rewards(trainer, dataset) -> tuple[torch.Tensor, torch.Tensor]:
     trainer.model.eval()
     with torch.no_grad():
         batch = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
-        return trainer.score_pairs(trainer.model, batch)
+        return trainer.score(trainer.model, batch)[0].unbind(1)
 
 
 def trained_rewards(trainer, prompts, completions) -> list[float]:
@@ -116,8 +116,7 @@ def test_reward_function_truncates_as_training_and_reads_the_saved_max_length(tr
     evaluator = BalancedRewardTrainer(model=folder, args=args, eval_dataset=Dataset.from_list(preference_rows()))
     assert evaluator.data_report["eval"]["truncated"] == 24  # every pair is cut: the rule is exercised
     chosen, _ = training_rewards(evaluator, evaluator.eval_dataset)
-    assert all(len(c) >= len(r) for c, r in zip(evaluator.eval_dataset["chosen_ids"],
-                                                evaluator.eval_dataset["rejected_ids"]))  # chosen is the longer
+    assert all(len(c) >= len(r) for c, r in evaluator.eval_dataset["completion_ids"])  # chosen is the longer
     rows = preference_rows()
     prompts, completions = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
     got = reward_function(folder, max_length=max_length)(prompts=prompts, completions=completions)

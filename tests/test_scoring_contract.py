@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 from conftest import CHAT_TEMPLATE, build_tokenizer, tiny_bert, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, PairCollator
 from hf_balanced_reward.data import render_texts
+from hf_balanced_reward.forward import score_batch
 
 
 def plain_rows(n=8):
@@ -62,7 +63,7 @@ def test_saved_model_scores_as_training_did(tmp_path, shape):
     examples = [trainer.train_dataset[i] for i in range(len(rows))]
     texts = [render_texts(row, tokenizer, append_eos)[1:] for row in rows]
     texts = [chosen for chosen, _ in texts] + [rejected for _, rejected in texts]
-    ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    ids = [e["completion_ids"][0] for e in examples] + [e["completion_ids"][1] for e in examples]
     assert [tokenizer(t)["input_ids"] for t in texts] == ids  # clients tokenise the text as training did
     if "pad_is_eos" in shape:  # the case that once broke: the text ends in the pad token
         assert all(sequence[-1] == tokenizer.pad_token_id for sequence in ids)
@@ -74,7 +75,7 @@ def test_saved_model_scores_as_training_did(tmp_path, shape):
     expected = None
     for name, collate in layouts.items():
         with torch.no_grad():
-            rewards = torch.cat(trainer.score_pairs(trainer.model, trainer._prepare_inputs(collate(examples))))
+            rewards = score_batch(trainer.model, trainer._prepare_inputs(collate(examples)))[0].T.reshape(-1)
         if expected is None:
             expected = rewards
         # fp32 forwards of the same tokens; only the reduction order over padding or packing differs

@@ -11,10 +11,11 @@ from transformers import Qwen2Config, Qwen2ForSequenceClassification
 from transformers import AutoModelForSequenceClassification
 
 import hf_balanced_reward.forward as forward_module
-from conftest import build_tokenizer, tiny_llama
+from conftest import build_tokenizer, pair_row, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, PairCollator
 from hf_balanced_reward.collator import flex_block_mask, pack_rows, shared_prompt_mask
-from unpacking import unpack_pairs
+from hf_balanced_reward.forward import score_batch
+from unpacking import unpack_rows
 
 TEXTS = [  # (prompt, chosen, rejected): shared prompts of several lengths, responses longer and shorter
     ("Question: what is the capital of France? Answer:", " Paris is the capital.", " The quick brown fox."),
@@ -31,16 +32,15 @@ def config(tmp_path, **kwargs):
 
 
 def tokenized_pairs(tokenizer, texts=TEXTS):
-    return [{"chosen_ids": tokenizer(p + c)["input_ids"], "rejected_ids": tokenizer(p + r)["input_ids"]}
-            for p, c, r in texts]
+    return [pair_row(tokenizer(p + c)["input_ids"], tokenizer(p + r)["input_ids"]) for p, c, r in texts]
 
 
 def plain_rewards(model, tokenizer, examples, device="cpu"):
     """Each sequence on its own, no padding, no packing, read where the model's own pooling reads: the reference."""
     rewards = []
-    for key in ("chosen_ids", "rejected_ids"):
+    for side in (0, 1):  # every chosen response, then every rejected one
         for example in examples:
-            rewards.append(model(torch.tensor([example[key]], device=device)).logits[0, 0].item())
+            rewards.append(model(torch.tensor([example["completion_ids"][side]], device=device)).logits[0, 0].item())
     return torch.tensor(rewards)
 
 
@@ -72,24 +72,23 @@ def test_pack_rows_places_every_sequence_once_and_wastes_little():
 
 
 def test_shared_prompt_batch_layout():
-    examples = [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8], "margin": 0.5, "group_id": 1},
-                {"chosen_ids": [1, 9], "rejected_ids": [1, 3], "margin": 0.0, "group_id": 0}]
+    examples = [pair_row([1, 5, 6, 7], [1, 5, 8], margin=0.5, group_id=1),
+                pair_row([1, 9], [1, 3], margin=0.0, group_id=0)]
     batch = PairCollator(pad_token_id=0, shared_prompt=True, max_row_tokens=16)(examples)
     # pair 0: prompt [1, 5], chosen [6, 7], rejected [8]; pair 1: prompt [1], chosen [9], rejected [3]
     assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 6, 7, 8, 1, 9, 3]]))
     assert torch.equal(batch["position_ids"], torch.tensor([[0, 1, 2, 3, 2, 0, 1, 1]]))
     assert torch.equal(batch["segment_ids"], torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]]))
     assert torch.equal(batch["branch_ids"], torch.tensor([[0, 0, 1, 1, 2, 0, 1, 2]]))
-    assert torch.equal(batch["chosen_end"], torch.tensor([3, 6]))
-    assert torch.equal(batch["rejected_end"], torch.tensor([4, 7]))
+    assert torch.equal(batch["completion_ends"], torch.tensor([[3, 4], [6, 7]]))
     assert torch.equal(batch["margin"], torch.tensor([0.5, 0.0]))
     assert torch.equal(batch["group_id"], torch.tensor([1, 0]))
-    assert unpack_pairs(batch) == [{"chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]} for e in examples]
+    assert unpack_rows(batch) == [{"completion_ids": e["completion_ids"]} for e in examples]
 
 
 def test_mask_lets_rejected_see_the_prompt_and_itself_only():
     batch = PairCollator(pad_token_id=0, shared_prompt=True, pad_to_multiple_of=8)(
-        [{"chosen_ids": [1, 5, 6, 7], "rejected_ids": [1, 5, 8]}]
+        [pair_row([1, 5, 6, 7], [1, 5, 8])]
     )
     mask = shared_prompt_mask(batch["segment_ids"], batch["branch_ids"])[0, 0].int()
     expected = torch.tensor([
@@ -127,7 +126,7 @@ def test_shared_prompt_rewards_equal_the_plain_forward(tmp_path, family, max_len
     assert trainer.shared_prompt
     examples = list(trainer.train_dataset)
     if max_length:  # two prompts were cut from the left; the pair whose response alone is too long was dropped
-        assert len(examples) == 3 and all(len(e["chosen_ids"]) <= max_length for e in examples)
+        assert len(examples) == 3 and all(len(e["completion_ids"][0]) <= max_length for e in examples)
     # wide rounding makes packing several pairs per row the cheapest layout
     packed = dataclasses.replace(trainer.data_collator, pad_to_multiple_of=64)
     model.eval()
@@ -136,7 +135,7 @@ def test_shared_prompt_rewards_equal_the_plain_forward(tmp_path, family, max_len
         for collator in (trainer.data_collator, packed):
             batch = collator(examples)
             assert "segment_ids" in batch
-            fast = torch.cat(trainer.score_pairs(model, batch))
+            fast = score_batch(model, batch)[0].T.reshape(-1)
             assert (fast - reference).abs().max() <= 1e-4
     assert len(batch["input_ids"]) < len(examples)
 
@@ -147,8 +146,8 @@ def test_bf16_autocast_keeps_rewards_close(tmp_path):
     trainer = BalancedRewardTrainer(model=model, args=config(tmp_path), processing_class=tokenizer)
     examples = tokenized_pairs(tokenizer)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = torch.cat(trainer.score_pairs(model, trainer.data_collator(examples)))
-        plain = torch.cat(trainer.score_pairs(model, PairCollator(tokenizer.pad_token_id)(examples)))
+        fast = score_batch(model, trainer.data_collator(examples))[0].T.reshape(-1)
+        plain = score_batch(model, PairCollator(tokenizer.pad_token_id)(examples))[0].T.reshape(-1)
     assert fast.dtype == torch.float32
     assert (fast - plain).abs().max() <= 0.05 * (1 + plain.abs().max())
 
@@ -231,7 +230,7 @@ def test_flex_attention_on_cuda_equals_the_plain_forward(tmp_path):
     examples = tokenized_pairs(tokenizer)
     batch = {k: v.cuda() for k, v in trainer.data_collator(examples).items()}
     with torch.no_grad():
-        fast = torch.cat(trainer.score_pairs(model, batch)).cpu()
+        fast = score_batch(model, batch)[0].T.reshape(-1).cpu()
         model.set_attn_implementation("sdpa")
         reference = plain_rewards(model, tokenizer, examples, device="cuda").cpu()
     assert (fast - reference).abs().max() <= 1e-3

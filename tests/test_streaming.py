@@ -208,7 +208,7 @@ def varied_rows(n: int = 48) -> list[dict]:
 
 
 def pair_key(example) -> tuple:
-    return tuple(example["chosen_ids"]), tuple(example["rejected_ids"])
+    return tuple(map(tuple, example["completion_ids"]))
 
 
 def test_length_grouped_stream_cuts_sorted_batches_from_each_buffer_in_a_seeded_order():

@@ -7,6 +7,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from conftest import tiny_bert, tiny_llama
 from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
+from hf_balanced_reward.forward import score_batch
 
 
 def config(tmp_path, **kwargs):
@@ -114,7 +115,7 @@ def test_bradley_terry_equals_trl_reward_trainer(tmp_path, tokenizer, center):
             assert torch.equal(batch["input_ids"], trl_batch["input_ids"])
         with torch.no_grad():
             loss, rewards = ours.compute_loss(model, batch, return_outputs=True)
-        torch.testing.assert_close(torch.cat([rewards["chosen"], rewards["rejected"]]), trl_outputs.logits.squeeze(-1))
+        torch.testing.assert_close(rewards["rewards"].T.reshape(-1), trl_outputs.logits.squeeze(-1))
         torch.testing.assert_close(loss, trl_loss)
 
 
@@ -133,7 +134,7 @@ def test_eval_accuracy_counts_pairs_exactly_across_uneven_batches(tmp_path, mode
     correct = []
     with torch.no_grad():
         for example in trainer.eval_dataset:  # one pair at a time: no batching at all
-            chosen, rejected = trainer.score_pairs(trainer.model, trainer.data_collator([example]))
+            chosen, rejected = score_batch(trainer.model, trainer.data_collator([example]))[0].unbind(1)
             correct.append(bool(chosen > rejected))
     assert metrics["eval_accuracy"] == pytest.approx(sum(correct) / len(correct))
     assert received["shapes"] == ((len(pairs),), (len(pairs),))
@@ -148,7 +149,8 @@ def test_custom_loss_fn(tmp_path, model_dir, pairs):
                                     loss_fn=squared)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss, rewards = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    assert loss.item() == pytest.approx(((1 - (rewards["chosen"] - rewards["rejected"])) ** 2).mean().item())
+    chosen, rejected = rewards["rewards"].unbind(1)
+    assert loss.item() == pytest.approx(((1 - (chosen - rejected)) ** 2).mean().item())
 
     trainer.loss_fn = lambda chosen_rewards, rejected_rewards, margin=None: chosen_rewards.sum()
     with pytest.raises(ValueError, match=r"must return one loss per pair, shape \(4,\); it returned shape \(\)"):
@@ -200,7 +202,7 @@ def test_trl_metric_names_are_logged(tmp_path, model_dir, pairs):
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs, eval_dataset=pairs)
     trainer.train()
     train_logs = [log for log in trainer.state.log_history if "num_tokens" in log]
-    expected_tokens = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in trainer.train_dataset)
+    expected_tokens = sum(len(s) for e in trainer.train_dataset for s in e["completion_ids"])
     assert [log["num_tokens"] for log in train_logs] == [expected_tokens]  # 6 steps x 4 pairs: the whole set
     log = train_logs[0]
     assert log["min_reward"] <= log["mean_reward"] <= log["max_reward"]

@@ -3,30 +3,15 @@ nothing."""
 
 import torch
 
-from hf_balanced_reward.collator import CHOSEN, OFF_PROMPT, PROMPT, REJECTED
+from hf_balanced_reward.collator import PROMPT
 
 
-def unpack_pairs(batch: dict[str, torch.Tensor]) -> list[dict]:
-    """The (chosen_ids, rejected_ids[, off_prompt_ids]) examples of a shared-prompt batch, in pair order."""
-    ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
-    keys = {CHOSEN: "chosen_ids", REJECTED: "rejected_ids", OFF_PROMPT: "off_prompt_ids"}
-    if "off_prompt_end" not in batch:
-        del keys[OFF_PROMPT]
-    pairs = [{key: [] for key in keys.values()} for _ in range(len(batch["chosen_end"]))]
-    for token, pair, branch in zip(ids, segments, branches):
-        if pair < 0:
-            continue
-        for sequence_branch, key in keys.items():
-            if branch in (PROMPT, sequence_branch):
-                pairs[pair][key].append(token)
-    return pairs
-
-
-def unpack_lists(batch: dict[str, torch.Tensor]) -> list[dict]:
-    """The `completion_ids` of each list of a shared-prompt list batch, in list order."""
+def unpack_rows(batch: dict[str, torch.Tensor]) -> list[dict]:
+    """The `completion_ids` (and `off_prompt_ids`, when the batch has them) of each row of a shared-prompt batch, in
+    row order."""
     ids, segments, branches = (batch[k].flatten().tolist() for k in ("input_ids", "segment_ids", "branch_ids"))
     prompts = [[] for _ in range(len(batch["completion_ends"]))]
-    tails = [{} for _ in prompts]  # per list: branch -> that completion's tokens after the prompt
+    tails = [{} for _ in prompts]  # per row: branch -> that sequence's tokens after the prompt
     for token, segment, branch in zip(ids, segments, branches):
         if segment < 0:
             continue
@@ -34,4 +19,11 @@ def unpack_lists(batch: dict[str, torch.Tensor]) -> list[dict]:
             prompts[segment].append(token)
         else:
             tails[segment].setdefault(branch, []).append(token)
-    return [{"completion_ids": [prompt + tail[b] for b in sorted(tail)]} for prompt, tail in zip(prompts, tails)]
+    rows = []
+    for prompt, tail in zip(prompts, tails):
+        sequences = [prompt + tail[b] for b in sorted(tail)]
+        row = {"completion_ids": sequences}
+        if "off_prompt_end" in batch:  # the last branch
+            row = {"completion_ids": sequences[:-1], "off_prompt_ids": sequences[-1]}
+        rows.append(row)
+    return rows

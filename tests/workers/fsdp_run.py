@@ -64,7 +64,7 @@ trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data, 
 trainer.train()
 trainer.save_model()
 # The trained (still sharded) model scores the first pairs; the test compares the saved file's rewards with these.
-rewards = trainer.predict(trainer.eval_dataset).predictions[:2]
+rewards = trainer.predict(trainer.eval_dataset).predictions[0].T  # [pairs, 2] -> chosen, rejected
 rank = trainer.args.process_index
 wrapped = trainer.model_wrapped
 sharded = [p for p in wrapped.parameters() if type(p).__name__ == "DTensor"] if mode == "fsdp" else []
