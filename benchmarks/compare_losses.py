@@ -118,7 +118,7 @@ def load_sets():
 
 def scored_pairs(trainer, dataset, name) -> dict:
     """Rewards and response lengths of every usable pair, in the prepared dataset's order."""
-    prepared = trainer._prepare(dataset, trainer.processing_class, trainer.args, name)
+    prepared = trainer.run_data.prepare(dataset, name)
     output = trainer.predict(prepared, metric_key_prefix=name)
     rewards, _ = output.predictions  # [pairs, 2]: chosen, rejected
     chosen, rejected = rewards[:, 0], rewards[:, 1]

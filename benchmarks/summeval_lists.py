@@ -98,7 +98,7 @@ def run_one(arm: str, seed: int, split) -> dict:
     seconds = time.time() - start
     if trainer.state.global_step < trainer.state.max_steps:
         raise SystemExit(f"{arm} seed {seed} stopped at step {trainer.state.global_step}; nothing written.")
-    held_out = trainer._prepare(Dataset.from_list(as_rows(eval_lists)), tokenizer, args, "eval_lists")
+    held_out = trainer.run_data.prepare(Dataset.from_list(as_rows(eval_lists)), "eval_lists")
     if len(held_out) != len(eval_lists):
         raise SystemExit(f"{len(eval_lists) - len(held_out)} held-out lists were dropped (see the log); the table "
                          "needs every one.")

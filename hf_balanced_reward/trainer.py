@@ -6,8 +6,6 @@ loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `tr
 
 import contextlib
 import copy
-import inspect
-import json
 import logging
 import os
 import shutil
@@ -22,57 +20,34 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import get_act_offloading_ctx_manager
 
-from .callbacks import ClearOutsideGradients, RewardDriftCallback, SkipEmptySteps, StopOnSignal
-from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data_identity,
-                          has_final_model, is_complete_checkpoint, publish_checkpoint, read_reward_state,
-                          remove_unpublished, resolve_checkpoint, restore_reward_state, reward_state, staging_dir,
-                          wants_resume, write_json_atomically)
-from .run_lock import RunLock, check_new_run, delete_set_aside
-from .row_checks import check_hinge_margins
-from .collator import Layout, RewardCollator
-from .cross_prompt import add_off_prompt_responses
 from .balancing import BalanceOptions, balancer_for
+from .callbacks import ClearOutsideGradients, RewardDriftCallback, SkipEmptySteps, StopOnSignal
+from .checkpoints import (FINGERPRINT, check_fingerprint, check_same_model, data_identity, has_final_model,
+                          is_complete_checkpoint, publish_checkpoint, read_reward_state, remove_unpublished,
+                          resolve_checkpoint, restore_reward_state, reward_state, staging_dir, wants_resume,
+                          write_json_atomically)
+from .collator import Layout, RewardCollator
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
+from .data import (MODEL_COLUMNS, ROW_COLUMN, DataError, apply_token_options, check_columns, column_names,
+                   has_pair_texts, is_stream, numbered, pair_texts)
 from .errors import TrainingStopped
-from .paths import resolve_model_path
-from .data import (
-    MODEL_COLUMNS,
-    DataError,
-    apply_token_options,
-    check_columns,
-    column_names,
-    ROW_COLUMN,
-    has_pair_texts,
-    is_stream,
-    numbered,
-    pair_texts,
-)
 from .forward import decide_layout, score_batch
 from .listwise import is_listwise
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
 from .metrics import metric_name
-from .ranking import reward_metrics
-from .preparation import add_group_ids, check_scored, prepare_dataset, prepare_stream, report_summary
 from .model_card import hub_files, write_model_card
-from .paths import dataset_label
-from .preflight import (as_config, check_hub_reachable, check_launch, check_list_options, check_model_options,
-                        check_free_disk, check_output_dir, check_stream_options, check_token_ids, warn_unused_ties)
-from .streaming import (LengthGroupedStream, PaddedStream, StreamPosition, count_stream, reading_streams,
-                        real_pairs)
+from .modeling import (find_reward_head, load_config_and_tokenizer, load_model, make_length_head, make_log_tie,
+                       normalize_head, prepare_model, save_merged, skeleton_model, use_shared_prompt, wrap_peft)
+from .paths import dataset_label, resolve_model_path
+from .preflight import (as_config, check_free_disk, check_hub_reachable, check_launch, check_list_options,
+                        check_model_options, check_output_dir, check_stream_options, check_token_ids)
+from .preparation import report_summary
+from .ranking import reward_metrics
+from .row_losses import list_row_losses, pairwise_row_losses
+from .run_data import RunData
+from .run_lock import RunLock, check_new_run, delete_set_aside
+from .streaming import LengthGroupedStream, PaddedStream, StreamPosition, reading_streams, real_pairs
 from .train_metrics import TrainTotals, UnitLosses, all_finite
-from .modeling import (
-    find_reward_head,
-    load_config_and_tokenizer,
-    load_model,
-    make_length_head,
-    make_log_tie,
-    normalize_head,
-    prepare_model,
-    save_merged,
-    skeleton_model,
-    use_shared_prompt,
-    wrap_peft,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -168,40 +143,10 @@ class BalancedRewardTrainer(Trainer):
         added_tokens = apply_token_options(processing_class, args)
         self.max_length = check_model_options(args, model_config, processing_class)  # cut to the model's positions
 
-        self.group_names: list[str] = []  # in order of first sight; a pair's group_id indexes it
-        self.data_report: dict[str, dict] = {}  # per dataset: rows, pairs kept, truncated, empty responses, dropped per reason
-        # A streamed train set is counted in one pass first when the balanced loss needs its group statistics.
-        raw_train = None
-        if self.balance is not None and self.balance.options.cross_prompt and isinstance(train_dataset, Dataset) \
-                and has_pair_texts(train_dataset):
-            raw_train = train_dataset = numbered(train_dataset)  # each kept pair's prompt text is found again by row
-        train_dataset = self._prepare(train_dataset, processing_class, args, "train", count=self.balance is not None)
-        self.train_data_id = data_identity(train_dataset)  # the prepared pairs' content: for the run's fingerprint
-        if self.balance is not None and args.group_column and len(self.group_names) == 1:
-            raise DataError(
-                f"group_column='{args.group_column}' has one value ('{self.group_names[0]}') in the train dataset, so "
-                "the balanced loss has no groups to balance; check the column, or leave group_column unset to balance "
-                "length directions over all pairs."
-            )
-        if self.balance is not None and isinstance(train_dataset, Dataset):
-            self.balance.fit(train_dataset["group_id"], train_dataset["response_lengths"])
-            logger.info(f"Balanced loss: {json.dumps(self.balance.summary())}")
-        if self.balance is not None and self.balance.options.cross_prompt:
-            train_dataset = self._with_off_prompt_responses(train_dataset, args, raw_train)
-        if isinstance(train_dataset, Dataset):
-            warn_unused_ties(train_dataset, args, self.loss_fn, loss_fn)
-        # The eval sets' texts, for the exploit probes (they score edited texts, not the tokenised pairs), numbered so
-        # that the rows preparation keeps are found again.
-        self.probe_sets = {name: numbered(data) for name, data in named_datasets.items() if name != "train"
-                           and args.exploit_probes and isinstance(data, Dataset) and has_pair_texts(data)}
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self.probe_sets.get(name, data) for name, data in eval_dataset.items()}
-        elif "eval" in self.probe_sets:
-            eval_dataset = self.probe_sets["eval"]
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._prepare(v, processing_class, args, k) for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, "eval")
+        self.run_data = RunData(processing_class, args, self.loss_fn, self.balance, self.trains_lists, self.max_length)
+        train_dataset = self.run_data.prepare_train(train_dataset, loss_fn)
+        self.train_data_id = data_identity(train_dataset)  # the prepared rows' content: for the run's fingerprint
+        eval_dataset = self.run_data.prepare_eval(eval_dataset)
 
         given = {name: data for name, data in {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict)
                  else {"eval": eval_dataset})}.items() if isinstance(data, Dataset)}
@@ -344,68 +289,15 @@ class BalancedRewardTrainer(Trainer):
             save_merged(self.args.output_dir, output_dir, self.processing_class, self.model.dtype,
                         self.args.trust_remote_code)
 
-    def _prepare(self, dataset, tokenizer, args, name, count: bool = False):
-        if dataset is None:
-            return None
-        if is_stream(dataset):
-            return self._prepare_stream(dataset, tokenizer, args, name, count)
-        if "group_id" not in dataset.column_names:
-            lists = self.trains_lists or is_listwise(dataset)
-            if self.loss_fn is LOSSES["hinge"] and not lists:  # before tokenising: rows named as the user's
-                check_hinge_margins(dataset, name, self._hinge_margin(args))
-            dataset, self.data_report[name] = prepare_dataset(dataset, tokenizer, args, name, self.max_length, lists)
-            if self.loss_fn is LOSSES["graded"]:
-                check_scored(dataset, name)  # before the model loads, not at the first unscored batch
-            new = sorted(set(dataset.unique("group")) - set(self.group_names))
-            self._register_groups(new)
-            dataset = add_group_ids(dataset, {g: i for i, g in enumerate(self.group_names)})
-        return dataset
+    @property
+    def group_names(self) -> list[str]:
+        """The groups of the run's data in order of first sight; a row's group_id indexes them (`run_data`)."""
+        return self.run_data.group_names
 
-    def _hinge_margin(self, args) -> float:
-        default = inspect.signature(self.loss_fn).parameters["hinge_margin"].default
-        return float(args.loss_kwargs.get("hinge_margin", default))
-
-    def _with_off_prompt_responses(self, train_dataset, args, raw_train=None):
-        """The train set with each pair's cross-prompt negative (see `cross_prompt.py`); partners fixed by the seed.
-        `raw_train`: the numbered texts the pairs were prepared from (None for data given as token ids)."""
-        if not isinstance(train_dataset, Dataset):
-            raise ConfigError("loss_kwargs cross_prompt needs a train set of pairs in memory (it picks each pair's "
-                              "partner among all prompts before training); set streaming: false, or cross_prompt: 0.")
-        try:
-            texts = None if raw_train is None else pair_texts(raw_train, train_dataset[ROW_COLUMN], None)[0]
-            options = self.balance.options
-            train_dataset = add_off_prompt_responses(train_dataset, texts, options.cross_prompt_partners,
-                                                     args.seed, self.max_length)
-        except ValueError as err:
-            raise DataError(f"train: {err} Set loss_kwargs cross_prompt: 0.") from err
-        logger.info(f"Cross-prompt negatives: every training pair also scores its prompt with another prompt's "
-                    f"chosen response ({options.cross_prompt_partners} partners, weight {options.cross_prompt}).")
-        return train_dataset
-
-    def _prepare_stream(self, dataset, tokenizer, args, name, count: bool):
-        """Tokenised and checked as rows stream by, group ids given on first sight. With `count`, one pass over the
-        stream first, before the model is loaded: every row checked, the groups and unit sizes the balanced loss
-        weighs by, exactly as for a dataset in memory."""
-        if "group_id" in column_names(dataset):
-            return dataset
-        dataset, self.data_report[name] = prepare_stream(dataset, tokenizer, args, name, self.max_length,
-                                                         self.trains_lists or is_listwise(dataset))
-        if count:
-            groups, lengths = count_stream(dataset, name, self.data_report[name], args.on_bad_rows)
-            self._register_groups(sorted(set(groups) - set(self.group_names)))  # in order, as for a dataset in memory
-            index = {group: i for i, group in enumerate(self.group_names)}
-            self.balance.fit([index[group] for group in groups], lengths)
-        return dataset.map(self._stream_group_id, input_columns="group")
-
-    def _stream_group_id(self, group: str) -> dict:
-        if group not in self.group_names:
-            self._register_groups([group])  # every process reads the whole stream: the same ids everywhere
-        return {"group_id": self.group_names.index(group)}
-
-    def _register_groups(self, names):
-        self.group_names = self.group_names + list(names)
-        if self.balance is not None:
-            self.balance.add_groups(names)
+    @property
+    def data_report(self) -> dict[str, dict]:
+        """Per dataset: rows, pairs (or lists) kept, truncated, empty responses, dropped per reason."""
+        return self.run_data.reports
 
     def get_train_dataloader(self):
         """A streamed train set with train_sampling_strategy="group_by_length" is batched by length from a buffer
@@ -589,7 +481,7 @@ class BalancedRewardTrainer(Trainer):
         check_fingerprint(checkpoint, self.run_fingerprint())
         streamed = is_stream(self.train_dataset)
         state = read_reward_state(checkpoint, self.group_names, streamed)
-        self._register_groups(state["group_names"][len(self.group_names):])
+        self.run_data.register_groups(state["group_names"][len(self.group_names):])
         restore_reward_state(state, self.balance, self.length_head, self.log_tie)
         self.skipped_batches = state["skipped_batches"]
         self.train_totals.num_tokens = state.get("num_tokens", 0)  # absent before versions that recorded it
@@ -712,13 +604,13 @@ class BalancedRewardTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         texts, prepared = None, None  # an eval set's numbered texts (for the probes) and its prepared pairs
         if isinstance(eval_dataset, str):  # Trainer's name of one of several eval sets
-            texts, prepared = self.probe_sets.get(eval_dataset), self.eval_dataset[eval_dataset]
+            texts, prepared = self.run_data.probe_sets.get(eval_dataset), self.eval_dataset[eval_dataset]
         elif eval_dataset is None and not isinstance(self.eval_dataset, dict):
-            texts, prepared = self.probe_sets.get("eval"), self.eval_dataset
+            texts, prepared = self.run_data.probe_sets.get("eval"), self.eval_dataset
         elif isinstance(eval_dataset, Dataset) and self.args.exploit_probes and has_pair_texts(eval_dataset):
             texts = eval_dataset = numbered(eval_dataset)
         if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back here with each one
-            eval_dataset = prepared = self._prepare(eval_dataset, self.processing_class, self.args, metric_key_prefix)
+            eval_dataset = prepared = self.run_data.prepare(eval_dataset, metric_key_prefix)
         with reading_streams():
             metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.args.should_save and any(report.get("streamed") for report in self.data_report.values()):
@@ -782,25 +674,18 @@ class BalancedRewardTrainer(Trainer):
         self.list_loss = None if self.pairwise else as_list_loss(self.loss_fn, self.loss_options)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """One loss per row (a pair, a list), then one weighted mean: a pairwise loss over each row's decisive pairs
-        (`_pair_losses`), a list or tie loss over the whole row."""
-        with_features = model.training and self.length_head is not None
-        rewards, off_prompt, features = self.score(model, inputs, with_features)
-        ranks, mask = inputs["ranks"], inputs["list_mask"]
-        pairs = list_pairs(rewards, ranks, mask)
+        """One loss per row (a pair, a list; see `row_losses`), then one weighted mean over the batch's rows."""
+        rewards, off_prompt, features = self.score(model, inputs, model.training and self.length_head is not None)
+        mask = inputs["list_mask"]
+        pairs = list_pairs(rewards, inputs["ranks"], mask)
         center = self.args.center_rewards_coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 \
             if self.args.center_rewards_coefficient else None  # (r_c + r_r)^2 on a pair
-        penalty = None
         if self.pairwise:
-            per_row, pair_losses, penalty = self._pair_losses(pairs, inputs, off_prompt, features, center, model.training)
+            per_row, pair_losses, penalty = pairwise_row_losses(self.loss_fn, self.loss_options, pairs, inputs,
+                                                                off_prompt, features, center, self.balance,
+                                                                self.length_head, model.training)
         else:
-            extra = {"log_tie": self.log_tie} if self.log_tie is not None else {}
-            per_row = self.list_loss(rewards, ranks, mask, inputs.get("scores"), **extra)
-            if per_row.shape != rewards.shape[:1]:
-                raise ValueError(f"the loss function must return one loss per list, shape {tuple(rewards.shape[:1])}; "
-                                 f"it returned shape {tuple(per_row.shape)}.")
-            per_row = per_row if center is None else per_row + center
-            pair_losses = per_row[:, None].expand_as(pairs.chosen)
+            per_row, pair_losses, penalty = list_row_losses(self.list_loss, rewards, inputs, pairs, center, self.log_tie)
         weights = inputs.get("weight")
         weighted = per_row if weights is None else weights * per_row
         loss = weighted.mean() if penalty is None else weighted.mean() + penalty
@@ -812,42 +697,6 @@ class BalancedRewardTrainer(Trainer):
             with torch.no_grad():
                 self._record_train_step(pairs, pair_losses, inputs)
         return (loss, {"rewards": rewards, "losses": weighted}) if return_outputs else loss
-
-    def _pair_losses(self, pairs, inputs, off_prompt, features, center, training) -> tuple:
-        """(loss per row: the mean over its decisive pairs, a pair row's one pair; each pair's loss [rows, pairs]; the
-        balanced loss's penalty or None). The loss function sees the pairs flattened, one per element, as a trl-style
-        loss expects; a pair row's `margin`, the balanced loss's terms and cross-prompt negatives apply per pair, and
-        `center` [rows] is added to each pair's loss before the unit weights, as to a pair's."""
-        shape = pairs.chosen.shape
-        chosen, rejected = pairs.chosen.reshape(-1), pairs.rejected.reshape(-1)
-        margin = inputs.get("margin")  # a pair's own column: on rows of one pair only
-        margin = None if margin is None else margin[:, None].expand(shape).reshape(-1)
-        terms = None
-        if self.balance is not None:
-            lengths = inputs["response_lengths"]
-            rows = torch.arange(shape[0], device=chosen.device)[:, None]
-            pair_features = None if features is None else (features[rows, pairs.better].flatten(0, 1),
-                                                            features[rows, pairs.worse].flatten(0, 1))
-            terms = self.balance.terms(inputs["group_id"][:, None].expand(shape).reshape(-1),
-                                       lengths.gather(1, pairs.better).reshape(-1),
-                                       lengths.gather(1, pairs.worse).reshape(-1), chosen, rejected, training,
-                                       pair_features, self.length_head)
-            if terms.shift is not None:  # inside the training logit only: r_c - r_r + shift
-                margin = -terms.shift if margin is None else margin - terms.shift
-        per_pair = self.loss_fn(chosen, rejected, margin=margin, **self.loss_options)
-        if per_pair.shape != chosen.shape:
-            raise ValueError(f"the loss function must return one loss per pair, shape {tuple(chosen.shape)}; "
-                             f"it returned shape {tuple(per_pair.shape)}.")
-        if training and off_prompt is not None and self.balance is not None:  # the chosen beats another prompt's
-            off_prompt = off_prompt[:, None].expand(shape).reshape(-1)
-            per_pair = per_pair + self.balance.options.cross_prompt * self.loss_fn(chosen, off_prompt,
-                                                                                  **self.loss_options)
-        if center is not None:
-            per_pair = per_pair + center[:, None].expand(shape).reshape(-1)
-        weighted = (per_pair if terms is None else terms.weights * per_pair).view(shape)
-        decisive = pairs.valid & ~pairs.tie
-        per_row = torch.where(decisive, weighted, 0.0).sum(-1) / decisive.sum(-1).clamp(min=1)
-        return per_row, per_pair.view(shape), None if terms is None else terms.penalty
 
     def _non_finite(self, model, loss, rewards):
         """Apply nan_policy to a batch whose loss or rewards are NaN or inf (the optimizer has not stepped yet)."""

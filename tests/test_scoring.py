@@ -51,7 +51,7 @@ def trained_rewards(trainer, prompts, completions) -> list[float]:
         return [{"role": "assistant", "content": completion[0]["content"] + " No."}]
 
     rows = [{"prompt": p, "chosen": c, "rejected": other(c)} for p, c in zip(prompts, completions)]
-    prepared = trainer._prepare(Dataset.from_list(rows), trainer.processing_class, trainer.args, "check")
+    prepared = trainer.run_data.prepare(Dataset.from_list(rows), "check")
     return training_rewards(trainer, prepared)[0].tolist()
 
 
