@@ -164,8 +164,12 @@ class RewardCollator:
         counts = [len(c) for c in completions]
         sequences = [list(c) + [e["off_prompt_ids"]] if "off_prompt_ids" in e else c
                      for c, e in zip(completions, examples)]
-        prompts = [list_prefix_length(s) for s in sequences]
+        # The prompt the completions share: response lengths, and the packed segment's prompt (an off-prompt
+        # response shares the prompt too, or shortens it where it starts like the completions).
+        shared = [list_prefix_length(c) for c in completions]
         if self.layout.shared_prompt:
+            prompts = [list_prefix_length(s) if len(s) > len(c) else prompt
+                       for s, c, prompt in zip(sequences, completions, shared)]
             batch, ends = self.pack_segments(sequences, prompts)
         else:
             # Completion by completion: every row's first, then every row's second, ... (a batch of pairs is trl's:
@@ -183,8 +187,7 @@ class RewardCollator:
         batch["ranks"] = padded_slots([e["ranks"] for e in examples], torch.long)
         if all(e.get("scores") is not None for e in examples):
             batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
-        # Response tokens after the prompt the completions share: the length metrics and the balanced loss read them.
-        shared = [list_prefix_length(c) for c in completions]
+        # Response tokens after the shared prompt: the length metrics and the balanced loss read them.
         batch["response_lengths"] = padded_slots([[len(s) - p for s in c] for c, p in zip(completions, shared)],
                                                  torch.long)
         for key, dtype in ROW_FIELDS:
