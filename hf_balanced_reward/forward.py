@@ -9,9 +9,11 @@ import logging
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .collator import Layout, RewardCollator, flex_block_mask, shared_prompt_mask
 from .config import ConfigError
+from .data import is_stream
 from .modeling import find_reward_head
 
 logger = logging.getLogger(__name__)
@@ -108,3 +110,19 @@ def decide_layout(layout: Layout, model, examples, pad_token_id, full_precision:
         raise ConfigError(f"{message} Set shared_prompt: false.")
     logger.warning(f"{message} Using the plain layout.")
     layout.shared_prompt = False
+
+
+def decide_layout_on(dataset, layout: Layout, collator, model, pad_token_id, args) -> None:
+    """`decide_layout` with a dataset's first two rows, before a dataloader of it is built: once per model, so every
+    batch of the run is collated in the layout it keeps. Not for a collator of the user's (it chooses its batches'
+    layout), nor under DeepSpeed ZeRO-3 (partitioned weights allow no forward outside the engine)."""
+    if layout.decided or not layout.shared_prompt or dataset is None or getattr(collator, "layout", None) is not layout:
+        return
+    if is_deepspeed_zero3_enabled():
+        layout.decided = True
+        logger.warning("shared_prompt: the check of the packed layout against the plain one is skipped under "
+                       "DeepSpeed ZeRO-3; set shared_prompt: false if this model's attention ignores custom masks.")
+        return
+    examples = list(dataset.take(2) if is_stream(dataset) else dataset.select(range(min(2, len(dataset)))))
+    full_precision = not (args.bf16 or args.fp16) and model.dtype == torch.float32
+    decide_layout(layout, model, examples, pad_token_id, full_precision, required=bool(args.shared_prompt))

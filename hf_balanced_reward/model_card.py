@@ -355,3 +355,33 @@ def refresh_evaluation(output_dir: str, report: dict | None = None) -> str | Non
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def write_trainer_card(trainer, output_dir: str, repo: str | None = None) -> str:
+    """`write_model_card` with what the trainer knows: its last eval metrics, data report, balanced loss summary,
+    reward normalisation, Hub tags, state and dataset names."""
+    evals = [log for log in trainer.state.log_history if any(k.startswith("eval_") for k in log)]
+    balance = trainer.balance.summary() if trainer.balance is not None else None
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    return write_model_card(output_dir, trainer.args, trainer.base_model_name, evals[-1] if evals else {},
+                            trainer.data_report, repo, balance, getattr(config, "reward_normalization", None),
+                            getattr(trainer.model, "model_tags", None) or (), state=trainer.state,
+                            datasets=trainer.dataset_names)
+
+
+def push_output_dir(trainer, commit_message: str, blocking: bool, token: str | None, revision: str | None):
+    """The trainer's push_to_hub: save, write the card, upload exactly `hub_files` of output_dir to hub_model_id."""
+    from huggingface_hub import HfApi
+
+    if trainer.hub_model_id is None:
+        trainer.init_hf_repo(token=token)
+    trainer.save_model(_internal_call=True)
+    if not trainer.is_world_process_zero():
+        return None
+    trainer.create_model_card()
+    args = trainer.args
+    return HfApi().upload_folder(
+        repo_id=trainer.hub_model_id, folder_path=args.output_dir, commit_message=commit_message,
+        token=token or args.hub_token, revision=revision or args.hub_revision,
+        allow_patterns=hub_files(args.output_dir), run_as_future=not blocking,
+    )

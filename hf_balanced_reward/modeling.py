@@ -4,11 +4,16 @@ tokenizer and LoRA, and the trainable parameters that live beside them."""
 import logging
 import os
 
+import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, set_seed
 
 from .config import BalancedRewardConfig, ConfigError
+from .data import is_stream
+from .errors import TrainingStopped
+from .preflight import check_token_ids
+from .streaming import real_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +69,20 @@ def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     )
 
 
-def load_config_and_tokenizer(model_id: str, args: BalancedRewardConfig):
-    if model_id.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
-        raise ConfigError(f"model '{model_id}' does not exist: no such folder.")
+def config_and_tokenizer(model, tokenizer, args: BalancedRewardConfig):
+    """(config, tokenizer) of `model` (a name or path, or a loaded model) before any weights load: `tokenizer` if
+    given, else the model's; a shared-prompt request is checked on the model's weightless skeleton."""
+    if not isinstance(model, str):
+        return model.config, tokenizer or AutoTokenizer.from_pretrained(model.config._name_or_path)
+    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise ConfigError(f"model '{model}' does not exist: no such folder.")
     try:
-        config = AutoConfig.from_pretrained(model_id, num_labels=1, trust_remote_code=args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model, num_labels=1, trust_remote_code=args.trust_remote_code)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
-        raise ConfigError(f"could not load model '{model_id}': {err}") from err
+        raise ConfigError(f"could not load model '{model}': {err}") from err
+    if args.shared_prompt:
+        use_shared_prompt(skeleton_model(config, args), args)
     return config, tokenizer
 
 
@@ -104,6 +115,23 @@ def normalize_head(model: torch.nn.Module, mean: float, std: float, pairs: int) 
     logger.info(f"Rewards normalised: mean {mean:.4f}, std {std:.4f} on {pairs} pairs folded into the head"
                 + ("." if shift_folded else f"; the head has no bias, so the mean stays at {mean / std:.4f} std."))
     return record
+
+
+def normalize_rewards(trainer, dataset=None) -> dict:
+    """`normalize_head` with the mean and standard deviation of the trainer's rewards on `dataset` (default: the eval
+    set, else up to 1,000 training rows), every real completion counted."""
+    if dataset is None:
+        dataset = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+        dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
+        dataset = dataset.take(1000) if is_stream(dataset) else dataset.select(range(min(len(dataset), 1000)))
+    predictions, labels = real_pairs(trainer.predict(dataset, metric_key_prefix="normalize"))
+    rows = len(predictions[0])  # pairs, or lists
+    rewards = predictions[0][labels[2] == 1].astype(np.float64)  # the real completions'
+    mean, std = float(rewards.mean()), float(rewards.std())
+    if not std > 0:
+        raise TrainingStopped(f"normalize_rewards: the rewards on {rows} pairs all equal {mean}; there is no scale to "
+                              "normalise.")
+    return normalize_head(trainer.accelerator.unwrap_model(trainer.model), mean, std, rows)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json", ".gguf")
@@ -147,6 +175,21 @@ def prepare_model(model, tokenizer, args: BalancedRewardConfig, added_tokens: li
         model.config.use_cache = False  # no generation here; a cache only costs memory
     if args.disable_dropout:
         disable_dropout_in_model(model)
+
+
+def ready_model(model, tokenizer, args: BalancedRewardConfig, added_tokens: list[int], max_length: int | None, layout,
+                peft_config=None, token_check_sets: dict | None = None):
+    """A loaded model readied for the run (the trainer's model, and each one `model_init` gives): `prepare_model`, its
+    vocabulary checked against the data's token ids, the shared-prompt `layout` chosen afresh for it (and checked
+    again before the next dataloader), LoRA-wrapped with `peft_config`, its one-output head found."""
+    prepare_model(model, tokenizer, args, added_tokens, max_length)
+    if token_check_sets:
+        check_token_ids(token_check_sets, model.get_input_embeddings().num_embeddings)  # resized, not yet wrapped
+    layout.shared_prompt, layout.decided = use_shared_prompt(model, args), False
+    if peft_config is not None:
+        model = wrap_peft(model, peft_config, args, added_tokens)
+    find_reward_head(model)  # fail now, not at the first step, if there is no one-output head
+    return model
 
 
 def match_model_to_tokenizer(model, tokenizer, args: BalancedRewardConfig, added_tokens: list[int]) -> None:

@@ -6,7 +6,10 @@ import logging
 import os
 
 from .config import BalancedRewardConfig, ConfigError
+from .data import check_columns, column_names, is_stream
+from .listwise import is_listwise
 from .losses import learns_from_ties
+from .paths import dataset_label
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,18 @@ def as_config(args, model) -> BalancedRewardConfig:
                 f"{type(args).__name__}'s own trainer."
             )
     return BalancedRewardConfig(**kept)
+
+
+def check_datasets(args: BalancedRewardConfig, train_dataset, eval_dataset) -> dict[str, str]:
+    """Each dataset's columns (group_column's among them), and a streamed train set's options; returns how the model
+    card names each dataset (no local paths; the CLI replaces them with the names it was given)."""
+    named = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
+    for name, dataset in named.items():
+        if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
+            check_columns(dataset, args.group_column, name)
+    if is_stream(train_dataset):
+        check_stream_options(args)
+    return {name: dataset_label(data) for name, data in named.items() if data is not None}
 
 
 def check_stream_options(args: BalancedRewardConfig) -> None:

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from .cross_prompt import as_text, pick_partners
+from .data import pair_texts
 from .metrics import metric_name
 from .scoring import DEFAULT_BATCH_SIZE, load_reward_model, score_ids, tokenize_texts
 
@@ -154,3 +155,14 @@ def trainer_reward(trainer):
     it trained with: how `trainer.evaluate()` and the benchmarks probe a model still in memory."""
     return model_reward(trainer.model, trainer.processing_class, max_length=trainer.max_length,
                         append_eos=trainer.args.append_eos_token, batch_size=trainer.args.per_device_eval_batch_size)
+
+
+def probe_metrics(trainer, texts, rows: list[int], prefix: str) -> dict[str, float]:
+    """The probes on the eval pairs that were scored (`rows` of their numbered `texts`), scored by the trainer's model
+    as a client scores them; logged as `<prefix>_probe_*`. Every process computes them on the whole set (no
+    collectives), so all agree."""
+    figures = exploit_probes(trainer_reward(trainer), *pair_texts(texts, rows, trainer.args.group_column),
+                             seed=trainer.args.seed)
+    metrics = {f"{prefix}_{key}": value for key, value in figures.items()}
+    trainer.log(metrics)
+    return metrics

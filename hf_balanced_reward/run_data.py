@@ -6,7 +6,7 @@ probes (they score edited texts, not the tokenised rows)."""
 import json
 import logging
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from .config import ConfigError, loss_option_defaults
 from .cross_prompt import add_off_prompt_responses
@@ -65,6 +65,20 @@ class RunData:
                            and isinstance(data, Dataset) and has_pair_texts(data)}
         prepared = {name: self.prepare(self.probe_sets.get(name, data), name) for name, data in named.items()}
         return prepared if isinstance(eval_dataset, dict) else prepared["eval"]
+
+    def for_evaluation(self, eval_dataset, eval_sets, prefix: str) -> tuple:
+        """What `trainer.evaluate(eval_dataset)` hands Trainer (a named set, the run's eval sets, or a new dataset
+        prepared here), with the numbered texts the probes score (None without them) and the rows prepared from them."""
+        texts, prepared = None, None
+        if isinstance(eval_dataset, str):  # Trainer's name of one of several eval sets
+            texts, prepared = self.probe_sets.get(eval_dataset), eval_sets[eval_dataset]
+        elif eval_dataset is None and not isinstance(eval_sets, dict):
+            texts, prepared = self.probe_sets.get("eval"), eval_sets
+        elif isinstance(eval_dataset, Dataset) and self.args.exploit_probes and has_pair_texts(eval_dataset):
+            texts = eval_dataset = numbered(eval_dataset)
+        if isinstance(eval_dataset, (Dataset, IterableDataset)):  # a dict: Trainer comes back with each one
+            eval_dataset = prepared = self.prepare(eval_dataset, prefix)
+        return eval_dataset, texts, prepared
 
     def prepare(self, dataset, name: str, count: bool = False):
         """A dataset (or stream) prepared and given group ids; one already prepared (it has `group_id`) as it is."""

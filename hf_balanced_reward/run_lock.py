@@ -10,7 +10,9 @@ import shutil
 import socket
 import time
 
-from .checkpoints import list_checkpoints
+from accelerate.utils import broadcast_object_list
+
+from .checkpoints import list_checkpoints, remove_unpublished, wants_resume
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -151,3 +153,25 @@ def delete_set_aside(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         if name.startswith(SET_ASIDE + "checkpoint-"):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def claim_run_dir(lock: RunLock, run_dir: str, accelerator, is_main: bool, new_run: bool, resume,
+                  overwrite: bool) -> None:
+    """On world process zero: take `lock` (of `run_dir`); for a new run (`new_run`), delete what a killed save left,
+    and refuse (or set aside) an earlier run's checkpoints unless it resumes. The other processes share the folder
+    and stop with process zero's refusal. The caller releases the lock, refused or not."""
+    refusal = None
+    if is_main:
+        try:
+            lock.acquire()
+            if new_run:
+                remove_unpublished(run_dir)
+            if new_run and not wants_resume(resume):
+                check_new_run(run_dir, overwrite)
+        except ConfigError as err:
+            refusal = err
+    if accelerator.num_processes > 1:
+        message = broadcast_object_list([str(refusal) if refusal else None])[0]
+        refusal = refusal or (ConfigError(message) if message else None)
+    if refusal:
+        raise refusal

@@ -103,3 +103,34 @@ class UnitLosses:
         count, loss_sum = self.accelerator.reduce(self.sums, reduction="sum")
         self.sums = None
         return loss_sum.reshape(-1, 3), count.reshape(-1, 3)
+
+
+def record_train_step(trainer, pairs, pair_losses, inputs) -> None:
+    """Training accuracy, loss and reward scale over the batch's decisive pairs; group DRO's unit losses, and its
+    update at the last micro-batch of an optimizer step."""
+    decisive = pairs.valid & ~pairs.tie
+    group_ids = inputs.get("group_id")
+    group_ids = None if group_ids is None else group_ids[:, None].expand_as(decisive)[decisive]
+    chosen, rejected, losses = pairs.chosen[decisive], pairs.rejected[decisive], pair_losses[decisive]
+    trainer.train_totals.add(chosen, rejected, losses, group_ids, len(trainer.group_names), inputs.get("text_tokens"))
+    balance = trainer.balance
+    if group_ids is not None and balance is not None and balance.options.group_dro:
+        lengths = inputs["response_lengths"]
+        units = balance.unit_ids(group_ids, lengths.gather(1, pairs.better)[decisive],
+                                 lengths.gather(1, pairs.worse)[decisive])
+        trainer.unit_losses.add(units, losses, balance.num_units)
+        if trainer.accelerator.sync_gradients:
+            balance.dro_update(*trainer.unit_losses.take())
+
+
+def train_metrics(trainer) -> dict[str, float]:
+    """Training metrics since the last log, summed over all processes: accuracy, margin, reward scale, per group;
+    the learnt tie parameter; group DRO's unit weights."""
+    metrics, group_accuracy = trainer.train_totals.take(trainer.group_names)
+    if trainer.log_tie is not None:
+        metrics["tie_parameter"] = trainer.log_tie.exp().item()
+    metrics.update(group_accuracy)
+    if trainer.balance is not None and trainer.balance.options.group_dro:
+        for name, unit in trainer.balance.summary()["units"].items():
+            metrics[f"unit_weight_{metric_name(name)}"] = unit["weight"]
+    return metrics

@@ -22,7 +22,7 @@ from conftest import preference_rows
 from hf_balanced_reward import LOSSES, BalancedRewardConfig, BalancedRewardTrainer, ConfigError
 from hf_balanced_reward.checkpoints import checkpoint_damage, is_complete_checkpoint, list_checkpoints, resolve_checkpoint
 from hf_balanced_reward.checkpoints import REWARD_STATE
-from hf_balanced_reward.trainer import TrainingStopped
+from hf_balanced_reward.errors import TrainingStopped
 
 STEPS = 40
 
@@ -198,12 +198,11 @@ def test_resume_skips_an_unfinished_checkpoint(tmp_path, model_dir, pairs, caplo
     args = config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs).train()
     os.remove(tmp_path / "checkpoint-4" / REWARD_STATE)  # as if killed while checkpoint-4 was written
-    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
-    assert trainer._resolve_checkpoint(True) == str(tmp_path / "checkpoint-2")
+    assert resolve_checkpoint(str(tmp_path), True) == str(tmp_path / "checkpoint-2")
     assert "Ignoring" in caplog.text and "checkpoint-4: unfinished" in caplog.text
     with pytest.raises(ConfigError, match=r"checkpoint '.*checkpoint-4' is unfinished .*the last complete one is "
                                           r".*checkpoint-2"):
-        trainer._resolve_checkpoint(str(tmp_path / "checkpoint-4"))
+        resolve_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-4"))
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint=true, but .* has no complete checkpoint"):
         BalancedRewardTrainer(model=model_dir, args=config(tmp_path / "empty"), train_dataset=pairs).train(
             resume_from_checkpoint=True

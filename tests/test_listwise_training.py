@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from conftest import REPO, preference_rows, tiny_bert
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError, DataError, prepare_dataset
+from hf_balanced_reward.checkpoint_hooks import load_reward_state
 from hf_balanced_reward.preparation import truncate_list
 
 
@@ -168,7 +169,7 @@ def test_learnt_log_tie_is_checkpointed_resumed_and_not_saved_with_the_model(tmp
         saved = json.load(f)["log_tie"]
     assert saved != pytest.approx(0.25, abs=1e-7)
     resumed = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=data)
-    resumed._load_reward_state(os.path.join(args.output_dir, "checkpoint-1"))
+    load_reward_state(resumed, os.path.join(args.output_dir, "checkpoint-1"))
     assert resumed.log_tie.item() == pytest.approx(saved)
     trainer.save_model(str(tmp_path / "final"))
     with open(tmp_path / "final" / "config.json") as f:

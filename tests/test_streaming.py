@@ -329,7 +329,7 @@ def test_a_nan_stop_records_the_stream_position_of_the_last_good_step(tmp_path, 
     """nan_policy stop saves the last good step mid-step, after the failing step's batch was read: the checkpoint
     records the position before that batch, so the resumed run trains on it again (as it does for data in memory)."""
     from hf_balanced_reward import LOSSES
-    from hf_balanced_reward.trainer import TrainingStopped
+    from hf_balanced_reward.errors import TrainingStopped
 
     calls = []
 
