@@ -1,7 +1,8 @@
-"""`BalancedRewardTrainer`: a `transformers.Trainer` for pairwise reward models with pluggable losses.
+"""`BalancedRewardTrainer`: a `transformers.Trainer` for reward models on pairs and lists, with pluggable losses.
 
 The class is Trainer's hooks; the jobs they hand on live beside it: `preflight` (option checks before the model
-loads), `modeling`, `forward` (scoring layouts), `checkpoints`, `streaming`, `train_metrics` and `model_card`.
+loads), `run_data` (the datasets, prepared once), `modeling`, `forward` (scoring layouts), `row_losses`,
+`checkpoint_hooks` (checkpoints, resume, stops), `run_lock`, `streaming`, `train_metrics` and `model_card`.
 """
 
 import contextlib
@@ -69,23 +70,12 @@ class BalancedRewardTrainer(Trainer):
     # Model tags (Hub): trl.RewardTrainer's, so a model trained here is found as a trl reward model is, plus ours.
     _tag_names = ["trl", "reward-trainer", "hf_balanced_reward"]
 
-    def __init__(
-        self,
-        model: str | PreTrainedModel | None = None,
-        args: BalancedRewardConfig | None = None,
-        data_collator=None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        optimizer_cls_and_kwargs=None,
-        preprocess_logits_for_metrics=None,
-        peft_config=None,
-        loss_fn=None,
-        model_init=None,
-    ):
+    def __init__(self, model: str | PreTrainedModel | None = None, args: BalancedRewardConfig | None = None,
+                 data_collator=None, train_dataset: Dataset | IterableDataset | None = None,
+                 eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None, peft_config=None, loss_fn=None,
+                 model_init=None):
         if (model is None) == (model_init is None):
             raise ConfigError("BalancedRewardTrainer needs model (a model or its name) or model_init (a function "
                               "returning one for every run, as hyperparameter_search needs), not both.")
@@ -130,21 +120,14 @@ class BalancedRewardTrainer(Trainer):
         self._peft_config = peft_config
 
         self.user_compute_metrics = compute_metrics
-        super().__init__(
-            model=model,
-            args=args,
-            # Wider packed rows waste less padding but cost more attention: two sequences' worth.
-            data_collator=data_collator or RewardCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
-                                                          self.layout, max_row_tokens=2 * (self.max_length or 1024)),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=self._reward_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        # Wider packed rows waste less padding but cost more attention: two sequences' worth.
+        data_collator = data_collator or RewardCollator(processing_class.pad_token_id, args.pad_to_multiple_of,
+                                                        self.layout, max_row_tokens=2 * (self.max_length or 1024))
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=self._reward_metrics, callbacks=callbacks, optimizers=optimizers,
+                         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics)
         # Evaluation calls compute_loss only when the model "can return a loss" and there are no label columns.
         self.can_return_loss = True
         self.label_names = []
