@@ -69,12 +69,6 @@ def check_keys(values: dict, valid_keys, path: str) -> None:
             )
 
 
-def read_recipe(path: str, valid_keys) -> dict:
-    values = load_recipe(path)
-    check_keys(values, valid_keys, path)
-    return values
-
-
 def config_path_in(argv: list[str]) -> str | None:
     """The value of `--config PATH` or `--config=PATH` (the last one given)."""
     path = None
