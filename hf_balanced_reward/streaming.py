@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from .data import DataError
+from .data import DataError, is_stream
 from .preparation import report_summary
 
 logger = logging.getLogger(__name__)
@@ -203,3 +203,26 @@ class StreamPosition:
         """The position after the batches of the steps finished by `global_step` (a nan_policy stop saves mid-step)."""
         step, before = self.before_step
         return before if step == global_step else dict(self.position)
+
+
+def length_grouped_dataloader(trainer):
+    """The trainer's train dataloader for a streamed train set with train_sampling_strategy="group_by_length":
+    batched by length from a buffer (`LengthGroupedStream`; transformers ignores the option for a stream). None for
+    any other train set."""
+    args, dataset = trainer.args, trainer.train_dataset
+    if not (is_stream(dataset) and args.train_sampling_strategy == "group_by_length"):
+        return None
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    grouped = LengthGroupedStream(dataset, trainer._train_batch_size * args.world_size, seed,
+                                  length_column=args.length_column_name)
+    return trainer._get_dataloader(grouped, "Training", trainer._train_batch_size, is_training=True)
+
+
+def padded_eval_dataloader(trainer, dataset, description: str):
+    """The trainer's dataloader for a streamed eval set on several processes: padded to whole global batches with
+    marked rows that evaluation drops (`PaddedStream`, `real_pairs`), so that every row is scored once. None for
+    any other set."""
+    if not (is_stream(dataset) and trainer.args.world_size > 1):
+        return None
+    padded = PaddedStream(dataset, trainer.args.eval_batch_size * trainer.args.world_size)
+    return trainer._get_dataloader(padded, description, trainer.args.eval_batch_size)

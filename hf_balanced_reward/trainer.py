@@ -21,7 +21,7 @@ from .checkpoint_hooks import non_finite_batch, resume_position, run_training, s
 from .checkpoints import data_identity
 from .collator import Layout, RewardCollator
 from .config import BalancedRewardConfig, ConfigError, check_loss_kwargs
-from .data import MODEL_COLUMNS, ROW_COLUMN, apply_token_options, is_stream
+from .data import MODEL_COLUMNS, ROW_COLUMN, apply_token_options
 from .forward import decide_layout_on, score_batch
 from .listwise import is_listwise
 from .losses import LEARN_TIE, LOSSES, as_list_loss, list_pairs, trains_lists
@@ -35,7 +35,8 @@ from .ranking import reward_metrics
 from .row_losses import list_row_losses, pairwise_row_losses
 from .run_data import RunData
 from .run_lock import RunLock, claim_run_dir
-from .streaming import LengthGroupedStream, PaddedStream, StreamPosition, reading_streams, real_pairs
+from .streaming import (StreamPosition, length_grouped_dataloader, padded_eval_dataloader, reading_streams,
+                        real_pairs)
 from .train_metrics import TrainTotals, UnitLosses, all_finite, record_train_step, train_metrics
 
 logger = logging.getLogger(__name__)
@@ -238,35 +239,21 @@ class BalancedRewardTrainer(Trainer):
         return self.run_data.reports
 
     def get_train_dataloader(self):
-        """A streamed train set with train_sampling_strategy="group_by_length" is batched by length from a buffer
-        (see `streaming.LengthGroupedStream`); transformers would ignore the option for a stream."""
         self._decide_layout(self.train_dataset)
-        if not (is_stream(self.train_dataset) and self.args.train_sampling_strategy == "group_by_length"):
-            return super().get_train_dataloader()
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        grouped = LengthGroupedStream(self.train_dataset, self._train_batch_size * self.args.world_size, seed,
-                                      length_column=self.args.length_column_name)
-        return self._get_dataloader(grouped, "Training", self._train_batch_size, is_training=True)
+        loader = length_grouped_dataloader(self)  # a stream batched by length; None: Trainer's
+        return super().get_train_dataloader() if loader is None else loader
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         dataset = self.eval_dataset[dataset] if isinstance(dataset, str) else dataset
         self._decide_layout(dataset)
-        if is_stream(dataset) and self.args.world_size > 1:
-            return self._padded_stream_dataloader(dataset, "Evaluation")
-        return super().get_eval_dataloader(eval_dataset)
+        loader = padded_eval_dataloader(self, dataset, "Evaluation")  # a stream on several processes; None: Trainer's
+        return super().get_eval_dataloader(eval_dataset) if loader is None else loader
 
     def get_test_dataloader(self, test_dataset):
         self._decide_layout(test_dataset)
-        if is_stream(test_dataset) and self.args.world_size > 1:
-            return self._padded_stream_dataloader(test_dataset, "test")
-        return super().get_test_dataloader(test_dataset)
-
-    def _padded_stream_dataloader(self, dataset, description: str):
-        """A streamed eval set on several processes: padded to whole global batches with marked pairs that
-        `_reward_metrics` drops, so that every pair is scored once (see `streaming.PaddedStream`)."""
-        padded = PaddedStream(dataset, self.args.eval_batch_size * self.args.world_size)
-        return self._get_dataloader(padded, description, self.args.eval_batch_size)
+        loader = padded_eval_dataloader(self, test_dataset, "test")
+        return super().get_test_dataloader(test_dataset) if loader is None else loader
 
     def _set_signature_columns_if_needed(self):
         # Trainer drops dataset columns that the model's forward does not name; keep the ones the collator needs.
