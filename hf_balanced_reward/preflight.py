@@ -102,7 +102,14 @@ def check_model_options(args: BalancedRewardConfig, model_config, tokenizer) -> 
             "activation_offloading=true moves activations from accelerator memory to CPU memory, and this run is on "
             "the CPU; unset it here (it applies on a GPU), or use gradient_checkpointing to save memory."
         )
-    if model_config.num_labels != 1:
+    if args.attributes:
+        if model_config.num_labels != len(args.attributes):
+            raise ConfigError(
+                f"attributes names {len(args.attributes)} head outputs ({', '.join(args.attributes)}), and this model "
+                f"has num_labels={model_config.num_labels}; give a model folder or hub id (its head is made with one "
+                "output per attribute), or build the model with id2label naming the attributes."
+            )
+    elif model_config.num_labels != 1:
         raise ConfigError(
             f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
             "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
