@@ -4,8 +4,9 @@ verbosity, ...), trained on per-attribute scores, then folded into a one-output 
 An attribute model's rewards are [N, A], one column per attribute in the order of its config's `id2label`
 (`set_attribute_labels`). The pieces, each usable alone:
 - data: `check_attribute_values`, before tokenisation: the columns exist and hold finite numbers;
-- losses, per row [B] in fp32 as in `losses.py`: `regression` (per response), `attribute_bradley_terry` (per pair,
-  oriented per attribute, ties pulled together) and `attribute_loss` (their weighted sum);
+- losses, per row [B] in fp32, in `losses.py` (LOSSES) and imported here: `regression` (per response),
+  `attribute_bradley_terry` (per pair, oriented per attribute, ties pulled together) and `attribute_loss` (their
+  weighted sum); the trainer's use of them is `attribute_training.py`;
 - the reward: `check_reward_weights`, then `combine_head` / `save_combined` fold sum_a w_a * output_a into one
   Linear output, so every one-output client (`scoring.py`, `pipeline`, trl) reads the combined model unchanged;
 - `attribute_metrics`: correlation with expert scores and pairwise accuracy, per attribute.

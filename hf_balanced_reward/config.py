@@ -327,8 +327,6 @@ class BalancedRewardConfig(TrainingArguments):
 def check_attribute_options(args) -> None:
     """`attributes`, `reward_weights`, `export_combined` and the loss agree: an attribute loss needs attributes and
     attributes need one; weights are one per attribute."""
-    from .attributes import check_reward_weights, set_attribute_labels
-
     attribute_loss = args.loss_type in ATTRIBUTE_LOSS_NAMES
     if not args.attributes:
         if attribute_loss:
@@ -339,6 +337,8 @@ def check_attribute_options(args) -> None:
                 raise ConfigError(f"{name} applies to a multi-attribute model and `attributes` is not set; set "
                                   f"attributes, or remove {name}.")
         return
+    from .attributes import check_reward_weights, set_attribute_labels  # torch and scipy: only when used
+
     if isinstance(args.attributes, str):
         args.attributes = [args.attributes]
     if not attribute_loss:

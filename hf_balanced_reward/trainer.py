@@ -187,6 +187,8 @@ class BalancedRewardTrainer(Trainer):
         args.validate_reward_options()  # a trial's loss_kwargs, checked as a recipe's are
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
         self._set_loss_options(args)
+        if args.attributes:
+            self.loss_options = attribute_training.loss_options(args, self.train_dataset)
         if self.balance is not None:  # the groups, unit sizes and length slopes come from the data, kept
             self.balance.restart(BalanceOptions(**args.loss_kwargs))
         self._fresh_trained_state()

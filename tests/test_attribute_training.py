@@ -216,6 +216,43 @@ def test_score_writes_the_weighted_reward_and_each_attribute_on_request(tmp_path
         reward_function(model_dir, per_attribute=True)
 
 
+def response_rows(n: int = 24) -> list[dict]:
+    """One scored response per row (HelpSteer-style): a polite answer is helpful, a curt one is not."""
+    return [{"prompt": f"Question {i}: please help me write an email?",
+             "response": " Sure, here is a short and polite email." + " Hello" * (i % 3) if i % 2 else " No.",
+             "helpful": 4.0 + (i % 4 == 1) if i % 2 else 1.0, "brief": 2.0 + i % 3} for i in range(n)]
+
+
+def test_single_scored_responses_train_a_regression_head_as_scoring_reads_it(tmp_path, model_dir):
+    rows = response_rows()
+    data = Dataset.from_list(rows)
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="regression", max_steps=8),
+                                    train_dataset=data, eval_dataset=data)
+    assert trainer.data_report["train"]["responses"] == 24
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["list_mask"].shape[1] == 1 and batch["attribute_scores"].shape[1:] == (1, 2)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] < before / 2  # the scores are learnt: squared error at least halved
+    assert metrics["eval_scored_helpful"] == 24 and metrics["eval_pairs_helpful"] == 0  # no pairs to order
+    assert -1 <= metrics["eval_pearson_helpful"] <= 1
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    scored = reward_function(trainer.model, trainer.processing_class, per_attribute=True)(prompts, responses)
+    evaluated = trainer.predict(trainer.eval_dataset).predictions[2][:, 0]  # [rows, A], as evaluate() read them
+    np.testing.assert_allclose(evaluated, [[s[n] for n in NAMES] for s in scored], rtol=0, atol=1e-4)
+
+
+def test_single_responses_need_the_regression_loss_and_text_fields(tmp_path, model_dir, no_model_load):
+    data = Dataset.from_list(response_rows())
+    with pytest.raises(DataError, match=r"scores one response per row .* loss_type='attribute_loss' compares"):
+        BalancedRewardTrainer(model=model_dir, args=config(tmp_path), train_dataset=data)
+    bad = Dataset.from_list(with_row(response_rows(), 4, response=""))
+    with pytest.raises(DataError, match=r"row 4: column 'response' is empty"):
+        BalancedRewardTrainer(model=model_dir, args=config(tmp_path, loss_type="regression", on_bad_rows="error"),
+                              train_dataset=bad)
+
+
 # Bad data and options ---------------------------------------------------------------------------------------------
 
 
