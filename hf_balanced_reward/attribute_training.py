@@ -10,11 +10,13 @@ scores per completion in the row's completion order (a pair: chosen, then reject
 `evaluation_metrics` adds each attribute's correlations with the expert scores and its pair accuracy.
 """
 
+import copy
 import logging
 import os
 
 import numpy as np
 import torch
+from accelerate.utils import is_peft_model
 
 from .attributes import attribute_metrics, check_attribute_values, save_combined
 from .errors import ConfigError, DataError
@@ -31,6 +33,12 @@ BAD_SCORES = "attribute score not a finite number"  # the report's reason for ro
 # Data -----------------------------------------------------------------------------------------------------------
 
 
+def is_single_responses(dataset) -> bool:
+    """Rows that score one response each: `prompt` and `response`, no pairs or lists."""
+    columns = set(dataset.column_names)
+    return {"prompt", "response"} <= columns and not columns & {"chosen", "rejected", "completions", "chosen_ids"}
+
+
 def with_attribute_scores(dataset, args, name: str) -> tuple:
     """(dataset with `attribute_scores`, rows dropped): the attribute columns checked (a missing column or a value
     that is not a finite number is refused naming the row, column and value, or the row dropped with
@@ -41,13 +49,17 @@ def with_attribute_scores(dataset, args, name: str) -> tuple:
         raise ConfigError(f"attributes: the {name} dataset is streamed; attribute scores are checked over the whole "
                           "set before training, so load it in memory (streaming: false).")
     columns = dataset.column_names
-    if "completions" not in columns and not ({"chosen", "rejected"} <= set(columns)
-                                             or {"chosen_ids", "rejected_ids"} <= set(columns)):
-        raise DataError(f"attributes: the {name} dataset has neither pairs ('chosen', 'rejected') nor lists "
-                        f"('completions'); its columns are {columns}. Rows scored one response at a time are not "
-                        "supported yet: pair them, or give each prompt's responses as a 'completions' list.")
+    single = is_single_responses(dataset)
+    if "completions" not in columns and not single and not ({"chosen", "rejected"} <= set(columns)
+                                                            or {"chosen_ids", "rejected_ids"} <= set(columns)):
+        raise DataError(f"attributes: the {name} dataset has no pairs ('chosen', 'rejected'), lists ('completions') "
+                        f"or scored responses ('prompt', 'response'); its columns are {columns}.")
+    if single and args.loss_type != "regression":
+        raise DataError(f"the {name} dataset scores one response per row ('prompt', 'response'), and "
+                        f"loss_type='{args.loss_type}' compares responses within a row; train it with regression, "
+                        "or give pairs or lists.")
     lists = "completions" in columns
-    if not lists:  # a pair's scores are per response: `<attribute>_chosen` and `<attribute>_rejected`
+    if not lists and not single:  # a pair's scores are per response: `<attribute>_chosen` and `<attribute>_rejected`
         for attribute in args.attributes:
             sides = [f"{attribute}_chosen", f"{attribute}_rejected"]
             if attribute in columns and not all(c in columns for c in sides):
@@ -57,7 +69,9 @@ def with_attribute_scores(dataset, args, name: str) -> tuple:
     dataset, dropped = check_attribute_values(dataset, args.attributes, name, args.on_bad_rows)
 
     def gather(example):
-        if lists:
+        if single:
+            per_attribute = [[float(example[a])] for a in args.attributes]
+        elif lists:
             per_attribute = [[float(v) for v in example[a]] for a in args.attributes]
         else:
             per_attribute = [[float(example[f"{a}_chosen"]), float(example[f"{a}_rejected"])]
@@ -65,6 +79,50 @@ def with_attribute_scores(dataset, args, name: str) -> tuple:
         return {ATTRIBUTE_COLUMN: [list(scores) for scores in zip(*per_attribute)]}
 
     return dataset.map(gather, desc=f"Attribute scores of {name}"), dropped
+
+
+def prepare_responses(dataset, tokenizer, args, name: str, max_length) -> tuple:
+    """(prepared rows, report) of a dataset of single scored responses: each row a one-completion list (K = 1)
+    rendered, tokenised and cut exactly as `score` and `reward_function` cut one text (`scoring.tokenize_with_cuts`);
+    a row whose prompt or response is not text stops the run or is dropped (on_bad_rows), named by row."""
+    from datasets import Dataset
+
+    from .row_checks import STOP_ON, bad_rows_error, template_options_problem, text_problem
+    from .scoring import tokenize_with_cuts
+
+    if len(dataset) == 0:
+        raise DataError(f"{name} dataset is empty: it has no rows.")
+    problems = []
+    for row, example in enumerate(dataset):
+        problem = next((f"column '{c}' {p}" for c in ("prompt", "response") if (p := text_problem(
+            example[c], allow_empty=c == "prompt" or args.on_bad_rows != "error"))), None)
+        if problem is None and isinstance(example["prompt"], str) != isinstance(example["response"], str):
+            problem = "columns prompt, response mix plain text and message lists"
+        problems.append(problem or template_options_problem(example))
+    bad = [(row, problem) for row, problem in enumerate(problems) if problem]
+    if stopping := [(row, problem) for row, problem in bad if STOP_ON[args.on_bad_rows](problem)]:
+        raise bad_rows_error(name, stopping, len(dataset))
+    kept = [row for row, problem in enumerate(problems) if not problem]
+    if not kept:
+        raise DataError(f"{name} dataset has no usable responses left: all {len(dataset)} rows were dropped.")
+    rows = dataset.select(kept)
+    options = [{c: example[c] for c in ("tools", "chat_template_kwargs") if example.get(c) is not None}
+               for example in rows]
+    ids, cuts = tokenize_with_cuts(rows["prompt"], rows["response"], tokenizer, max_length, args.append_eos_token,
+                                   options)
+    group = args.group_column
+    prepared = {"completion_ids": [[sequence] for sequence in ids], "ranks": [[1]] * len(ids),
+                "group": [str(g) for g in rows[group]] if group else ["all"] * len(ids),
+                "response_lengths": [[1]] * len(ids), "length": [len(sequence) for sequence in ids],
+                ATTRIBUTE_COLUMN: rows[ATTRIBUTE_COLUMN]}
+    if "weight" in rows.column_names:
+        prepared["weight"] = [float(w) for w in rows["weight"]]
+    dropped = {}
+    for _, problem in bad:
+        dropped[problem] = dropped.get(problem, 0) + 1
+    report = {"rows": len(dataset), "responses": len(ids), "truncated": sum(c != "kept" for c in cuts),
+              "empty_responses": 0, "dropped": dropped}
+    return Dataset.from_dict(prepared), report
 
 
 def standardization(dataset, attributes) -> tuple[list[float], list[float]]:
@@ -176,9 +234,12 @@ def evaluation_metrics(predicted, expert, mask, names) -> dict:
 
 
 def export_combined(trainer, output_dir: str) -> str:
-    """Write output_dir/combined: a one-output model whose reward is the weighted sum of the attributes."""
+    """Write output_dir/combined: a one-output model whose reward is the weighted sum of the attributes (a LoRA
+    model's adapters merged into a copy first)."""
     path = os.path.join(output_dir, COMBINED_DIR)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(model):
+        model = copy.deepcopy(model).merge_and_unload()
     save_combined(model, trainer.processing_class, trainer.args.reward_weights, path)
     logger.info(f"Saved the combined one-output reward model (weights {trainer.args.reward_weights}) to {path}.")
     return path

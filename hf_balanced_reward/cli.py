@@ -121,7 +121,7 @@ def load_datasets(script_args: ScriptArguments, seed: int):
         if not 0 < script_args.eval_split_ratio < 1:
             raise UsageError(f"eval_split_ratio must be between 0 and 1 (the share of pairs held out for evaluation), "
                              f"got {script_args.eval_split_ratio}.")
-        if not is_listwise(train):  # lists are checked when prepared
+        if not is_listwise(train) and "response" not in train.column_names:  # lists, responses: checked when prepared
             check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
         if script_args.eval_split_column is not None:
             return split_by_column(train, script_args.eval_split_column, script_args.eval_split_ratio, seed)

@@ -33,6 +33,8 @@ def list_prefix_length(sequences) -> int:
     """Tokens all K sequences share at the start (the prompt); each completion keeps at least its scored token.
     For two sequences this is `shared_prefix_length`."""
     first = sequences[0]
+    if len(sequences) == 1:  # one scored response (`attribute_training`): everything before its scored token
+        return len(first) - 1
     shared = min(common_prefix_length(first, other) for other in sequences[1:])
     return min(shared, *(len(s) - 1 for s in sequences))
 

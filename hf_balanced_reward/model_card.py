@@ -298,7 +298,8 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         *length_rows(args, state),
         ("learning rate", args.learning_rate),
         ("batch size per device", args.per_device_train_batch_size),
-        ("training lists" if "lists" in train else "training pairs", train.get("lists", train.get("pairs", "unknown"))),
+        ("training lists" if "lists" in train else "training responses" if "responses" in train else
+         "training pairs", train.get("lists", train.get("responses", train.get("pairs", "unknown")))),
         ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
     if getattr(args, "attributes", None):

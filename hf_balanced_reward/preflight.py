@@ -53,8 +53,9 @@ def check_datasets(args: BalancedRewardConfig, train_dataset, eval_dataset) -> d
     card names each dataset (no local paths; the CLI replaces them with the names it was given)."""
     named = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
     for name, dataset in named.items():
-        if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
-            check_columns(dataset, args.group_column, name)
+        if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset) \
+                and not (args.attributes and {"prompt", "response"} <= set(column_names(dataset))):
+            check_columns(dataset, args.group_column, name)  # scored responses: `attribute_training` checks them
     if is_stream(train_dataset):
         check_stream_options(args)
     return {name: dataset_label(data) for name, data in named.items() if data is not None}

@@ -8,7 +8,7 @@ import logging
 
 from datasets import Dataset, IterableDataset
 
-from .attribute_training import BAD_SCORES, with_attribute_scores
+from .attribute_training import BAD_SCORES, is_single_responses, prepare_responses, with_attribute_scores
 from .config import ConfigError, loss_option_defaults
 from .cross_prompt import add_off_prompt_responses
 from .data import ROW_COLUMN, DataError, column_names, has_pair_texts, is_stream, numbered, pair_texts
@@ -93,7 +93,11 @@ class RunData:
         lists = self.trains_lists or is_listwise(dataset)
         if self.loss_fn is LOSSES["hinge"] and not lists:  # before tokenising: rows named as the user's
             check_hinge_margins(dataset, name, self.hinge_margin())
-        dataset, self.reports[name] = prepare_dataset(dataset, self.tokenizer, self.args, name, self.max_length, lists)
+        if self.args.attributes and is_single_responses(dataset):  # one scored response per row
+            dataset, self.reports[name] = prepare_responses(dataset, self.tokenizer, self.args, name, self.max_length)
+        else:
+            dataset, self.reports[name] = prepare_dataset(dataset, self.tokenizer, self.args, name, self.max_length,
+                                                          lists)
         if dropped:
             self.reports[name]["rows"] += dropped
             self.reports[name]["dropped"][BAD_SCORES] = dropped

@@ -196,6 +196,26 @@ def test_saved_model_names_its_attributes_and_its_combined_export_gives_the_weig
     assert "helpful 0.75, brief -0.5" in card and "`combined/`" in card
 
 
+def test_a_lora_run_exports_a_plain_combined_model(tmp_path, model_dir):
+    from peft import LoraConfig
+
+    rows = attribute_rows(8)
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=2, export_combined=True),
+                                    train_dataset=Dataset.from_list(rows),
+                                    peft_config=LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8))
+    trainer.train()
+    out = str(tmp_path / "out")
+    trainer.save_model(out)
+    assert not os.path.exists(os.path.join(out, "combined", "adapter_config.json"))
+    prompts, chosen = texts(rows, "chosen")
+    trained = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    per_attribute = reward_function(trained, trainer.processing_class, per_attribute=True)(prompts, chosen)
+    weighted = [sum(w * r[n] for n, w in zip(NAMES, WEIGHTS)) for r in per_attribute]
+    scale = 1 + max(abs(v) for r in per_attribute for v in r.values())
+    np.testing.assert_allclose(reward_function(os.path.join(out, "combined"))(prompts, chosen), weighted, rtol=0,
+                               atol=1e-5 * scale)
+
+
 def test_score_writes_the_weighted_reward_and_each_attribute_on_request(tmp_path, model_dir):
     rows = attribute_rows(8)
     trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=1),
@@ -214,6 +234,12 @@ def test_score_writes_the_weighted_reward_and_each_attribute_on_request(tmp_path
         assert line["rewards"] == pytest.approx(weighted, abs=1e-5) and line["reward"] == max(line["rewards"])
     with pytest.raises(ConfigError, match="per_attribute=True needs a multi-attribute model"):
         reward_function(model_dir, per_attribute=True)
+    from hf_balanced_reward.serve_batching import RewardModel
+
+    served = RewardModel(out, "cpu", "float32", None)  # the server scores an attribute model by its weights
+    ids, _ = served.tokenize(*texts(rows, "chosen"))
+    expected = reward_function(out)(*texts(rows, "chosen"))
+    np.testing.assert_allclose(served.score_batch(ids), expected, rtol=0, atol=1e-5)
 
 
 def response_rows(n: int = 24) -> list[dict]:
