@@ -4,8 +4,9 @@ verbosity, ...), trained on per-attribute scores, then folded into a one-output 
 An attribute model's rewards are [N, A], one column per attribute in the order of its config's `id2label`
 (`set_attribute_labels`). The pieces, each usable alone:
 - data: `check_attribute_values`, before tokenisation: the columns exist and hold finite numbers;
-- losses, per row [B] in fp32 as in `losses.py`: `regression` (per response), `attribute_bradley_terry` (per pair,
-  oriented per attribute, ties pulled together) and `attribute_loss` (their weighted sum);
+- losses, per row [B] in fp32, in `losses.py` (LOSSES) and imported here: `regression` (per response),
+  `attribute_bradley_terry` (per pair, oriented per attribute, ties pulled together) and `attribute_loss` (their
+  weighted sum); the trainer's use of them is `attribute_training.py`;
 - the reward: `check_reward_weights`, then `combine_head` / `save_combined` fold sum_a w_a * output_a into one
   Linear output, so every one-output client (`scoring.py`, `pipeline`, trl) reads the combined model unchanged;
 - `attribute_metrics`: correlation with expert scores and pairwise accuracy, per attribute.
@@ -22,7 +23,7 @@ from accelerate.utils import is_peft_model
 from scipy import stats
 
 from .errors import ConfigError, DataError, did_you_mean
-from .losses import TIE_LOSSES
+from .losses import ATTRIBUTE_LOSSES, attribute_bradley_terry, attribute_loss, regression  # noqa: F401
 from .metrics import metric_name
 from .modeling import find_reward_head
 from .row_checks import FLOAT32_MAX, STOP_ON, bad_rows_error
@@ -154,79 +155,8 @@ def check_reward_weights(weights, attributes) -> list[float]:
 # Losses -----------------------------------------------------------------------------------------------------------
 
 
-def _targets(targets, like, name: str) -> torch.Tensor:
-    targets = torch.as_tensor(targets, device=like.device).float()
-    if targets.shape != like.shape or like.dim() != 2:
-        raise ValueError(f"{name} must be [rows, attributes] like the rewards, {tuple(like.shape)}; "
-                         f"got {tuple(targets.shape)}.")
-    return targets
-
-
-def _present(targets, mask) -> torch.Tensor:
-    """Where a row has a score: `mask` (default all) and a finite target, so NaN can stand for "not scored"."""
-    present = torch.isfinite(targets)
-    return present if mask is None else present & torch.as_tensor(mask, device=targets.device).bool()
-
-
-def regression(predicted, targets, mask=None, standardize=None):
-    """Squared error averaged over the attributes a row has: sum_a m_a (p_a - t_a)^2 / sum_a m_a, per row [B].
-
-    `mask` [B, A] bool: False where the row has no score for an attribute (a non-finite target counts as absent
-    too); absent entries add no loss and no gradient. A row with none gives 0. `standardize` = (mean [A], std [A]):
-    the head learns (t - mean) / std instead of t, so that attributes on different scales (0-4 Likert, 0-100)
-    weigh the same. Use for rows scored one response at a time (HelpSteer-style).
-    """
-    predicted = predicted.float()
-    targets = _targets(targets, predicted, "targets")
-    present = _present(targets, mask)
-    if standardize is not None:
-        mean, std = (torch.as_tensor(v, device=predicted.device).float() for v in standardize)
-        if not (std > 0).all():
-            raise ValueError(f"standardize std must be > 0 for every attribute, got {std.tolist()}.")
-        targets = (targets - mean) / std
-    error = torch.where(present, predicted - targets, 0.0)  # zeroed before squaring: a NaN target sends no gradient
-    return error.square().sum(-1) / present.sum(-1).clamp(min=1)
-
-
-def attribute_bradley_terry(chosen, rejected, chosen_targets, rejected_targets, mask=None, tie_loss="davidson",
-                            log_tie=0.0):
-    """Per attribute, a pairwise loss oriented by the expert scores, averaged over the attributes the pair has [B].
-
-    Where chosen scores higher on an attribute its reward there is pushed above rejected's, where lower below, and
-    where the two scores are equal the attribute is a tie, whose loss pulls the two rewards together. One model
-    covers the three outcomes: `tie_loss` names a tie loss of `losses.py` ('davidson', 'rao_kupper'; both become
-    Bradley-Terry as log_tie -> -inf, resp. 0) with its `log_tie`. `mask` and non-finite targets mark attributes
-    the pair has no scores for; they add nothing. A pair with none gives 0.
-    """
-    if tie_loss not in TIE_LOSSES:
-        raise ValueError(f"tie_loss={tie_loss!r} is not a tie loss; choose one of {', '.join(TIE_LOSSES)}.")
-    chosen, rejected = chosen.float(), rejected.float()
-    chosen_targets = _targets(chosen_targets, chosen, "chosen_targets")
-    rejected_targets = _targets(rejected_targets, rejected, "rejected_targets")
-    present = _present(chosen_targets, mask) & _present(rejected_targets, mask)
-    chosen_better = chosen_targets >= rejected_targets
-    better, worse = torch.where(chosen_better, chosen, rejected), torch.where(chosen_better, rejected, chosen)
-    per_attribute = TIE_LOSSES[tie_loss](better, worse, tie=chosen_targets == rejected_targets, log_tie=log_tie)
-    return torch.where(present, per_attribute, 0.0).sum(-1) / present.sum(-1).clamp(min=1)
-
-
-def attribute_loss(chosen, rejected, chosen_targets, rejected_targets, mask=None, regression_weight=1.0,
-                   ranking_weight=1.0, standardize=None, tie_loss="davidson", log_tie=0.0):
-    """regression_weight x the mean `regression` of the two responses + ranking_weight x `attribute_bradley_terry`,
-    per pair [B]: scores set each reward's level, the comparison their order (ArmoRM regresses, SteerLM too;
-    the ranking term adds what pairs teach)."""
-    if regression_weight < 0 or ranking_weight < 0 or regression_weight + ranking_weight == 0:
-        raise ValueError(f"regression_weight and ranking_weight must be >= 0 and not both 0; got "
-                         f"{regression_weight} and {ranking_weight}.")
-    scores = (regression(chosen, chosen_targets, mask, standardize)
-              + regression(rejected, rejected_targets, mask, standardize)) / 2
-    ranking = attribute_bradley_terry(chosen, rejected, chosen_targets, rejected_targets, mask, tie_loss, log_tie)
-    return regression_weight * scores + ranking_weight * ranking
-
-
-# Pair losses over attribute targets: (chosen [B, A], rejected [B, A], chosen_targets, rejected_targets, mask=None,
-# **options) -> [B]. `regression` scores one response per row and is called on its own.
-ATTRIBUTE_LOSSES = {"attribute_bradley_terry": attribute_bradley_terry, "attribute_loss": attribute_loss}
+# `regression`, `attribute_bradley_terry` and `attribute_loss` live in `losses.py` with the other losses (LOSSES);
+# imported here too, as this module's callers have used them.
 
 
 # Head and config ----------------------------------------------------------------------------------------------------

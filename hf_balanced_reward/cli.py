@@ -121,14 +121,36 @@ def load_datasets(script_args: ScriptArguments, seed: int):
         if not 0 < script_args.eval_split_ratio < 1:
             raise UsageError(f"eval_split_ratio must be between 0 and 1 (the share of pairs held out for evaluation), "
                              f"got {script_args.eval_split_ratio}.")
-        if not is_listwise(train):  # lists are checked when prepared
+        if not is_listwise(train) and "response" not in train.column_names:  # lists, responses: checked when prepared
             check_columns(train, None, "train")  # a clearer message than a failed split of unusable data
+        if script_args.eval_split_column is not None:
+            return split_by_column(train, script_args.eval_split_column, script_args.eval_split_ratio, seed)
         try:
             split = train.train_test_split(test_size=script_args.eval_split_ratio, seed=seed)
         except ValueError as err:
             raise UsageError(f"eval_split_ratio={script_args.eval_split_ratio} cannot split {len(train)} pairs: {err}")
         return split["train"], split["test"]
     return train, None
+
+
+def split_by_column(dataset, column: str, ratio: float, seed: int):
+    """(train, eval): `ratio` of the values of `column` held out with all their rows (`listwise.split_by_document`'s
+    seeded shuffle of the values), so that no value is on both sides."""
+    import random
+
+    if column not in dataset.column_names:
+        raise UsageError(f"eval_split_column='{column}' is not a column of the dataset"
+                         f"{did_you_mean(column, dataset.column_names)}; its columns are {dataset.column_names}.")
+    values = sorted(set(map(str, dataset[column])))
+    held_out = round(ratio * len(values))
+    if not 0 < held_out < len(values):
+        raise UsageError(f"eval_split_ratio={ratio} holds out {held_out} of the {len(values)} values of "
+                         f"'{column}'; choose a ratio that leaves at least one on each side.")
+    random.Random(seed).shuffle(values)
+    evaluation = set(values[:held_out])
+    held = [str(v) in evaluation for v in dataset[column]]
+    return (dataset.select([i for i, h in enumerate(held) if not h]),
+            dataset.select([i for i, h in enumerate(held) if h]))
 
 
 def final_evaluation(trainer) -> dict:

@@ -34,6 +34,11 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Hold out this fraction of the training pairs for evaluation, when no eval set is named."},
     )
+    eval_split_column: str | None = field(
+        default=None,
+        metadata={"help": "With eval_split_ratio: hold out that fraction of this column's values (e.g. doc_id) with "
+                  "all their rows, so that no document is on both sides."},
+    )
     streaming: bool = field(
         default=False,
         metadata={

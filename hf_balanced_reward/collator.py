@@ -33,6 +33,8 @@ def list_prefix_length(sequences) -> int:
     """Tokens all K sequences share at the start (the prompt); each completion keeps at least its scored token.
     For two sequences this is `shared_prefix_length`."""
     first = sequences[0]
+    if len(sequences) == 1:  # one scored response (`attribute_training`): everything before its scored token
+        return len(first) - 1
     shared = min(common_prefix_length(first, other) for other in sequences[1:])
     return min(shared, *(len(s) - 1 for s in sequences))
 
@@ -51,6 +53,16 @@ def padded_slots(rows: list[list], dtype: torch.dtype) -> torch.Tensor:
     """[lists, Kmax] tensor of per-completion values, 0 in the slots of lists shorter than the longest."""
     width = max(len(row) for row in rows)
     return torch.tensor([list(row) + [0] * (width - len(row)) for row in rows], dtype=dtype)
+
+
+def attribute_slots(rows: list[list[list[float]]]) -> torch.Tensor:
+    """[lists, Kmax, A] tensor of per-completion attribute scores, NaN in the slots of lists shorter than the
+    longest (NaN marks a score that is not there, see `losses.regression`)."""
+    width, size = max(len(row) for row in rows), len(rows[0][0])
+    scores = torch.full((len(rows), width, size), float("nan"))
+    for r, row in enumerate(rows):
+        scores[r, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return scores
 
 
 def list_mask(counts: list[int]) -> torch.Tensor:
@@ -141,8 +153,9 @@ class RewardCollator:
     Per-completion keys are [rows, Kmax], 0 in padded slots: `completion_ends` (where each completion's reward is
     read: a row of the plain layout, or a flat cell index row * width + column of the packed one), `list_mask` (True
     on real completions), `ranks`, `response_lengths` (tokens after the shared prompt) and `scores` (only when every
-    row has them). Model inputs: plain layout, `input_ids`, `attention_mask` and `end_positions` (each row's scored
-    token, see `scored_index`), one row per completion, every row's first completion, then every row's second, ...;
+    row has them), and `attribute_scores` [rows, Kmax, A] when the rows carry them. Model inputs: plain layout,
+    `input_ids`, `attention_mask` and `end_positions` (each row's scored token, see `scored_index`), one row per
+    completion, every row's first completion, then every row's second, ...;
     shared-prompt layout, `input_ids`,
     `position_ids`, `segment_ids` and `branch_ids`, one K-branch segment per row, packed into rows at most
     `max_row_tokens` wide unless one segment needs more.
@@ -187,6 +200,8 @@ class RewardCollator:
         batch["ranks"] = padded_slots([e["ranks"] for e in examples], torch.long)
         if all(e.get("scores") is not None for e in examples):
             batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
+        if "attribute_scores" in examples[0]:  # [rows, Kmax, A], NaN in padded slots
+            batch["attribute_scores"] = attribute_slots([e["attribute_scores"] for e in examples])
         # Response tokens after the shared prompt: the length metrics and the balanced loss read them.
         batch["response_lengths"] = padded_slots([[len(s) - p for s in c] for c, p in zip(completions, shared)],
                                                  torch.long)

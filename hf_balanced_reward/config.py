@@ -9,7 +9,8 @@ from transformers import TrainingArguments
 
 from .balancing import BalanceOptions
 from .errors import ConfigError, did_you_mean
-from .losses import LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES, as_list_loss, trains_lists
+from .losses import (ATTRIBUTE_INPUTS, ATTRIBUTE_LOSS_NAMES, LEARN_TIE, LISTWISE_INPUTS, LOSSES, PAIR_LOSSES,
+                     as_list_loss, trains_lists)
 
 
 ON_BAD_ROWS = ("auto", "skip", "error")
@@ -25,7 +26,7 @@ def loss_option_defaults(loss_fn) -> dict:
     if loss_fn is LOSSES["balanced"]:
         return {option.name: option.default for option in fields(BalanceOptions)}
     params = inspect.signature(loss_fn).parameters
-    fixed = {"chosen_rewards", "rejected_rewards", "margin", "tie", *LISTWISE_INPUTS}
+    fixed = {"chosen_rewards", "rejected_rewards", "margin", "tie", *LISTWISE_INPUTS, *ATTRIBUTE_INPUTS}
     options = {name: p.default for name, p in params.items() if name not in fixed and p.kind is not p.VAR_KEYWORD}
     return {**options, LEARN_TIE: False} if "log_tie" in options else options
 
@@ -64,8 +65,10 @@ class BalancedRewardConfig(TrainingArguments):
     # --- loss ---
     loss_type: str = field(
         default="bradley_terry",
-        metadata={"help": f"Preference loss: pairwise ({', '.join(PAIR_LOSSES)}), or one that trains every row as a "
-                          f"ranked list ({', '.join(n for n in LOSSES if n not in PAIR_LOSSES)})."},
+        metadata={"help": f"Preference loss: pairwise ({', '.join(PAIR_LOSSES)}), one that trains every row as a "
+                          "ranked list ("
+                          + ", ".join(n for n in LOSSES if n not in PAIR_LOSSES and n not in ATTRIBUTE_LOSS_NAMES)
+                          + f"), or an attribute loss ({', '.join(ATTRIBUTE_LOSS_NAMES)}; needs `attributes`)."},
     )
     loss_kwargs: dict | str | None = field(
         default=None,
@@ -94,6 +97,29 @@ class BalancedRewardConfig(TrainingArguments):
             "help": "Dataset column that names each pair's group (e.g. 'source'). The balanced loss balances length "
             "direction within each group, and metrics are reported per group and per length cell. When unset, all "
             "pairs form one group."
+        },
+    )
+    attributes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Train a multi-attribute reward model: one head output per name, e.g. [coherence, fluency], read "
+            "from the column of that name (a number per response, or a list per completion) or a pair's "
+            "<name>_chosen / <name>_rejected. Needs loss_type regression, attribute_bradley_terry or attribute_loss "
+            "(docs/attributes.md)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With attributes: the weight of each attribute in the one reward (for RL, pair metrics, the "
+            "combined export), one number per attribute in order. Default: equal weights 1/A."
+        },
+    )
+    export_combined: bool = field(
+        default=False,
+        metadata={
+            "help": "With attributes: save_model also writes OUTPUT/combined, a one-output model whose reward is the "
+            "weighted sum of the attributes (reward_weights), for any one-output client (trl, pipeline)."
         },
     )
     # --- model ---
@@ -270,6 +296,7 @@ class BalancedRewardConfig(TrainingArguments):
             BalanceOptions(**self.loss_kwargs)  # checks each value
         if trains_lists(LOSSES[self.loss_type]):
             self.validate_list_loss_options()
+        check_attribute_options(self)
         if self.learning_rate < 0:
             raise ConfigError(f"learning_rate must be >= 0, got {self.learning_rate}; a negative rate climbs the loss.")
         hinge_margin = self.loss_kwargs.get("hinge_margin", 1.0)
@@ -295,3 +322,36 @@ class BalancedRewardConfig(TrainingArguments):
                 f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}; "
                 "leave it unset to turn centring off."
             )
+
+
+def check_attribute_options(args) -> None:
+    """`attributes`, `reward_weights`, `export_combined` and the loss agree: an attribute loss needs attributes and
+    attributes need one; weights are one per attribute."""
+    attribute_loss = args.loss_type in ATTRIBUTE_LOSS_NAMES
+    if not args.attributes:
+        if attribute_loss:
+            raise ConfigError(f"loss_type='{args.loss_type}' trains one head output per attribute, and `attributes` "
+                              "is not set; name the score columns, e.g. attributes: [coherence, fluency].")
+        for name in ("reward_weights", "export_combined"):
+            if getattr(args, name):
+                raise ConfigError(f"{name} applies to a multi-attribute model and `attributes` is not set; set "
+                                  f"attributes, or remove {name}.")
+        return
+    from .attributes import check_reward_weights, set_attribute_labels  # torch and scipy: only when used
+
+    if isinstance(args.attributes, str):
+        args.attributes = [args.attributes]
+    if not attribute_loss:
+        raise ConfigError(f"attributes={args.attributes} needs an attribute loss, and loss_type='{args.loss_type}' "
+                          f"is not one; choose one of: {', '.join(ATTRIBUTE_LOSS_NAMES)}.")
+    set_attribute_labels(type("Labels", (), {})(), args.attributes)  # distinct, non-empty names
+    args.reward_weights = check_reward_weights(args.reward_weights, args.attributes)
+    for name, value in (("normalize_rewards", args.normalize_rewards),
+                        ("center_rewards_coefficient", args.center_rewards_coefficient),
+                        (f"loss_kwargs {LEARN_TIE}", args.loss_kwargs.get(LEARN_TIE))):
+        if value:
+            raise ConfigError(f"{name} is not applied to a multi-attribute model (attributes={args.attributes}); "
+                              f"remove it, or train a one-output model with a preference loss.")
+    from .attribute_training import check_loss_options
+
+    check_loss_options(args.loss_type, args.loss_kwargs, args.attributes)

@@ -32,7 +32,8 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 # predictions.jsonl, the probes, cross-prompt partners): kept through preparation, never given to the model.
 ROW_COLUMN = "_hf_balanced_reward_row"
 # Columns the collator reads; `length` (unique tokens of a row) feeds train_sampling_strategy="group_by_length".
-MODEL_COLUMNS = ["completion_ids", "ranks", "scores", "margin", "weight", "group_id", "length", "off_prompt_ids"]
+MODEL_COLUMNS = ["completion_ids", "ranks", "scores", "margin", "weight", "group_id", "length", "off_prompt_ids",
+                 "attribute_scores"]
 
 
 def load_preference_dataset(name_or_path: str, split: str = "train", streaming: bool = False

@@ -33,21 +33,23 @@ def forward_with_head_output(model, **inputs) -> tuple:
     return outputs, head_output, features
 
 
-def plain_scores(model, inputs) -> tuple:
-    """Reward of every row of a plain-layout batch (model dtype), and the features the head read for it."""
+def plain_scores(model, inputs, output=0) -> tuple:
+    """Reward of every row of a plain-layout batch (model dtype), and the features the head read for it. `output`:
+    which head output (0, a reward model's one), or `slice(None)` for all of them ([rows, A])."""
     outputs, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
     )
     if head_output is not None and head_output.dim() == 3:
         # Decoder heads score every position: read each sequence's real last token.
         rows = torch.arange(head_output.shape[0], device=head_output.device)
-        return head_output[rows, inputs["end_positions"], 0], features[rows, inputs["end_positions"]]
-    return outputs.logits[:, 0], features  # encoder heads pool (e.g. [CLS]) themselves
+        return head_output[rows, inputs["end_positions"], output], features[rows, inputs["end_positions"]]
+    return outputs.logits[:, output], features  # encoder heads pool (e.g. [CLS]) themselves
 
 
-def packed_scores(model, inputs) -> tuple:
+def packed_scores(model, inputs, output=0) -> tuple:
     """Score of every cell of a shared-prompt batch, flattened so that the batch's flat end indices read it, and
-    the head's input features of every cell, flattened the same way."""
+    the head's input features of every cell, flattened the same way. `output`: 0 (a reward model's one output), or
+    `slice(None)` for every output ([cells, A])."""
     segment_ids, branch_ids = inputs["segment_ids"], inputs["branch_ids"]
     attention = extract_model_from_parallel(model).config._attn_implementation
     if attention == "flex_attention":
@@ -59,7 +61,8 @@ def packed_scores(model, inputs) -> tuple:
     _, head_output, features = forward_with_head_output(
         model, input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"]
     )
-    return head_output.reshape(-1), features.reshape(-1, features.shape[-1])
+    scores = head_output.reshape(-1) if output == 0 else head_output.reshape(-1, head_output.shape[-1])
+    return scores, features.reshape(-1, features.shape[-1])
 
 
 def score_batch(model, inputs, with_features: bool = False) -> tuple:
@@ -74,6 +77,13 @@ def score_batch(model, inputs, with_features: bool = False) -> tuple:
     return rewards, off_prompt, features[ends] if with_features else None
 
 
+def score_attributes(model, inputs) -> torch.Tensor:
+    """Every head output of every completion of a collated batch [rows, Kmax, A] in fp32, 0 in padded slots: the
+    per-attribute rewards of a multi-attribute head (`attribute_training.py`), read as `score_batch` reads one."""
+    scores, _ = (packed_scores if "segment_ids" in inputs else plain_scores)(model, inputs, slice(None))
+    return scores[inputs["completion_ends"]].float().masked_fill(~inputs["list_mask"][..., None], 0.0)
+
+
 def shared_prompt_difference(model, examples, pad_token_id, full_precision: bool) -> tuple[float, float]:
     """Largest reward difference between the shared-prompt layout and the plain one of `examples` (prepared rows),
     in eval mode without gradients; and the tolerance it must stay within
@@ -83,8 +93,8 @@ def shared_prompt_difference(model, examples, pad_token_id, full_precision: bool
     packed, plain = ({k: v.to(device) for k, v in batch.items()} for batch in (packed, plain))
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        fast, reference = score_batch(model, packed)[0], score_batch(model, plain)[0]
+    with torch.no_grad():  # every head output: a multi-attribute head's too
+        fast, reference = score_attributes(model, packed), score_attributes(model, plain)
     model.train(was_training)
     tolerance = (1e-3 if full_precision else 5e-2) * (1 + reference.abs().max().item())
     return (fast - reference).abs().max().item(), tolerance

@@ -291,9 +291,94 @@ def plackett_luce(rewards, ranks, mask=None, scores=None, ties="efron"):
 
 LISTWISE_LOSSES = {"plackett_luce": plackett_luce, "pairwise": pairwise, "graded": graded}
 
+# Attribute losses -------------------------------------------------------------------------------------------------
+#
+# A multi-attribute head (`attributes.py`) outputs one reward per attribute [B, A]; its targets are the expert scores
+# [B, A], NaN where a row has none for an attribute.
+
+
+def _targets(targets, like, name: str) -> torch.Tensor:
+    targets = torch.as_tensor(targets, device=like.device).float()
+    if targets.shape != like.shape or like.dim() != 2:
+        raise ValueError(f"{name} must be [rows, attributes] like the rewards, {tuple(like.shape)}; "
+                         f"got {tuple(targets.shape)}.")
+    return targets
+
+
+def _present(targets, mask) -> torch.Tensor:
+    """Where a row has a score: `mask` (default all) and a finite target, so NaN can stand for "not scored"."""
+    present = torch.isfinite(targets)
+    return present if mask is None else present & torch.as_tensor(mask, device=targets.device).bool()
+
+
+def regression(predicted, targets, mask=None, standardize=None):
+    """Squared error averaged over the attributes a row has: sum_a m_a (p_a - t_a)^2 / sum_a m_a, per row [B].
+
+    `mask` [B, A] bool: False where the row has no score for an attribute (a non-finite target counts as absent
+    too); absent entries add no loss and no gradient. A row with none gives 0. `standardize` = (mean [A], std [A]):
+    the head learns (t - mean) / std instead of t, so that attributes on different scales (0-4 Likert, 0-100)
+    weigh the same. Use for rows scored one response at a time (HelpSteer-style).
+    """
+    predicted = predicted.float()
+    targets = _targets(targets, predicted, "targets")
+    present = _present(targets, mask)
+    if standardize is not None:
+        mean, std = (torch.as_tensor(v, device=predicted.device).float() for v in standardize)
+        if not (std > 0).all():
+            raise ValueError(f"standardize std must be > 0 for every attribute, got {std.tolist()}.")
+        targets = (targets - mean) / std
+    error = torch.where(present, predicted - targets, 0.0)  # zeroed before squaring: a NaN target sends no gradient
+    return error.square().sum(-1) / present.sum(-1).clamp(min=1)
+
+
+def attribute_bradley_terry(chosen, rejected, chosen_targets, rejected_targets, mask=None, tie_loss="davidson",
+                            log_tie=0.0):
+    """Per attribute, a pairwise loss oriented by the expert scores, averaged over the attributes the pair has [B].
+
+    Where chosen scores higher on an attribute its reward there is pushed above rejected's, where lower below, and
+    where the two scores are equal the attribute is a tie, whose loss pulls the two rewards together. One model
+    covers the three outcomes: `tie_loss` names a tie loss of `losses.py` ('davidson', 'rao_kupper'; both become
+    Bradley-Terry as log_tie -> -inf, resp. 0) with its `log_tie`. `mask` and non-finite targets mark attributes
+    the pair has no scores for; they add nothing. A pair with none gives 0.
+    """
+    if tie_loss not in TIE_LOSSES:
+        raise ValueError(f"tie_loss={tie_loss!r} is not a tie loss; choose one of {', '.join(TIE_LOSSES)}.")
+    chosen, rejected = chosen.float(), rejected.float()
+    chosen_targets = _targets(chosen_targets, chosen, "chosen_targets")
+    rejected_targets = _targets(rejected_targets, rejected, "rejected_targets")
+    present = _present(chosen_targets, mask) & _present(rejected_targets, mask)
+    chosen_better = chosen_targets >= rejected_targets
+    better, worse = torch.where(chosen_better, chosen, rejected), torch.where(chosen_better, rejected, chosen)
+    per_attribute = TIE_LOSSES[tie_loss](better, worse, tie=chosen_targets == rejected_targets, log_tie=log_tie)
+    return torch.where(present, per_attribute, 0.0).sum(-1) / present.sum(-1).clamp(min=1)
+
+
+def attribute_loss(chosen, rejected, chosen_targets, rejected_targets, mask=None, regression_weight=1.0,
+                   ranking_weight=1.0, standardize=None, tie_loss="davidson", log_tie=0.0):
+    """regression_weight x the mean `regression` of the two responses + ranking_weight x `attribute_bradley_terry`,
+    per pair [B]: scores set each reward's level, the comparison their order (ArmoRM regresses, SteerLM too;
+    the ranking term adds what pairs teach)."""
+    if regression_weight < 0 or ranking_weight < 0 or regression_weight + ranking_weight == 0:
+        raise ValueError(f"regression_weight and ranking_weight must be >= 0 and not both 0; got "
+                         f"{regression_weight} and {ranking_weight}.")
+    scores = (regression(chosen, chosen_targets, mask, standardize)
+              + regression(rejected, rejected_targets, mask, standardize)) / 2
+    ranking = attribute_bradley_terry(chosen, rejected, chosen_targets, rejected_targets, mask, tie_loss, log_tie)
+    return regression_weight * scores + ranking_weight * ranking
+
+
+# Pair losses over attribute targets: (chosen [B, A], rejected [B, A], chosen_targets, rejected_targets, mask=None,
+# **options) -> [B]. `regression` scores one response per row and is called on its own.
+ATTRIBUTE_LOSSES = {"attribute_bradley_terry": attribute_bradley_terry, "attribute_loss": attribute_loss}
+# The losses of a multi-attribute head (`attributes` in the config): the trainer hands them per-attribute rewards and
+# targets (`attribute_training.py`); their tensor inputs are not loss_kwargs.
+ATTRIBUTE_LOSS_NAMES = ("regression", "attribute_bradley_terry", "attribute_loss")
+ATTRIBUTE_INPUTS = ("predicted", "targets", "chosen", "rejected", "chosen_targets", "rejected_targets", "mask")
+
+
 # Every loss a config can name. Pairwise losses train pairs (and lists, over their pairs); tie and listwise losses
 # train every row as a list (a pair is the K = 2 list).
-LOSSES = {**PAIR_LOSSES, **TIE_LOSSES, **LISTWISE_LOSSES}
+LOSSES = {**PAIR_LOSSES, **TIE_LOSSES, **LISTWISE_LOSSES, "regression": regression, **ATTRIBUTE_LOSSES}
 LEARN_TIE = "learn_tie"  # a loss_kwargs key of the tie losses: the trainer learns log_tie (see the tie section)
 
 

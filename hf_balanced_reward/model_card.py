@@ -177,8 +177,29 @@ def evaluation_section(metrics: dict, report: dict | None, plots: dict[str, str]
     # The report's probes (the same pairs as the table above), else the last eval's.
     lines += probe_table((report or {}).get("probes") or {
         k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith(("eval_probe_", "probe_"))})
+    lines += attribute_table(source)
     lines += [f"\n![{name}]({path})" for name, path in plots.items()]
     return "\n".join(lines)
+
+
+def attribute_table(source: dict) -> list[str]:
+    """A multi-attribute model's per-attribute metrics (`attribute_training.evaluation_metrics`) as a table, one row
+    per attribute; [] for any other model."""
+    names = [k.removeprefix("pearson_") for k in source if k.startswith("pearson_")]
+    if not names:
+        return []
+
+    def shown(value):
+        return f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
+
+    lines = ["", "Per attribute, against the expert scores of every evaluated response, and pair accuracy over the "
+             "pairs whose expert scores differ on that attribute (the accuracy above is the combined reward's, on the "
+             "overall preference):", "", "| attribute | Pearson | Spearman | Kendall | pair accuracy | pairs |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(shown(source.get(f"{metric}_{name}")) for metric in
+                                         ("pearson", "spearman", "kendall", "pair_accuracy", "pairs")) + " |"
+              for name in names]
+    return lines
 
 
 # The exploit probes' headline figures (`probes.exploit_probes`; docs/evaluation.md), each with what it means.
@@ -277,9 +298,15 @@ def write_model_card(output_dir: str, args, base_model: str | None, metrics: dic
         *length_rows(args, state),
         ("learning rate", args.learning_rate),
         ("batch size per device", args.per_device_train_batch_size),
-        ("training lists" if "lists" in train else "training pairs", train.get("lists", train.get("pairs", "unknown"))),
+        ("training lists" if "lists" in train else "training responses" if "responses" in train else
+         "training pairs", train.get("lists", train.get("responses", train.get("pairs", "unknown")))),
         ("rows dropped", sum(train.get("dropped", {}).values()) if train else "unknown"),
     ]
+    if getattr(args, "attributes", None):
+        settings.append(("attributes (head outputs) and reward_weights", ", ".join(
+            f"{name} {weight:g}" for name, weight in zip(args.attributes, args.reward_weights))))
+        if args.export_combined:
+            settings.append(("one-output model of the weighted sum", "`combined/` beside this model"))
     if adapter is not None:
         settings.append(("LoRA adapters", adapter_settings(adapter)))
     if normalization:

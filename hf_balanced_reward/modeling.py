@@ -57,6 +57,13 @@ def use_shared_prompt(model: torch.nn.Module, args: BalancedRewardConfig) -> boo
     return False
 
 
+def head_labels(args) -> dict:
+    """from_pretrained's label options: one output (a reward model), or one per attribute, named (`attributes`)."""
+    if not getattr(args, "attributes", None):
+        return {"num_labels": 1}
+    return {"id2label": dict(enumerate(args.attributes)), "label2id": {n: i for i, n in enumerate(args.attributes)}}
+
+
 def find_reward_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     base = model.get_base_model() if is_peft_model(model) else model
     for name in HEAD_NAMES:
@@ -77,7 +84,7 @@ def config_and_tokenizer(model, tokenizer, args: BalancedRewardConfig):
     if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
         raise ConfigError(f"model '{model}' does not exist: no such folder.")
     try:
-        config = AutoConfig.from_pretrained(model, num_labels=1, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code, **head_labels(args))
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
         raise ConfigError(f"could not load model '{model}': {err}") from err
@@ -146,8 +153,10 @@ def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
         raise ConfigError(f"model folder '{model_id}' has no weights file (model.safetensors or pytorch_model.bin); "
                           "save the model with save_pretrained, or download it again.")
     try:
+        # A multi-attribute head has A outputs: a saved one-output head is replaced by a fresh one.
+        resize = {"ignore_mismatched_sizes": True} if args.attributes else {}
         return AutoModelForSequenceClassification.from_pretrained(
-            model_id, num_labels=1, trust_remote_code=args.trust_remote_code, **init_kwargs
+            model_id, trust_remote_code=args.trust_remote_code, **head_labels(args), **resize, **init_kwargs
         )
     except (OSError, ValueError) as err:
         hint = ""
@@ -171,6 +180,11 @@ def prepare_model(model, tokenizer, args: BalancedRewardConfig, added_tokens: li
     # Saved with the model: `evaluate`, `score` and `reward_function` render and cut texts as training did.
     model.config.reward_max_length = max_length
     model.config.reward_append_eos_token = args.append_eos_token
+    if args.attributes:  # the outputs named; scoring combines them with these weights (`scoring.py`)
+        from .attributes import set_attribute_labels
+
+        set_attribute_labels(model.config, args.attributes)
+        model.config.reward_attributes = {"names": list(args.attributes), "weights": list(args.reward_weights)}
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # no generation here; a cache only costs memory
     if args.disable_dropout:

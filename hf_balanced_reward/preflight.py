@@ -53,8 +53,9 @@ def check_datasets(args: BalancedRewardConfig, train_dataset, eval_dataset) -> d
     card names each dataset (no local paths; the CLI replaces them with the names it was given)."""
     named = {"train": train_dataset, **(eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset})}
     for name, dataset in named.items():
-        if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset):
-            check_columns(dataset, args.group_column, name)
+        if dataset is not None and "group_id" not in column_names(dataset) and not is_listwise(dataset) \
+                and not (args.attributes and {"prompt", "response"} <= set(column_names(dataset))):
+            check_columns(dataset, args.group_column, name)  # scored responses: `attribute_training` checks them
     if is_stream(train_dataset):
         check_stream_options(args)
     return {name: dataset_label(data) for name, data in named.items() if data is not None}
@@ -102,7 +103,14 @@ def check_model_options(args: BalancedRewardConfig, model_config, tokenizer) -> 
             "activation_offloading=true moves activations from accelerator memory to CPU memory, and this run is on "
             "the CPU; unset it here (it applies on a GPU), or use gradient_checkpointing to save memory."
         )
-    if model_config.num_labels != 1:
+    if args.attributes:
+        if model_config.num_labels != len(args.attributes):
+            raise ConfigError(
+                f"attributes names {len(args.attributes)} head outputs ({', '.join(args.attributes)}), and this model "
+                f"has num_labels={model_config.num_labels}; give a model folder or hub id (its head is made with one "
+                "output per attribute), or build the model with id2label naming the attributes."
+            )
+    elif model_config.num_labels != 1:
         raise ConfigError(
             f"a reward model has one output, this model has num_labels={model_config.num_labels}; load it with "
             "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."

@@ -8,6 +8,7 @@ import logging
 
 from datasets import Dataset, IterableDataset
 
+from .attribute_training import BAD_SCORES, is_single_responses, prepare_responses, with_attribute_scores
 from .config import ConfigError, loss_option_defaults
 from .cross_prompt import add_off_prompt_responses
 from .data import ROW_COLUMN, DataError, column_names, has_pair_texts, is_stream, numbered, pair_texts
@@ -84,12 +85,22 @@ class RunData:
         """A dataset (or stream) prepared and given group ids; one already prepared (it has `group_id`) as it is."""
         if dataset is None or "group_id" in column_names(dataset):
             return dataset
+        dropped = 0
+        if self.args.attributes:  # each completion's scores checked, then carried as `attribute_scores`
+            dataset, dropped = with_attribute_scores(dataset, self.args, name)
         if is_stream(dataset):
             return self.prepare_stream(dataset, name, count)
         lists = self.trains_lists or is_listwise(dataset)
         if self.loss_fn is LOSSES["hinge"] and not lists:  # before tokenising: rows named as the user's
             check_hinge_margins(dataset, name, self.hinge_margin())
-        dataset, self.reports[name] = prepare_dataset(dataset, self.tokenizer, self.args, name, self.max_length, lists)
+        if self.args.attributes and is_single_responses(dataset):  # one scored response per row
+            dataset, self.reports[name] = prepare_responses(dataset, self.tokenizer, self.args, name, self.max_length)
+        else:
+            dataset, self.reports[name] = prepare_dataset(dataset, self.tokenizer, self.args, name, self.max_length,
+                                                          lists)
+        if dropped:
+            self.reports[name]["rows"] += dropped
+            self.reports[name]["dropped"][BAD_SCORES] = dropped
         if self.loss_fn is LOSSES["graded"]:
             check_scored(dataset, name)  # before the model loads, not at the first unscored batch
         self.register_groups(sorted(set(dataset.unique("group")) - set(self.group_names)))

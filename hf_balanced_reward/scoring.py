@@ -6,6 +6,10 @@ plain concatenation, or the chat template for conversations), tokenised with the
 (as training does; trl's built-in reward-model path does not), its prompt cut from the left after the leading
 special tokens when it is longer than `max_length` (`preparation.truncate_list`), and the reward is the model's own output
 `model(**batch).logits[:, 0]` on right-padded batches, in fp32, under `no_grad`.
+
+A multi-attribute model (one output per attribute, `attributes` in training; its config's `reward_attributes` holds
+the names and `reward_weights`) is scored as one reward, sum_a w_a * output_a, the reward its `combined` export
+outputs; `per_attribute=True` gives every attribute's reward by name instead.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from trl.data_utils import common_prefix_length
 
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Keys of the saved model's config that hold training's text settings; absent in models saved before they existed.
 SAVED_MAX_LENGTH = "reward_max_length"
 SAVED_APPEND_EOS = "reward_append_eos_token"
+SAVED_ATTRIBUTES = "reward_attributes"  # a multi-attribute model's {"names": [...], "weights": [...]}
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -44,9 +49,11 @@ def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
         name = resolve_model_path(str(model_dir_or_model))
         try:
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
+            # One output, unless the model is a multi-attribute one: then all of them, combined when scoring.
+            labels = {} if is_attribute_model(AutoConfig.from_pretrained(name)) else {"num_labels": 1}
             # fp32 and safetensors, as training loads; a pickled checkpoint can run code when it is loaded.
             model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, dtype=torch.float32, use_safetensors=True
+                name, dtype=torch.float32, use_safetensors=True, **labels
             )
         except (OSError, ValueError) as err:
             raise ConfigError(f"could not load reward model '{name}': {err}") from err
@@ -57,7 +64,7 @@ def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
             tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
         if device is not None:
             model.to(device)
-    if model.config.num_labels != 1:
+    if model.config.num_labels != 1 and not is_attribute_model(model.config):
         raise ConfigError(
             f"a reward model has one output, this model has num_labels={model.config.num_labels}; load it with "
             "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)."
@@ -69,6 +76,17 @@ def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
             raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
         text_config.pad_token_id = pad
     return model, tokenizer
+
+
+def is_attribute_model(config) -> bool:
+    """Whether a model's config is a multi-attribute reward model's: several outputs, named and weighted."""
+    saved = getattr(config, SAVED_ATTRIBUTES, None)
+    return config.num_labels > 1 and isinstance(saved, dict) and len(saved.get("weights") or []) == config.num_labels
+
+
+def attribute_weights(model) -> list[float] | None:
+    """The weights that combine a multi-attribute model's outputs into its reward; None for a one-output model."""
+    return getattr(model.config, SAVED_ATTRIBUTES)["weights"] if is_attribute_model(model.config) else None
 
 
 def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int | None:
@@ -134,13 +152,20 @@ def tokenize_with_cuts(prompts, completions, tokenizer, max_length, append_eos: 
     return all_ids, cuts
 
 
-def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool = False) -> list[float]:
+def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool = False,
+              per_attribute: bool = False) -> list:
     """The model's own reward of each token sequence, in batches of similar length, longest first (a batch that
-    does not fit in memory fails at once), right-padded with the model's pad id so its pooling finds each end."""
+    does not fit in memory fails at once), right-padded with the model's pad id so its pooling finds each end.
+    A multi-attribute model's reward is its outputs weighted by its `reward_weights`; with `per_attribute`, each
+    sequence gets {attribute: reward} instead."""
     pad_id = model.config.get_text_config().pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     rewards = [0.0] * len(all_ids)
+    weights = attribute_weights(model)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)] if per_attribute else None
+    if weights is not None:
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -153,7 +178,11 @@ def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool =
                     input_ids[row, : len(all_ids[i])] = torch.tensor(all_ids[i])
                     attention_mask[row, : len(all_ids[i])] = 1
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                for i, reward in zip(rows, logits[:, 0].float().tolist()):
+                if names is not None:
+                    values = [dict(zip(names, row)) for row in logits.float().tolist()]
+                else:
+                    values = (logits[:, 0].float() if weights is None else logits.float() @ weights).tolist()
+                for i, reward in zip(rows, values):
                     rewards[i] = reward
                 bar.update(len(rows))
     finally:
@@ -162,7 +191,7 @@ def score_ids(model, all_ids: list[list[int]], batch_size: int, progress: bool =
 
 
 def reward_function(model_dir_or_model, tokenizer=None, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
-                    max_length: int | None = None, append_eos: bool | None = None):
+                    max_length: int | None = None, append_eos: bool | None = None, per_attribute: bool = False):
     """A reward for RL: `reward(prompts, completions, **kwargs) -> list[float]`, the signature trl's `GRPOTrainer`
     calls in `reward_funcs` (it also passes `completion_ids` and the dataset's other columns, which are ignored).
 
@@ -171,6 +200,9 @@ def reward_function(model_dir_or_model, tokenizer=None, batch_size: int = DEFAUL
     `max_length` and `append_eos` default to the values saved with the model (`reward_max_length`,
     `reward_append_eos_token` in its config), else the tokenizer's limit and False. The returned function carries
     `model`, `tokenizer`, `max_length` and `append_eos` as attributes.
+
+    A multi-attribute model gives the weighted sum of its attributes (its config's `reward_attributes` weights);
+    with `per_attribute=True`, a {attribute: reward} dict per completion instead (not a trl reward then).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
@@ -179,8 +211,13 @@ def reward_function(model_dir_or_model, tokenizer=None, batch_size: int = DEFAUL
     if append_eos is None:
         append_eos = bool(getattr(model.config, SAVED_APPEND_EOS, False))
 
-    def reward(prompts, completions, **kwargs) -> list[float]:
-        return score_ids(model, tokenize_texts(prompts, completions, tokenizer, max_length, append_eos), batch_size)
+    if per_attribute and not is_attribute_model(model.config):
+        raise ConfigError("per_attribute=True needs a multi-attribute model (trained with `attributes`); this one has "
+                          "one output.")
+
+    def reward(prompts, completions, **kwargs) -> list:
+        return score_ids(model, tokenize_texts(prompts, completions, tokenizer, max_length, append_eos), batch_size,
+                         per_attribute=per_attribute)
 
     # trl logs each reward as rewards/<__name__>/mean: name it after the model, as trl names a model it loads.
     name = str(model_dir_or_model) if isinstance(model_dir_or_model, (str, os.PathLike)) else model.config._name_or_path
@@ -242,12 +279,14 @@ def ranks(rewards: list[float]) -> list[int]:
 
 
 def score_file(model, dataset, output: str, max_length: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-               split: str = "train", tokenizer=None) -> dict:
+               split: str = "train", tokenizer=None, per_attribute: bool = False) -> dict:
     """Score every response of `dataset` (a .jsonl/.json/.parquet/.csv file, a saved or data-file folder, a hub id,
     or a `Dataset`) with the reward model `model` (a folder, hub id or model object); write `output` as JSON lines.
 
     Each output line is the input row plus `reward`; rows with a `completions` list also get `rewards` (one per
-    completion), `rank` (1 = best within the row's prompt) and `reward` is their best. Returns counts.
+    completion), `rank` (1 = best within the row's prompt) and `reward` is their best. With `per_attribute` (a
+    multi-attribute model), each line also gets `attribute_rewards`: {attribute: reward} (a list of them, one per
+    completion, on `completions` rows). Returns counts.
     """
     name = dataset if isinstance(dataset, str) else "(in memory)"
     check_output_file(output)  # before any scoring work
@@ -268,13 +307,22 @@ def score_file(model, dataset, output: str, max_length: int | None = None, batch
     per_row = [[] for _ in range(len(dataset))]
     for row, value in zip(owners, rewards):
         per_row[row].append(value)
+    by_attribute = [[] for _ in range(len(dataset))]
+    if per_attribute:
+        if not is_attribute_model(reward.model.config):
+            raise ConfigError("--attributes needs a multi-attribute model (trained with `attributes`); this one has "
+                              "one output.")
+        for row, value in zip(owners, score_ids(reward.model, all_ids, batch_size, per_attribute=True)):
+            by_attribute[row].append(value)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"  # a run stopped halfway leaves no file that looks finished
     with open(partial, "w", encoding="utf-8") as f:
-        for example, values in zip(dataset, per_row):
+        for example, values, attributes in zip(dataset, per_row, by_attribute):
             scored = {"reward": max(values)}
             if column == "completions":
                 scored.update(rewards=values, rank=ranks(values))
+            if per_attribute:
+                scored["attribute_rewards"] = attributes if column == "completions" else attributes[0]
             f.write(json.dumps({**example, **scored}, ensure_ascii=False, default=str) + "\n")
     os.replace(partial, output)
     return {"rows": len(dataset), "texts": len(rewards), "max_length": reward.max_length, "output": output}
@@ -305,6 +353,9 @@ def score_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="Where the scored rows go (JSON lines).")
     parser.add_argument("--split", default="train", help="Split of a hub or folder dataset.")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Texts scored per batch.")
+    parser.add_argument("--attributes", action="store_true",
+                        help="A multi-attribute model: also write each attribute's reward (`attribute_rewards`); "
+                        "'reward' is always their weighted sum.")
     parser.add_argument("--max_length", type=int, default=None,
                         help="Most tokens per text; default: the one the model was trained with, if saved with it, "
                         "else the tokenizer's limit, capped by the model's positions.")
@@ -313,7 +364,8 @@ def score_main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, or a usage error argparse has already printed
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        counts = score_file(args.model, args.dataset, args.output, args.max_length, args.batch_size, args.split)
+        counts = score_file(args.model, args.dataset, args.output, args.max_length, args.batch_size, args.split,
+                            per_attribute=args.attributes)
     except (DataError, ConfigError) as err:
         print(f"hf-balanced-reward: error: {err}", file=sys.stderr)
         return 2

@@ -42,7 +42,9 @@ def check_reward_model(name: str) -> None:
         raise ConfigError(f"MODEL_DIR '{name}' is not a reward model: its config names {architectures or 'no class'}, "
                           "not a *ForSequenceClassification with one output. Serve the output_dir of "
                           "`hf-balanced-reward train`, or a classifier saved with num_labels=1.")
-    if config.num_labels != 1:
+    from .scoring import is_attribute_model
+
+    if config.num_labels != 1 and not is_attribute_model(config):  # an attribute model's reward: their weighted sum
         raise ConfigError(f"MODEL_DIR '{name}' has {config.num_labels} outputs (num_labels={config.num_labels}); a "
                           "reward model has one.")
 

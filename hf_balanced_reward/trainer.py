@@ -17,6 +17,7 @@ from trl.models import get_act_offloading_ctx_manager
 
 from .balancing import BalanceOptions, balancer_for
 from .callbacks import ClearOutsideGradients, RewardDriftCallback, SkipEmptySteps, StopOnSignal
+from . import attribute_training
 from .checkpoint_hooks import non_finite_batch, resume_position, run_training, save_checkpoint, write_data_report
 from .checkpoints import data_identity
 from .collator import Layout, RewardCollator
@@ -109,6 +110,8 @@ class BalancedRewardTrainer(Trainer):
 
         self.run_data = RunData(processing_class, args, self.loss_fn, self.balance, self.trains_lists, self.max_length)
         train_dataset = self.run_data.prepare_train(train_dataset, loss_fn)
+        if args.attributes:  # standardize: true is measured on the prepared train set
+            self.loss_options = attribute_training.loss_options(args, train_dataset)
         self.train_data_id = data_identity(train_dataset)  # the prepared rows' content: for the run's fingerprint
         eval_dataset = self.run_data.prepare_eval(eval_dataset)
 
@@ -185,6 +188,8 @@ class BalancedRewardTrainer(Trainer):
         args.validate_reward_options()  # a trial's loss_kwargs, checked as a recipe's are
         check_loss_kwargs(args.loss_kwargs, self.loss_fn, getattr(self.loss_fn, "__name__", "loss_fn"))
         self._set_loss_options(args)
+        if args.attributes:
+            self.loss_options = attribute_training.loss_options(args, self.train_dataset)
         if self.balance is not None:  # the groups, unit sizes and length slopes come from the data, kept
             self.balance.restart(BalanceOptions(**args.loss_kwargs))
         self._fresh_trained_state()
@@ -323,6 +328,8 @@ class BalancedRewardTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:  # a final save, not a checkpoint: give it a card
+            if self.args.export_combined:  # beside it, the one-output model of the weighted attributes
+                attribute_training.export_combined(self, output_dir or self.args.output_dir)
             self.write_card(output_dir or self.args.output_dir)
 
     def write_card(self, output_dir: str, repo: str | None = None) -> str:
@@ -382,6 +389,8 @@ class BalancedRewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One loss per row (a pair, a list; see `row_losses`), then one weighted mean over the batch's rows."""
+        if self.args.attributes:  # one head output per attribute, trained on their scores
+            return attribute_training.compute_loss(self, model, inputs, return_outputs)
         rewards, off_prompt, features = self.score(model, inputs, model.training and self.length_head is not None)
         mask = inputs["list_mask"]
         pairs = list_pairs(rewards, inputs["ranks"], mask)
@@ -423,10 +432,17 @@ class BalancedRewardTrainer(Trainer):
             return loss.detach(), None, None
         # Trainer pads K across batches with -100, so the mask travels as 1 / 0.
         group_ids = inputs.get("group_id", torch.zeros_like(outputs["losses"], dtype=torch.long))
-        return (loss.detach(), (outputs["rewards"], outputs["losses"].detach()),
-                (group_ids, inputs["ranks"], inputs["list_mask"].long(), inputs["response_lengths"]))
+        predictions = (outputs["rewards"], outputs["losses"].detach())
+        labels = (group_ids, inputs["ranks"], inputs["list_mask"].long(), inputs["response_lengths"])
+        if "attribute_rewards" in outputs:  # per attribute: the head's outputs and the expert scores
+            predictions, labels = predictions + (outputs["attribute_rewards"],), labels + (inputs["attribute_scores"],)
+        return loss.detach(), predictions, labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
-        (rewards, losses), (group_ids, ranks, mask, lengths) = real_pairs(eval_prediction)
-        return reward_metrics(rewards, losses, group_ids, ranks, mask == 1, lengths, self.group_names or ["all"],
-                              self.user_compute_metrics)
+        (rewards, losses, *attribute_rewards), (group_ids, ranks, mask, lengths, *expert) = real_pairs(eval_prediction)
+        metrics = reward_metrics(rewards, losses, group_ids, ranks, mask == 1, lengths, self.group_names or ["all"],
+                                 self.user_compute_metrics)
+        if attribute_rewards:
+            metrics.update(attribute_training.evaluation_metrics(attribute_rewards[0], expert[0], mask,
+                                                                 self.args.attributes))
+        return metrics

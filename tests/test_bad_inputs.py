@@ -111,8 +111,9 @@ def test_bad_data_is_reported_before_the_model_loads(tmp_path, model_dir, no_mod
 
 BAD_CONFIG = [
     ("unknown-loss", {"loss_type": "brodley_terry"},
-     r"loss_type='brodley_terry' is not a known loss \(did you mean 'bradley_terry'\?\). Choose one of: balanced, "
-     r"bradley_terry, davidson, graded, hinge, pairwise, plackett_luce, rao_kupper\."),
+     r"loss_type='brodley_terry' is not a known loss \(did you mean 'bradley_terry'\?\). Choose one of: "
+     r"attribute_bradley_terry, attribute_loss, balanced, bradley_terry, davidson, graded, hinge, pairwise, "
+     r"plackett_luce, rao_kupper, regression\."),
     ("loss-kwarg-typo", {"loss_type": "hinge", "loss_kwargs": {"hinge_margn": 1}},
      r"loss_kwargs has unknown option 'hinge_margn' for loss 'hinge' \(did you mean 'hinge_margin'\?\)\. Options of "
      r"'hinge': hinge_margin\."),

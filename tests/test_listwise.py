@@ -227,7 +227,8 @@ def test_learnt_tie_parameter(name):
 
 
 def test_every_loss_a_config_can_name_is_in_losses():
-    assert set(LOSSES) == {"bradley_terry", "hinge", "balanced"} | set(TIE_LOSSES) | set(LISTWISE_LOSSES)
+    assert set(LOSSES) == ({"bradley_terry", "hinge", "balanced"} | set(TIE_LOSSES) | set(LISTWISE_LOSSES)
+                           | {"regression", "attribute_bradley_terry", "attribute_loss"})
 
 
 # Pairs of a list: graded and pairwise --------------------------------------------------------------------------------
