@@ -15,9 +15,9 @@ from datasets import Dataset, IterableDataset
 from transformers import EvalPrediction, PreTrainedModel, Trainer
 from trl.models import get_act_offloading_ctx_manager
 
+from . import attribute_training
 from .balancing import BalanceOptions, balancer_for
 from .callbacks import ClearOutsideGradients, RewardDriftCallback, SkipEmptySteps, StopOnSignal
-from . import attribute_training
 from .checkpoint_hooks import non_finite_batch, resume_position, run_training, save_checkpoint, write_data_report
 from .checkpoints import data_identity
 from .collator import Layout, RewardCollator
