@@ -4,8 +4,8 @@ when its loss is an attribute loss (`losses.ATTRIBUTE_LOSS_NAMES`).
 The targets travel with the rows: `with_attribute_scores` checks the attribute columns (`attributes.
 check_attribute_values`, before tokenisation, rows named as the user's) and adds `attribute_scores`, one list of A
 scores per completion in the row's completion order (a pair: chosen, then rejected); the collator stacks them into
-[rows, Kmax, A], NaN in padded slots. The head gives rewards [rows, K, A] (`forward.score_batch(all_outputs=True)`);
-`row_losses` turns them into one loss per row; `combined` folds them with `reward_weights` into the one reward
+[rows, Kmax, A], NaN in padded slots. The head gives rewards [rows, K, A] (`forward.score_attributes`);
+`row_losses` here turns them into one loss per row; `combined` folds them with `reward_weights` into the one reward
 [rows, K] that every pair and list metric reads, so accuracy is the combined reward's on the overall preference.
 `evaluation_metrics` adds each attribute's correlations with the expert scores and its pair accuracy.
 """
