@@ -21,7 +21,7 @@ from accelerate.utils import is_peft_model
 from .attributes import attribute_metrics, check_attribute_values, save_combined
 from .errors import ConfigError, DataError
 from .forward import score_attributes
-from .losses import LOSSES, list_pairs
+from .losses import LOSSES
 from .preparation import ATTRIBUTE_COLUMN  # per prepared row: K lists of A floats
 
 logger = logging.getLogger(__name__)
@@ -188,29 +188,13 @@ def combined(rewards, weights, mask) -> torch.Tensor:
     return (rewards.float() @ weights).masked_fill(~mask, 0.0)
 
 
-def compute_loss(trainer, model, inputs, return_outputs=False):
-    """The trainer's `compute_loss` for an attribute loss: the per-row losses' weighted mean; outputs carry the
-    combined rewards (what the pair and list metrics read) and the per-attribute ones."""
-    from .checkpoint_hooks import non_finite_batch
-    from .train_metrics import all_finite, record_train_step
-
+def score_and_losses(trainer, model, inputs) -> tuple:
+    """(combined rewards [rows, K], what the pair and list metrics read; loss per row [rows]; per-attribute rewards
+    [rows, K, A]) of a batch: the attribute run's part of the trainer's one `compute_loss`."""
     per_attribute = score_attributes(model, inputs)
     mask = inputs["list_mask"]
     per_row = row_losses(trainer.args.loss_type, trainer.loss_options, per_attribute, inputs[ATTRIBUTE_COLUMN], mask)
-    rewards = combined(per_attribute, trainer.args.reward_weights, mask)
-    weights = inputs.get("weight")
-    weighted = per_row if weights is None else weights * per_row
-    loss = weighted.mean()
-    if model.training:
-        trainer.micro_batches += 1
-        if not all_finite(trainer.accelerator, loss, rewards[mask]):
-            return non_finite_batch(trainer, model, loss, rewards[mask])
-        trainer.skip_steps.batch(loss)
-        with torch.no_grad():
-            pairs = list_pairs(rewards, inputs["ranks"], mask)
-            record_train_step(trainer, pairs, per_row[:, None].expand_as(pairs.chosen), inputs)
-    outputs = {"rewards": rewards, "losses": weighted, "attribute_rewards": per_attribute}
-    return (loss, outputs) if return_outputs else loss
+    return combined(per_attribute, trainer.args.reward_weights, mask), per_row, per_attribute
 
 
 # Evaluation -------------------------------------------------------------------------------------------------------

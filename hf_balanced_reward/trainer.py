@@ -389,19 +389,23 @@ class BalancedRewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One loss per row (a pair, a list; see `row_losses`), then one weighted mean over the batch's rows."""
-        if self.args.attributes:  # one head output per attribute, trained on their scores
-            return attribute_training.compute_loss(self, model, inputs, return_outputs)
-        rewards, off_prompt, features = self.score(model, inputs, model.training and self.length_head is not None)
-        mask = inputs["list_mask"]
-        pairs = list_pairs(rewards, inputs["ranks"], mask)
-        center = self.args.center_rewards_coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 \
-            if self.args.center_rewards_coefficient else None  # (r_c + r_r)^2 on a pair
-        if self.pairwise:
-            per_row, pair_losses, penalty = pairwise_row_losses(self.loss_fn, self.loss_options, pairs, inputs,
-                                                                off_prompt, features, center, self.balance,
-                                                                self.length_head, model.training)
+        mask, attribute_rewards = inputs["list_mask"], None
+        if self.args.attributes:  # one head output per attribute, trained on their scores; metrics read their sum
+            rewards, per_row, attribute_rewards = attribute_training.score_and_losses(self, model, inputs)
+            pairs = list_pairs(rewards, inputs["ranks"], mask)
+            pair_losses, penalty = per_row[:, None].expand_as(pairs.chosen), None
         else:
-            per_row, pair_losses, penalty = list_row_losses(self.list_loss, rewards, inputs, pairs, center, self.log_tie)
+            rewards, off_prompt, features = self.score(model, inputs, model.training and self.length_head is not None)
+            pairs = list_pairs(rewards, inputs["ranks"], mask)
+            center = self.args.center_rewards_coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 \
+                if self.args.center_rewards_coefficient else None  # (r_c + r_r)^2 on a pair
+            if self.pairwise:
+                per_row, pair_losses, penalty = pairwise_row_losses(self.loss_fn, self.loss_options, pairs, inputs,
+                                                                    off_prompt, features, center, self.balance,
+                                                                    self.length_head, model.training)
+            else:
+                per_row, pair_losses, penalty = list_row_losses(self.list_loss, rewards, inputs, pairs, center,
+                                                                self.log_tie)
         weights = inputs.get("weight")
         weighted = per_row if weights is None else weights * per_row
         loss = weighted.mean() if penalty is None else weighted.mean() + penalty
@@ -412,7 +416,10 @@ class BalancedRewardTrainer(Trainer):
             self.skip_steps.batch(loss)
             with torch.no_grad():
                 record_train_step(self, pairs, pair_losses, inputs)
-        return (loss, {"rewards": rewards, "losses": weighted}) if return_outputs else loss
+        outputs = {"rewards": rewards, "losses": weighted}
+        if attribute_rewards is not None:
+            outputs["attribute_rewards"] = attribute_rewards
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.skip_steps.fix_logs(logs)  # the loss of the micro-batches that trained, not a skipped one's 0
