@@ -11,6 +11,8 @@ scores per completion in the row's completion order (a pair: chosen, then reject
 """
 
 import copy
+import hashlib
+import json
 import logging
 import os
 
@@ -22,7 +24,7 @@ from .attributes import attribute_metrics, check_attribute_values, save_combined
 from .errors import ConfigError, DataError
 from .forward import score_attributes
 from .losses import LOSSES
-from .preparation import ATTRIBUTE_COLUMN  # per prepared row: K lists of A floats
+from .preparation import ATTRIBUTE_COLUMN, KEY_COLUMN  # per prepared row: K lists of A floats, K content hashes
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,17 @@ def is_single_responses(dataset) -> bool:
     return {"prompt", "response"} <= columns and not columns & {"chosen", "rejected", "completions", "chosen_ids"}
 
 
+def content_key(prompt, response) -> int:
+    """A 63-bit hash of a completion's prompt and response (text, messages or token ids): the same response in two
+    rows, as a SummEval summary in several pairs, is one response to the per-attribute metrics."""
+    text = json.dumps([prompt, response], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
 def with_attribute_scores(dataset, args, name: str) -> tuple:
-    """(dataset with `attribute_scores`, rows dropped): the attribute columns checked (a missing column or a value
-    that is not a finite number is refused naming the row, column and value, or the row dropped with
-    on_bad_rows: skip), then each row's scores gathered per completion."""
+    """(dataset with `attribute_scores` and `completion_keys`, rows dropped): the attribute columns checked (a
+    missing column or a value that is not a finite number is refused naming the row, column and value, or the row
+    dropped with on_bad_rows: skip), then each row's scores and content keys gathered per completion."""
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset):
@@ -71,12 +80,17 @@ def with_attribute_scores(dataset, args, name: str) -> tuple:
     def gather(example):
         if single:
             per_attribute = [[float(example[a])] for a in args.attributes]
+            responses = [example["response"]]
         elif lists:
             per_attribute = [[float(v) for v in example[a]] for a in args.attributes]
+            responses = example["completions"]
         else:
             per_attribute = [[float(example[f"{a}_chosen"]), float(example[f"{a}_rejected"])]
                              for a in args.attributes]
-        return {ATTRIBUTE_COLUMN: [list(scores) for scores in zip(*per_attribute)]}
+            responses = [example[c] for c in (("chosen", "rejected") if "chosen" in example else
+                                              ("chosen_ids", "rejected_ids"))]
+        return {ATTRIBUTE_COLUMN: [list(scores) for scores in zip(*per_attribute)],
+                KEY_COLUMN: [content_key(example.get("prompt"), response) for response in responses]}
 
     return dataset.map(gather, desc=f"Attribute scores of {name}"), dropped
 
@@ -114,7 +128,7 @@ def prepare_responses(dataset, tokenizer, args, name: str, max_length) -> tuple:
     prepared = {"completion_ids": [[sequence] for sequence in ids], "ranks": [[1]] * len(ids),
                 "group": [str(g) for g in rows[group]] if group else ["all"] * len(ids),
                 "response_lengths": [[1]] * len(ids), "length": [len(sequence) for sequence in ids],
-                ATTRIBUTE_COLUMN: rows[ATTRIBUTE_COLUMN]}
+                ATTRIBUTE_COLUMN: rows[ATTRIBUTE_COLUMN], KEY_COLUMN: rows[KEY_COLUMN]}
     if "weight" in rows.column_names:
         prepared["weight"] = [float(w) for w in rows["weight"]]
     dropped = {}
@@ -200,18 +214,31 @@ def score_and_losses(trainer, model, inputs) -> tuple:
 # Evaluation -------------------------------------------------------------------------------------------------------
 
 
-def evaluation_metrics(predicted, expert, mask, names) -> dict:
-    """Per attribute, over every real completion of the evaluated rows (a completion in several rows, as a summary
-    in several SummEval pairs, counts once per row): Pearson, Spearman and Kendall against the expert scores, and
-    the pair accuracy over each row's pairs whose expert scores differ (`attributes.attribute_metrics`)."""
+def distinct_responses(predicted, expert, mask, keys=None) -> tuple:
+    """(predicted [N, A], expert [N, A], pairs [P, 2]) over the distinct responses of rows [rows, K, A] (by `keys`
+    [rows, K], their content hashes: a summary in several SummEval pairs is one response, with its first
+    occurrence's reward; without keys, every completion is its own) and the distinct pairs of them that share a
+    row."""
     predicted, expert, mask = np.asarray(predicted), np.asarray(expert), np.asarray(mask) == 1
     rows, slots = np.nonzero(mask)
+    keys = np.arange(mask.size).reshape(mask.shape) if keys is None else np.asarray(keys)
+    _, first_seen, index = np.unique(keys[rows, slots], return_index=True, return_inverse=True)
     flat = np.full(mask.shape, -1)
-    flat[rows, slots] = np.arange(len(rows))
+    flat[rows, slots] = index.reshape(-1)
     first, second = np.triu_indices(mask.shape[1], k=1)
     both = mask[:, first] & mask[:, second]
-    pairs = np.stack([flat[:, first][both], flat[:, second][both]], axis=-1)
-    return attribute_metrics(predicted[rows, slots], expert[rows, slots], names, pairs)
+    pairs = np.sort(np.stack([flat[:, first][both], flat[:, second][both]], axis=-1), axis=-1).reshape(-1, 2)
+    pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)  # a row holding one response twice compares nothing
+    taken = (rows[first_seen], slots[first_seen])
+    return predicted[taken], expert[taken], pairs
+
+
+def evaluation_metrics(predicted, expert, mask, names, keys=None) -> dict:
+    """Per attribute, over the distinct responses of the evaluated rows (`distinct_responses`): Pearson, Spearman and
+    Kendall against the expert scores, and the pair accuracy over the distinct pairs that share a row and whose
+    expert scores differ (`attributes.attribute_metrics`)."""
+    predicted, expert, pairs = distinct_responses(predicted, expert, mask, keys)
+    return attribute_metrics(predicted, expert, names, pairs)
 
 
 # Saving -----------------------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ class RewardCollator:
     Per-completion keys are [rows, Kmax], 0 in padded slots: `completion_ends` (where each completion's reward is
     read: a row of the plain layout, or a flat cell index row * width + column of the packed one), `list_mask` (True
     on real completions), `ranks`, `response_lengths` (tokens after the shared prompt) and `scores` (only when every
-    row has them), and `attribute_scores` [rows, Kmax, A] when the rows carry them. Model inputs: plain layout,
+    row has them), and `attribute_scores` [rows, Kmax, A] with `completion_keys` [rows, Kmax] (a hash of each
+    completion's text) when the rows carry them. Model inputs: plain layout,
     `input_ids`, `attention_mask` and `end_positions` (each row's scored token, see `scored_index`), one row per
     completion, every row's first completion, then every row's second, ...;
     shared-prompt layout, `input_ids`,
@@ -202,6 +203,8 @@ class RewardCollator:
             batch["scores"] = padded_slots([e["scores"] for e in examples], torch.float32)
         if "attribute_scores" in examples[0]:  # [rows, Kmax, A], NaN in padded slots
             batch["attribute_scores"] = attribute_slots([e["attribute_scores"] for e in examples])
+        if "completion_keys" in examples[0]:
+            batch["completion_keys"] = padded_slots([e["completion_keys"] for e in examples], torch.long)
         # Response tokens after the shared prompt: the length metrics and the balanced loss read them.
         batch["response_lengths"] = padded_slots([[len(s) - p for s in c] for c, p in zip(completions, shared)],
                                                  torch.long)

@@ -33,7 +33,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 ROW_COLUMN = "_hf_balanced_reward_row"
 # Columns the collator reads; `length` (unique tokens of a row) feeds train_sampling_strategy="group_by_length".
 MODEL_COLUMNS = ["completion_ids", "ranks", "scores", "margin", "weight", "group_id", "length", "off_prompt_ids",
-                 "attribute_scores"]
+                 "attribute_scores", "completion_keys"]
 
 
 def load_preference_dataset(name_or_path: str, split: str = "train", streaming: bool = False

@@ -49,27 +49,34 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
     saved = AutoConfig.from_pretrained(model)
     if max_length is None:
         max_length = getattr(saved, "reward_max_length", None)
+    attributes, loaded = attribute_setup(model, saved, dataset)
     args = BalancedRewardConfig(
         output_dir=output_dir, per_device_eval_batch_size=batch_size, group_column=group_column,
         max_length=max_length, on_bad_rows=on_bad_rows, report_to="none", disable_dropout=True,
         append_eos_token=bool(getattr(saved, "reward_append_eos_token", False)), long_responses=long_responses,
+        **attributes,
     )
     dataset = numbered(dataset)  # the row numbers travel through preparation to predictions.jsonl
-    trainer = BalancedRewardTrainer(model=model, args=args, eval_dataset=dataset)
+    trainer = BalancedRewardTrainer(model=loaded or model, args=args, eval_dataset=dataset)
     # Longest pairs first, in batches of similar length: little padding, and a slow batch shows up at once.
     prepared = trainer.eval_dataset.sort("length", reverse=True)
     output = trainer.predict(prepared, metric_key_prefix="eval")
-    group_ids, ranks, mask, lengths = output.label_ids
+    group_ids, ranks, mask, lengths, *expert = output.label_ids
+    per_attribute = {}
+    if attributes:  # each attribute against the expert scores, over the distinct responses
+        per_attribute = attribute_report(output.predictions[2], *expert, mask == 1, attributes, output_dir)
     rewards, ranks, mask = padded(output.predictions[0], ranks, mask == 1)
     group_ids = np.asarray(group_ids).reshape(-1)
     chosen, rejected, pair_rows, (chosen_lengths, rejected_lengths) = decisive_pairs(rewards, ranks, mask, lengths)
-    if rewards.shape[1] != 2 or len(pair_rows) != len(rewards):  # lists, or pairs with ties
-        return write_list_report(rewards, ranks, mask, group_ids, trainer, model, output_dir, dataset_name)
+    if rewards.shape[1] != 2 or len(pair_rows) != len(rewards):  # lists, single responses, or pairs with ties
+        return write_list_report(rewards, ranks, mask, group_ids, trainer, model, output_dir, dataset_name,
+                                 per_attribute)
     lengths = np.stack([chosen_lengths, rejected_lengths], axis=1)
     report = build_report(chosen, rejected, group_ids, trainer.group_names, chosen_lengths, rejected_lengths,
                           length_calibration)
     report["model"], report["data"], report["max_length"] = model, trainer.data_report.get("eval"), trainer.max_length
     report["dataset"] = dataset_name
+    report.update(per_attribute)
     rows = prepared[ROW_COLUMN]
     write_predictions(os.path.join(output_dir, "predictions.jsonl"), rows, chosen, rejected,
                       [trainer.group_names[g] for g in np.asarray(group_ids).reshape(-1)], lengths)
@@ -88,9 +95,49 @@ def evaluate_model(model: str, dataset, output_dir: str, group_column: str | Non
                               paths["groups"])
     plots.length_cell_bars(report["length_cells"], report.get("length_balanced_accuracy"), paths["length_cells"])
     report["plots"] = {name: os.path.relpath(path, output_dir) for name, path in paths.items()}
+    report["plots"].update(per_attribute.get("plots", {}))
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     refresh_card(output_dir, model, report)
+    return report
+
+
+def attribute_setup(model: str, saved, dataset) -> tuple[dict, object | None]:
+    """(config options, model object or None) for evaluating `model`. A multi-attribute model on data with its
+    attribute columns: its names and weights as the run's `attributes`, so every attribute is scored against the
+    data's; on data without them, its combined one-output model (`attributes.combine_head`), evaluated as any reward
+    model. Any other model: nothing to add."""
+    from .attributes import attribute_columns
+    from .scoring import SAVED_ATTRIBUTES, is_attribute_model
+
+    if not is_attribute_model(saved):
+        return {}, None
+    names, weights = (getattr(saved, SAVED_ATTRIBUTES)[key] for key in ("names", "weights"))
+    columns = dataset.column_names
+    if all(attribute_columns(columns, name) for name in names):
+        return {"attributes": names, "reward_weights": weights, "loss_type": "regression"}, None
+    from transformers import AutoModelForSequenceClassification
+
+    from .attributes import combine_head
+
+    missing = [name for name in names if not attribute_columns(columns, name)]
+    logger.warning(f"the data has no scores for attribute(s) {', '.join(missing)}: evaluating the combined reward "
+                   f"only (weights {weights}).")
+    return {}, combine_head(AutoModelForSequenceClassification.from_pretrained(model, dtype="float32"), weights)
+
+
+def attribute_report(predicted, expert, keys, mask, attributes: dict, output_dir: str) -> dict:
+    """Per attribute: the correlations and pair accuracy of `attribute_training.evaluation_metrics` (each response
+    once) and a plot of predicted against expert score."""
+    from .attribute_training import distinct_responses, evaluation_metrics
+
+    names = attributes["attributes"]
+    report = evaluation_metrics(predicted, expert, mask, names, keys)
+    report["attribute_weights"] = dict(zip(names, attributes["reward_weights"]))
+    path = os.path.join(output_dir, "plots", "attribute_scatter.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plots.attribute_scatter(*distinct_responses(predicted, expert, mask, keys)[:2], names, report, path)
+    report["plots"] = {"attributes": os.path.relpath(path, output_dir)}
     return report
 
 
@@ -118,9 +165,11 @@ def write_predictions(path: str, rows, chosen, rejected, groups, lengths) -> Non
 
 
 def write_list_report(rewards, ranks, mask, group_ids, trainer, model: str, output_dir: str,
-                      dataset_name: str | None = None) -> dict:
+                      dataset_name: str | None = None, per_attribute: dict | None = None) -> dict:
     """The report of a dataset of lists: `ranking_metrics` overall and per group (`trainer.evaluate()`'s metrics,
-    with counts). The pair plots (margins, calibration, length cells) have no list counterpart and are not drawn."""
+    with counts), and a multi-attribute model's `per_attribute` figures (for single scored responses, the only
+    ones). The pair plots (margins, calibration, length cells) have no list counterpart and are not drawn."""
+    per_attribute = dict(per_attribute or {})
     report = ranking_metrics(rewards, ranks, mask)
     if "pairwise_accuracy" in report:  # under the name pair evaluations use
         report["accuracy"] = report["pairwise_accuracy"]
@@ -130,8 +179,8 @@ def write_list_report(rewards, ranks, mask, group_ids, trainer, model: str, outp
     if len(names) > 1:
         report.update({f"accuracy_{metric_name(group)}": in_group["pairwise_accuracy"]
                        for group, in_group in report["groups"].items() if "pairwise_accuracy" in in_group})
-    report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length, plots={},
-                  dataset=dataset_name)
+    report.update(model=model, data=trainer.data_report.get("eval"), max_length=trainer.max_length,
+                  plots=per_attribute.pop("plots", {}), dataset=dataset_name, **per_attribute)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

@@ -88,9 +88,25 @@ def config_and_tokenizer(model, tokenizer, args: BalancedRewardConfig):
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as err:  # a missing path, an unreachable hub id, a malformed config
         raise ConfigError(f"could not load model '{model}': {err}") from err
+    if not args.attributes:
+        check_not_attribute_model(model, args)
     if args.shared_prompt:
         use_shared_prompt(skeleton_model(config, args), args)
     return config, tokenizer
+
+
+def check_not_attribute_model(model: str, args: BalancedRewardConfig) -> None:
+    """A multi-attribute model loaded as a one-output one would fail in transformers on the head's shape: say what
+    to do instead."""
+    from .scoring import SAVED_ATTRIBUTES, is_attribute_model
+
+    saved = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+    if is_attribute_model(saved):
+        names = getattr(saved, SAVED_ATTRIBUTES)["names"]
+        raise ConfigError(f"model '{model}' is a multi-attribute reward model ({saved.num_labels} outputs: "
+                          f"{', '.join(names)}); to train it further set attributes: [{', '.join(names)}] and an "
+                          "attribute loss, or start a one-output run from its combined export (OUTPUT/combined, "
+                          "written with export_combined: true).")
 
 
 def skeleton_model(config, args: BalancedRewardConfig) -> PreTrainedModel:

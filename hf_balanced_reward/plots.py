@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from .balancing import SAME_LENGTH_TOLERANCE  # noqa: E402
-from .metrics import MIN_CELL_PAIRS  # noqa: E402
+from .metrics import MIN_CELL_PAIRS, metric_name  # noqa: E402
 
 # A calibration bin with fewer pairs than this is drawn hollow: its accuracy is too uncertain to read as a point.
 MIN_BIN_PAIRS = 10
@@ -179,3 +179,34 @@ def length_cell_bars(cells: dict[str, dict], length_balanced: float | None, path
                   "share of pairs ranked correctly", path, columns=2,
                   hatched=(f"hatched: not in the length-balanced mean (same length, or under {MIN_CELL_PAIRS} pairs)",)
                   if hatched else ())
+
+
+def attribute_scatter(predicted: np.ndarray, expert: np.ndarray, names: list[str], metrics: dict, path: str
+                      ) -> Figure:
+    """A multi-attribute model's predicted score against the expert score, one panel per attribute, each response
+    once; the panel's title gives its Pearson and Spearman (`attribute_training.evaluation_metrics`). Expert
+    scores are often a few discrete values: the points are jittered sideways (by at most a quarter of the smallest
+    gap between two of them) so that equal ones do not hide each other."""
+    columns = min(len(names), 4)
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.2 * rows + 0.6), layout="constrained",
+                             squeeze=False)
+    jitter = np.random.default_rng(0)
+    for a, name in enumerate(names):
+        ax = axes[a // columns][a % columns]
+        scored = np.isfinite(expert[:, a])
+        x, y = expert[scored, a], predicted[scored, a]
+        levels = np.unique(x)
+        spread = np.diff(levels).min() / 4 if len(levels) > 1 else 0.0
+        ax.scatter(x + jitter.uniform(-spread, spread, len(x)), y, s=8, alpha=0.5, color="tab:blue")
+        key = metric_name(name)
+        pearson, spearman = metrics.get(f"pearson_{key}", np.nan), metrics.get(f"spearman_{key}", np.nan)
+        ax.set_title(f"{name} ({len(x)} responses)\nPearson {pearson:.3f}, Spearman {spearman:.3f}", fontsize=9)
+        ax.set_xlabel("expert score", fontsize=8)
+        ax.set_ylabel("predicted (head output)", fontsize=8)
+    for a in range(len(names), rows * columns):
+        axes[a // columns][a % columns].set_visible(False)
+    fig.suptitle("Predicted against expert score, per attribute (each response once)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig

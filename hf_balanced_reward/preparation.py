@@ -3,8 +3,8 @@
 A prepared row has `completion_ids` (K full sequences, prompt included; a pair is K = 2, chosen first), `ranks` (1 is
 best, equal for ties: a pair is (1, 2), or (1, 1) when tied), `scores` (lists that give them), `group`,
 `response_lengths` (tokens of each completion after the shared prompt) and `length` (unique tokens: the prompt once
-plus every response, for `group_by_length`), plus the row's own `margin` / `weight` columns (and a multi-attribute run's `attribute_scores`) when it has them. One
-function tokenises every kind of row (`tokenize_row`), one prepares a dataset in memory (`prepare_dataset`) and one a
+plus every response, for `group_by_length`), plus the row's own `margin` / `weight` columns (and a multi-attribute
+run's `attribute_scores` and `completion_keys`) when it has them. One function tokenises every kind of row (`tokenize_row`), one prepares a dataset in memory (`prepare_dataset`) and one a
 stream (`prepare_stream`), with `on_bad_rows` applied to the rows they find bad and a report of what was kept, cut or
 dropped.
 """
@@ -27,6 +27,7 @@ from .row_checks import (IDENTICAL, IDENTICAL_ONCE_CUT, IDENTICAL_TOKENS, STOP_O
 logger = logging.getLogger(__name__)
 
 ATTRIBUTE_COLUMN = "attribute_scores"  # a multi-attribute run's targets, K lists of A scores (`attribute_training`)
+KEY_COLUMN = "completion_keys"  # and K content hashes: a response in several rows counts once in its metrics
 
 
 def _code_version() -> str:
@@ -168,7 +169,7 @@ def prepare_dataset(dataset: Dataset, tokenizer, args, name: str = "train", max_
     lists = is_listwise(dataset) if lists is None else lists
     check_dataset_columns(dataset, args, name, lists)
     keep = numeric_columns(dataset, (("weight",) if lists else ("margin", "weight")) + (ROW_COLUMN,), name)
-    keep += [c for c in (ATTRIBUTE_COLUMN,) if c in dataset.column_names]  # per completion: `attribute_training`
+    keep += [c for c in (ATTRIBUTE_COLUMN, KEY_COLUMN) if c in dataset.column_names]  # per completion: `attribute_training`
     if len(dataset):
         check_first_text(dataset[0], tokenizer, name)
     features = Features({**{k: dataset.features[k] for k in keep}, **ROW_FEATURES})

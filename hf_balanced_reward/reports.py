@@ -61,6 +61,7 @@ def pair_report_lines(report: dict, output_dir: str) -> str:
     lines += [f"  {name}: {g['accuracy']:.4f} of {g['pairs']}" for name, g in report["groups"].items()]
     if report.get("probes"):
         lines += probe_lines(report["probes"])
+    lines += attribute_lines(report)
     lines.append(f"Report, plots and per-pair predictions.jsonl in {os.path.abspath(output_dir)}")
     return "\n".join(lines)
 
@@ -80,6 +81,23 @@ def probe_lines(probes: dict) -> list[str]:
             f"{figure('probe_padding_mean_rise')} reward sd on average"]
 
 
+def attribute_lines(report: dict) -> list[str]:
+    """A multi-attribute model's figures, one line per attribute (`attribute_training.evaluation_metrics`)."""
+    if "attribute_weights" not in report:
+        return []
+    from .metrics import metric_name  # numpy: only with attributes to show
+
+    lines = ["per attribute (its weight in the reward), each response once: correlations with the expert scores, and "
+             "pair accuracy over the pairs whose expert scores differ:"]
+    for name, weight in report["attribute_weights"].items():
+        key = metric_name(name)
+        figures = {m: f"{report[f'{m}_{key}']:.4f}" for m in ("pearson", "spearman", "kendall", "pair_accuracy")}
+        lines.append(f"  {name} ({weight:g}): Pearson {figures['pearson']}, Spearman {figures['spearman']}, Kendall "
+                     f"{figures['kendall']} over {report[f'scored_{key}']} responses; pair accuracy "
+                     f"{figures['pair_accuracy']} of {report[f'pairs_{key}']}")
+    return lines
+
+
 def list_report_lines(report: dict, output_dir: str) -> str:
     """What `evaluate` prints for a list eval set: the ranking figures, ties and groups."""
 
@@ -89,6 +107,8 @@ def list_report_lines(report: dict, output_dir: str) -> str:
     lines = [f"{report['lists']} lists, {report['pairs']} ranked pairs: pairwise accuracy "
              f"{figure(report, 'pairwise_accuracy')}, Kendall tau {figure(report, 'kendall_tau')}, Spearman rho "
              f"{figure(report, 'spearman_rho')}, top-1 accuracy {figure(report, 'top1_accuracy')}"]
+    if not report["lists"] and "attribute_weights" in report:  # single scored responses: nothing to rank
+        lines = [f"{report['data']['responses']} scored responses"]
     if report["tied_pairs"]:
         lines.append(f"{report['tied_pairs']} tied pairs: tie accuracy {report['tie_accuracy']:.4f} (within "
                      f"{report['tie_tolerance']}), mean reward gap tied {report['tie_reward_gap']:.4f} vs decisive "
@@ -99,6 +119,7 @@ def list_report_lines(report: dict, output_dir: str) -> str:
     if len(report["groups"]) > 1:
         lines += [f"  {name}: pairwise accuracy {figure(g, 'pairwise_accuracy')}, Kendall tau {figure(g, 'kendall_tau')}"
                   f" over {g['lists']} lists" for name, g in report["groups"].items()]
+    lines += attribute_lines(report)
     lines.append(f"Report in {os.path.abspath(output_dir)}")
     return "\n".join(lines)
 

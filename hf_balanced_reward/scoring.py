@@ -89,6 +89,16 @@ def attribute_weights(model) -> list[float] | None:
     return getattr(model.config, SAVED_ATTRIBUTES)["weights"] if is_attribute_model(model.config) else None
 
 
+def combined_rewards(model, by_attribute: list[dict]) -> list[float]:
+    """The reward of each {attribute: reward} that `score_ids(..., per_attribute=True)` gave: the outputs @ the
+    saved weights in float32 on the model's device, `score_ids`' own op, so one forward pass gives both."""
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    device = next(model.parameters()).device
+    outputs = torch.tensor([[one[name] for name in names] for one in by_attribute], dtype=torch.float32,
+                           device=device)  # exact: they are float32 values
+    return (outputs @ torch.tensor(attribute_weights(model), dtype=torch.float32, device=device)).tolist()
+
+
 def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int | None:
     """`max_length`, else the one the model was trained with (saved in its config), else the tokenizer's limit;
     capped, as in training, by the model's position limit."""
@@ -303,17 +313,15 @@ def score_file(model, dataset, output: str, max_length: int | None = None, batch
             responses.append(response)
             options.append({c: example[c] for c in template_columns})
     all_ids = tokenize_texts(prompts, responses, reward.tokenizer, reward.max_length, reward.append_eos, options)
-    rewards = score_ids(reward.model, all_ids, batch_size, progress=True)
-    per_row = [[] for _ in range(len(dataset))]
-    for row, value in zip(owners, rewards):
+    if per_attribute and not is_attribute_model(reward.model.config):
+        raise ConfigError("--attributes needs a multi-attribute model (trained with `attributes`); this one has one "
+                          "output.")
+    values = score_ids(reward.model, all_ids, batch_size, progress=True, per_attribute=per_attribute)
+    rewards = combined_rewards(reward.model, values) if per_attribute else values
+    per_row, by_attribute = [[] for _ in range(len(dataset))], [[] for _ in range(len(dataset))]
+    for row, value, attributes in zip(owners, rewards, values):
         per_row[row].append(value)
-    by_attribute = [[] for _ in range(len(dataset))]
-    if per_attribute:
-        if not is_attribute_model(reward.model.config):
-            raise ConfigError("--attributes needs a multi-attribute model (trained with `attributes`); this one has "
-                              "one output.")
-        for row, value in zip(owners, score_ids(reward.model, all_ids, batch_size, per_attribute=True)):
-            by_attribute[row].append(value)
+        by_attribute[row].append(attributes)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     partial = f"{output}.partial"  # a run stopped halfway leaves no file that looks finished
     with open(partial, "w", encoding="utf-8") as f:

@@ -4,6 +4,8 @@
   and `labels` are accepted and not used) -> `{"rewards": [...], "scores": [...], "extra_logs": {...}}`.
 - `POST /v1/rewards`: `{"items": [{"prompt": ..., "response": ...} | {"prompt": ..., "completions": [...]}]}`, texts
   or message lists, per-item `tools` / `chat_template_kwargs` -> each item's reward (and rewards and ranks).
+- Both take `"attributes": true` for a multi-attribute model: each attribute's reward as well (`attribute_rewards`);
+  the reward stays their weighted sum, from the same forward pass.
 - `GET /health` (200 once the model is loaded and a warm-up batch ran), `GET /v1/model` (what the model is).
 
 Every text is scored by `scoring.py`'s contract (what `score`, `reward_function` and training give), batched across
@@ -25,8 +27,8 @@ import sys
 
 from .errors import ConfigError, DataError
 from .serve_batching import Batcher, QueueFull, RewardModel
-from .serve_requests import (RequestError, check_key, item_result, item_texts, openrlhf_queries, parse_body,
-                             presented_key, structured_items)
+from .serve_requests import (RequestError, attributes_flag, check_key, item_result, item_texts, openrlhf_answer,
+                             openrlhf_queries, parse_body, presented_key, structured_items)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         "response or completions), GET /health, GET /v1/model; texts of concurrent requests are batched together.",
     )
     parser.add_argument("model", metavar="MODEL_DIR",
-                        help="A saved one-output reward model: a folder, hub id or package:NAME/DIR.")
+                        help="A saved reward model (one output, or one per attribute: trained with `attributes`): a "
+                        "folder, hub id or package:NAME/DIR.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network, "
                         "then set an API key).")
@@ -197,19 +200,33 @@ def build_app(reward_model: RewardModel, batcher: Batcher, args):
                                "nothing to score. Send a non-empty text.")
         return ids, cuts
 
-    async def rewards_of(ids: list[list[int]]) -> list[float]:
+    def wants_attributes(body: dict) -> bool:
+        """The body's `attributes` flag; 422 when it asks them of a one-output model."""
+        wanted = attributes_flag(body)
+        if wanted and reward_model.attributes is None:
+            raise RequestError(422, f"'attributes' is true, but {reward_model.name} has one output: it was not "
+                               "trained with `attributes`, so it has no per-attribute rewards. Leave 'attributes' "
+                               "out for its reward.")
+        return wanted
+
+    async def rewards_of(ids: list[list[int]], attributes: bool) -> tuple[list[float], list[dict] | None]:
+        """(rewards, each text's {attribute: reward} when `attributes`, else None): one forward pass gives both."""
         try:
             done = batcher.submit(ids)
         except QueueFull as err:
             raise RequestError(503, str(err), {"Retry-After": str(RETRY_AFTER_S)}) from None
         try:
-            return await done
+            values = await done
         except RuntimeError as err:
             raise RequestError(500, str(err)) from None
+        return [reward for reward, _ in values], [one for _, one in values] if attributes else None
 
-    def log_request(endpoint: str, texts, rewards) -> None:
+    def log_request(endpoint: str, texts, rewards, by_attribute) -> None:
         if args.log_requests:
-            logger.info(f"{endpoint} " + json.dumps({"texts": texts, "rewards": rewards}, ensure_ascii=False))
+            logged = {"texts": texts, "rewards": rewards}
+            if by_attribute is not None:
+                logged["attribute_rewards"] = by_attribute
+            logger.info(f"{endpoint} " + json.dumps(logged, ensure_ascii=False))
 
     @app.get("/health")
     async def health():
@@ -229,19 +246,22 @@ def build_app(reward_model: RewardModel, batcher: Batcher, args):
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        queries = openrlhf_queries(await read_json(request), args.max_request_items)
+        body = await read_json(request)
+        queries = openrlhf_queries(body, args.max_request_items)
+        attributes = wants_attributes(body)
+        names = reward_model.attributes["names"] if attributes else ()
         if not queries:  # OpenRLHF shards a list of queries over its reward URLs: a replica may get none
-            return JSONResponse({"rewards": [], "scores": [], "extra_logs": {"truncated": []}, "truncated": []})
+            return JSONResponse(openrlhf_answer([], [], [] if attributes else None, names))
         ids, cuts = token_ids("query", [""] * len(queries), queries, [f"query[{i}]" for i in range(len(queries))])
-        rewards = await rewards_of(ids)
-        log_request("/get_reward", queries, rewards)
-        truncated = [cut != "kept" for cut in cuts]
-        return JSONResponse({"rewards": rewards, "scores": rewards,
-                             "extra_logs": {"truncated": [float(t) for t in truncated]}, "truncated": truncated})
+        rewards, by_attribute = await rewards_of(ids, attributes)
+        log_request("/get_reward", queries, rewards, by_attribute)
+        return JSONResponse(openrlhf_answer(rewards, [cut != "kept" for cut in cuts], by_attribute, names))
 
     @app.post("/v1/rewards")
     async def v1_rewards(request: Request):
-        items = structured_items(await read_json(request), args.max_request_items)
+        body = await read_json(request)
+        items = structured_items(body, args.max_request_items)
+        attributes = wants_attributes(body)
         all_ids, all_cuts, sizes = [], [], []
         for i, item in enumerate(items):
             prompts, responses, options = item_texts(item)
@@ -251,15 +271,23 @@ def build_app(reward_model: RewardModel, batcher: Batcher, args):
             all_ids += ids
             all_cuts += cuts
             sizes.append(len(ids))
-        all_rewards = await rewards_of(all_ids)
-        log_request("/v1/rewards", items, all_rewards)
+        all_rewards, all_attributes = await rewards_of(all_ids, attributes)
+        log_request("/v1/rewards", items, all_rewards, all_attributes)
         results, start = [], 0
         for item, size in zip(items, sizes):
-            results.append(item_result(item, all_rewards[start : start + size], all_cuts[start : start + size]))
+            part = slice(start, start + size)
+            results.append(item_result(item, all_rewards[part], all_cuts[part],
+                                       all_attributes[part] if attributes else None))
             start += size
         return JSONResponse({"items": results, "max_length": reward_model.max_length})
 
     return app
+
+
+def new_batcher(reward_model: RewardModel, args) -> Batcher:
+    """The batcher of `reward_model`: its values carry each text's reward and, for an attribute model, each
+    attribute's, so that a request may ask for either."""
+    return Batcher(reward_model.score_values, args.max_batch_tokens, args.max_wait_ms / 1000, args.max_queue)
 
 
 def run_server(reward_model: RewardModel, sock: socket.socket, args) -> int:
@@ -267,7 +295,7 @@ def run_server(reward_model: RewardModel, sock: socket.socket, args) -> int:
     0."""
     import uvicorn
 
-    batcher = Batcher(reward_model.score_batch, args.max_batch_tokens, args.max_wait_ms / 1000, args.max_queue)
+    batcher = new_batcher(reward_model, args)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     ready = (f"hf-balanced-reward serve: {reward_model.name} ready on {url} (max_length {reward_model.max_length}, "

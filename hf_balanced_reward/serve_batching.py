@@ -3,9 +3,9 @@ into token ids and rewards by `scoring.py`'s contract; and the batcher that scor
 
 Batching: the texts of concurrent requests wait in one queue; one worker takes them up to `max_batch_tokens` (or once
 the oldest has waited `max_wait_s`), sorts them by length, scores them in the one thread that owns the model (off
-the event loop, so requests keep arriving meanwhile) and hands each request its own rewards, in its order. RL
-rollouts send one query per request, many requests at once: batching across requests is what lets an accelerator do
-more than one text per forward pass.
+the event loop, so requests keep arriving meanwhile) and hands each request its own values (reward, and an attribute
+model's per-attribute rewards), in its order. RL rollouts send one query per request, many requests at once: batching
+across requests is what lets an accelerator do more than one text per forward pass.
 """
 
 import asyncio
@@ -65,7 +65,8 @@ def check_device(device: str | None) -> None:
 
 class RewardModel:
     """The served model and the scoring contract's settings (`scoring.py`): texts -> token ids and cuts (on the event
-    loop), token ids -> rewards (in the model's thread)."""
+    loop), token ids -> rewards (in the model's thread). `attributes`: a multi-attribute model's {"names": [...],
+    "weights": [...]}, None for a one-output model."""
 
     def __init__(self, name: str, device: str | None, dtype: str, max_length: int | None):
         import torch
@@ -81,6 +82,7 @@ class RewardModel:
         self.append_eos = bool(getattr(self.model.config, SAVED_APPEND_EOS, False))
         self.name = public_name(name)  # a folder by its name: no local path in answers
         self.device, self.dtype = str(next(self.model.parameters()).device), dtype
+        self.attributes = attribute_settings(self.model)
 
     def tokenize(self, prompts, responses, options=None) -> tuple[list[list[int]], list[str]]:
         """Token ids (empty for an empty text that the tokenizer adds nothing to) and cuts ("kept", "truncated",
@@ -90,10 +92,20 @@ class RewardModel:
         return tokenize_with_cuts(prompts, responses, self.tokenizer, self.max_length, self.append_eos, options,
                                   allow_empty=True)
 
-    def score_batch(self, ids: list[list[int]]) -> list[float]:
-        from .scoring import score_ids
+    def score_values(self, ids: list[list[int]]) -> list[tuple[float, dict | None]]:
+        """(reward, {attribute: reward} or None) of each text, from one forward pass. An attribute model's reward is
+        its outputs @ its weights in float32 on its device: `score_ids`' own op on the same outputs, so the reward
+        equals `score`'s whether or not the attributes are asked for."""
+        from .scoring import combined_rewards, score_ids
 
-        return score_ids(self.model, ids, batch_size=len(ids))
+        if self.attributes is None:
+            return [(reward, None) for reward in score_ids(self.model, ids, batch_size=len(ids))]
+        by_attribute = score_ids(self.model, ids, batch_size=len(ids), per_attribute=True)
+        return list(zip(combined_rewards(self.model, by_attribute), by_attribute, strict=True))
+
+    def score_batch(self, ids: list[list[int]]) -> list[float]:
+        """Each text's reward (an attribute model's: the weighted sum of its outputs)."""
+        return [reward for reward, _ in self.score_values(ids)]
 
     def info(self, args) -> dict:
         """What GET /v1/model answers: the model, its training (from its card and config) and the serving settings."""
@@ -105,11 +117,22 @@ class RewardModel:
             "base_model": training.get("base model"), "loss": training.get("loss"),
             "max_length": self.max_length, "trained_max_length": getattr(config, "reward_max_length", None),
             "append_eos_token": self.append_eos,
-            "reward_normalization": getattr(config, "reward_normalization", None),
+            "reward_normalization": getattr(config, "reward_normalization", None), "attributes": self.attributes,
             "evaluation": card.get("Evaluation", {}), "device": self.device, "dtype": self.dtype,
             "batching": {key: getattr(args, key) for key in
                          ("max_batch_tokens", "max_wait_ms", "max_queue", "max_request_items")},
         }
+
+
+def attribute_settings(model) -> dict | None:
+    """A multi-attribute model's {"names": [...], "weights": [...]}, names in output order (the keys `score_ids`
+    gives per attribute); None for a one-output model."""
+    from .scoring import attribute_weights
+
+    weights = attribute_weights(model)
+    if weights is None:
+        return None
+    return {"names": [model.config.id2label[i] for i in range(model.config.num_labels)], "weights": list(weights)}
 
 
 def card_tables(path: str) -> dict[str, dict]:
@@ -145,18 +168,19 @@ class QueueFull(Exception):
 
 
 class Job:
-    """One request's texts; `done` resolves to their rewards, in order, once every batch holding them has run."""
+    """One request's texts; `done` resolves to their values (what `score_batch` gives each text), in order, once
+    every batch holding them has run."""
 
     def __init__(self, ids: list[list[int]], done: asyncio.Future):
         self.ids, self.done = ids, done
-        self.rewards = [0.0] * len(ids)
+        self.values = [None] * len(ids)
         self.left = len(ids)
 
-    def deliver(self, index: int, reward: float) -> None:
-        self.rewards[index] = reward
+    def deliver(self, index: int, value) -> None:
+        self.values[index] = value
         self.left -= 1
         if self.left == 0 and not self.done.done():
-            self.done.set_result(self.rewards)
+            self.done.set_result(self.values)
 
     def fail(self, err: BaseException) -> None:
         if not self.done.done():
@@ -164,8 +188,9 @@ class Job:
 
 
 class Batcher:
-    """The queue and its worker (see the module docstring). `score_batch(list of token ids) -> rewards` runs in
-    `model_thread`, the one thread that touches the model; everything else runs on the event loop."""
+    """The queue and its worker (see the module docstring). `score_batch(list of token ids) -> a value per text`
+    (`RewardModel.score_values`: reward and per-attribute rewards) runs in `model_thread`, the one thread that touches
+    the model; everything else runs on the event loop."""
 
     def __init__(self, score_batch, max_batch_tokens: int, max_wait_s: float, max_queue: int):
         self.score_batch = score_batch
@@ -178,7 +203,7 @@ class Batcher:
         self.scored = self.batches = 0
 
     def submit(self, ids: list[list[int]]) -> asyncio.Future:
-        """Queue one request's token ids; the future gives their rewards. QueueFull when they would not fit."""
+        """Queue one request's token ids; the future gives their values. QueueFull when they would not fit."""
         if len(self.waiting) + len(ids) > self.max_queue:
             raise QueueFull(f"{len(self.waiting)} texts are waiting and this request adds {len(ids)}: more than "
                             f"--max_queue {self.max_queue}; retry shortly, or add replicas.")
@@ -193,7 +218,7 @@ class Batcher:
         self.arrived.set()
         return job.done
 
-    async def score_now(self, ids: list[list[int]]) -> list[float]:
+    async def score_now(self, ids: list[list[int]]) -> list:
         """Score in the model's thread without queueing (the warm-up batch)."""
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, self.score_batch, ids)
 
@@ -260,8 +285,8 @@ class Batcher:
         if not rows:
             return
         try:
-            rewards = await self.loop.run_in_executor(self.model_thread, self.score_batch,
-                                                      [job.ids[index] for job, index in rows])
+            values = await self.loop.run_in_executor(self.model_thread, self.score_batch,
+                                                     [job.ids[index] for job, index in rows])
         except Exception as err:  # one failed pass fails its requests, never the worker
             logger.error(f"scoring a batch of {len(rows)} texts failed: {err!r}")
             for job, _ in rows:
@@ -269,9 +294,9 @@ class Batcher:
             return
         self.scored += len(rows)
         self.batches += 1
-        for (job, index), reward in zip(rows, rewards, strict=True):
+        for (job, index), value in zip(rows, values, strict=True):
             if not job.done.done():
-                job.deliver(index, reward)
+                job.deliver(index, value)
 
     def close(self) -> int:
         """Wait for the pass in the model's thread to end; fail what is left (nothing, after a clean drain) and

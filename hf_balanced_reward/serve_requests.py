@@ -1,6 +1,6 @@
 """The requests of `serve` (`serve.py` serves them): the API key check, the body read as JSON, and the texts of an
 OpenRLHF `/get_reward` or a `/v1/rewards` request, each field checked; a bad one is a `RequestError` whose message
-names the field, the value and the fix. Also how an item's texts are scored and its answer is shaped.
+names the field, the value and the fix. Also how an item's texts are scored and the answers are shaped.
 
 Only the standard library and light modules: nothing here needs fastapi or torch.
 """
@@ -13,6 +13,7 @@ from .errors import did_you_mean
 from .row_checks import template_options_problem, text_problem
 
 ITEM_FIELDS = ("prompt", "response", "completions", "tools", "chat_template_kwargs")
+BODY_FIELDS = ("items", "attributes")  # of a /v1/rewards body
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
               float: "a number", type(None): "null"}
 
@@ -57,7 +58,8 @@ def parse_body(body: bytes):
 
 
 def openrlhf_queries(body, max_items: int) -> list[str]:
-    """The `query` texts of an OpenRLHF request; `prompts` and `labels` (and any other key) are not used."""
+    """The `query` texts of an OpenRLHF request; `prompts` and `labels` (and any other key but `attributes`, read by
+    `attributes_flag`) are not used."""
     if not isinstance(body, dict):
         raise RequestError(422, f"the body is {json_type(body)}, not an object with a 'query' array of texts.")
     if "query" not in body:
@@ -87,9 +89,9 @@ def structured_items(body, max_items: int) -> list[dict]:
         raise RequestError(422, f"the body is {json_type(body)}, not an object: {shape}")
     if not isinstance(body.get("items"), list):
         raise RequestError(422, f"'items' is {json_type(body['items']) if 'items' in body else 'missing'}: {shape}")
-    if unknown := [key for key in body if key != "items"]:
-        raise RequestError(422, f"unknown field '{unknown[0]}'{did_you_mean(unknown[0], ['items'])}; the body "
-                           "holds only 'items'.")
+    if unknown := [key for key in body if key not in BODY_FIELDS]:
+        raise RequestError(422, f"unknown field '{unknown[0]}'{did_you_mean(unknown[0], BODY_FIELDS)}; the body "
+                           "holds 'items' and, optionally, 'attributes'.")
     items = body["items"]
     too_many(len(items), max_items, "'items'")
     for i, item in enumerate(items):
@@ -97,6 +99,15 @@ def structured_items(body, max_items: int) -> list[dict]:
             raise RequestError(422, f"items[{i}]{problem}")
     too_many(sum(len(item.get("completions", [None])) for item in items), max_items, "'items'")
     return items
+
+
+def attributes_flag(body: dict) -> bool:
+    """A body's optional `attributes`: true asks for each attribute's reward beside the reward."""
+    wanted = body.get("attributes", False)
+    if not isinstance(wanted, bool):
+        raise RequestError(422, f"'attributes' is {json_type(wanted)} ({json.dumps(wanted)[:40]}), not a boolean: "
+                           "send true for each attribute's reward as well, or leave it out.")
+    return wanted
 
 
 def item_problem(item) -> str | None:
@@ -133,11 +144,30 @@ def item_texts(item: dict) -> tuple[list, list, list[dict]]:
     return [item["prompt"]] * len(responses), responses, [options] * len(responses)
 
 
-def item_result(item: dict, rewards: list[float], cuts: list[str]) -> dict:
-    """An item's answer, with `score`'s keys: `reward`, and for completions `rewards` and `rank` (1 = best)."""
+def item_result(item: dict, rewards: list[float], cuts: list[str], by_attribute: list[dict] | None = None) -> dict:
+    """An item's answer, with `score`'s keys: `reward`, for completions `rewards` and `rank` (1 = best), and with
+    `by_attribute` `attribute_rewards` (one {attribute: reward}, or a list of them for completions, as `score
+    --attributes` writes)."""
     from .scoring import ranks
 
     truncated = [cut != "kept" for cut in cuts]
     if "response" in item:
-        return {"reward": rewards[0], "truncated": truncated[0]}
-    return {"reward": max(rewards), "rewards": rewards, "rank": ranks(rewards), "truncated": truncated}
+        result = {"reward": rewards[0], "truncated": truncated[0]}
+    else:
+        result = {"reward": max(rewards), "rewards": rewards, "rank": ranks(rewards), "truncated": truncated}
+    if by_attribute is not None:
+        result["attribute_rewards"] = by_attribute[0] if "response" in item else by_attribute
+    return result
+
+
+def openrlhf_answer(rewards: list[float], truncated: list[bool], by_attribute: list[dict] | None = None,
+                    names: list[str] = ()) -> dict:
+    """A /get_reward answer: OpenRLHF reads `rewards`, `scores` (filtered on) and `extra_logs` (each list logged as a
+    metric). With `by_attribute`, also `attribute_rewards` ({attribute: reward} per query) and each attribute's
+    rewards in `extra_logs` under its name (`truncated` keeps its own there)."""
+    extra_logs = {"truncated": [float(t) for t in truncated]}
+    answer = {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs, "truncated": truncated}
+    if by_attribute is not None:
+        extra_logs.update({name: [one[name] for one in by_attribute] for name in names if name not in extra_logs})
+        answer["attribute_rewards"] = by_attribute
+    return answer

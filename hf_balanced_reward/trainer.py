@@ -442,14 +442,16 @@ class BalancedRewardTrainer(Trainer):
         predictions = (outputs["rewards"], outputs["losses"].detach())
         labels = (group_ids, inputs["ranks"], inputs["list_mask"].long(), inputs["response_lengths"])
         if "attribute_rewards" in outputs:  # per attribute: the head's outputs and the expert scores
-            predictions, labels = predictions + (outputs["attribute_rewards"],), labels + (inputs["attribute_scores"],)
+            predictions = predictions + (outputs["attribute_rewards"],)
+            labels = labels + (inputs["attribute_scores"],) + ((inputs["completion_keys"],)
+                                                               if "completion_keys" in inputs else ())
         return loss.detach(), predictions, labels
 
     def _reward_metrics(self, eval_prediction: EvalPrediction) -> dict[str, float]:
         (rewards, losses, *attribute_rewards), (group_ids, ranks, mask, lengths, *expert) = real_pairs(eval_prediction)
         metrics = reward_metrics(rewards, losses, group_ids, ranks, mask == 1, lengths, self.group_names or ["all"],
                                  self.user_compute_metrics)
-        if attribute_rewards:
+        if attribute_rewards:  # expert: the scores [rows, K, A] and the completions' content keys [rows, K]
             metrics.update(attribute_training.evaluation_metrics(attribute_rewards[0], expert[0], mask,
-                                                                 self.args.attributes))
+                                                                 self.args.attributes, (expert + [None])[1]))
         return metrics

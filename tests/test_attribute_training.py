@@ -14,7 +14,7 @@ from transformers import pipeline
 
 from conftest import SHARED_DATA, preference_rows, tiny_bert
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer, ConfigError
-from hf_balanced_reward.attribute_training import BAD_SCORES, evaluation_metrics, row_losses
+from hf_balanced_reward.attribute_training import BAD_SCORES, content_key, evaluation_metrics, row_losses
 from hf_balanced_reward.attributes import attribute_metrics
 from hf_balanced_reward.cli import main, split_by_column
 from hf_balanced_reward.collator import RewardCollator
@@ -136,10 +136,12 @@ def test_evaluation_metrics_are_those_of_the_rewards_that_scoring_gives(tmp_path
     # The packed and plain layouts agree to float rounding (forward.shared_prompt_difference checks 1e-3).
     np.testing.assert_allclose(evaluated, predicted, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(prediction.label_ids[4], expert)
-    expected = evaluation_metrics(evaluated, expert, np.ones((len(rows), 2)), NAMES)
+    keys = np.array([[content_key(r["prompt"], r[side]) for side in ("chosen", "rejected")] for r in rows])
+    np.testing.assert_array_equal(prediction.label_ids[5], keys)
+    expected = evaluation_metrics(evaluated, expert, np.ones((len(rows), 2)), NAMES, keys)
     for key, value in expected.items():
         assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-9, nan_ok=True), key
-    reference = evaluation_metrics(predicted, expert, np.ones((len(rows), 2)), NAMES)
+    reference = evaluation_metrics(predicted, expert, np.ones((len(rows), 2)), NAMES, keys)
     for name in NAMES:  # Pearson moves by less than the rewards do; rank statistics may flip on near ties
         assert metrics[f"eval_pearson_{name}"] == pytest.approx(reference[f"pearson_{name}"], abs=1e-3)
     combined = predicted @ np.array(WEIGHTS)
@@ -159,6 +161,25 @@ def test_evaluation_metrics_count_each_completion_and_each_pair_once():
                                                                                            [1.0], [2.0]])
     assert metrics == attribute_metrics(flat_predicted, flat_expert, ["a"], [(0, 1), (0, 2), (1, 2), (3, 4)])
     assert metrics["pairs_a"] == 4 and metrics["pair_accuracy_a"] == 0.75  # (0, 2) ordered the wrong way
+
+
+def test_a_response_in_several_rows_counts_once_in_the_attribute_metrics():
+    """SummEval's shape: summary 7 is in both pairs. Counted once, with its first occurrence's reward; the pair
+    (7, 9) given twice is one pair."""
+    predicted = np.array([[[1.0], [0.0]], [[1.0], [3.0]], [[1.0], [0.0]]])
+    expert = np.array([[[3.0], [1.0]], [[3.0], [2.0]], [[3.0], [1.0]]])
+    keys = np.array([[7, 9], [7, 8], [7, 9]])
+    metrics = evaluation_metrics(predicted, expert, np.ones((3, 2)), ["a"], keys)
+    distinct = attribute_metrics(np.array([[1.0], [3.0], [0.0]]), np.array([[3.0], [2.0], [1.0]]), ["a"],
+                                 [(0, 2), (0, 1)])  # keys 7, 8, 9 in sorted order
+    assert metrics == distinct
+    assert metrics["scored_a"] == 3 and metrics["pairs_a"] == 2 and metrics["pair_accuracy_a"] == 0.5
+    assert evaluation_metrics(predicted, expert, np.ones((3, 2)), ["a"])["scored_a"] == 6  # no keys: per row
+
+
+def test_content_keys_tell_responses_apart_by_prompt_and_text():
+    assert content_key("p", "r") == content_key("p", "r") != content_key("p", "r2") != content_key("q", "r")
+    assert content_key(None, [1, 2]) != content_key(None, [1, 3]) and 0 <= content_key("p", "r") < 2 ** 63
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
@@ -240,6 +261,88 @@ def test_score_writes_the_weighted_reward_and_each_attribute_on_request(tmp_path
     ids, _ = served.tokenize(*texts(rows, "chosen"))
     expected = reward_function(out)(*texts(rows, "chosen"))
     np.testing.assert_allclose(served.score_batch(ids), expected, rtol=0, atol=1e-5)
+
+
+# The evaluate command ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attribute_model(tmp_path_factory, model_dir):
+    """A saved two-attribute model (4 steps: its outputs differ between responses)."""
+    out = tmp_path_factory.mktemp("attribute-model")
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(out, max_steps=4),
+                                    train_dataset=Dataset.from_list(attribute_rows()))
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    return str(out / "model")
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_evaluate_reports_each_attribute_over_distinct_responses_and_plots_them(tmp_path, attribute_model, capsys):
+    """Each response once, as the texts score one by one: the first pair repeated as a third of the data changes
+    nothing but the pair metrics' counts."""
+    rows = attribute_rows()
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows + [rows[0]] * 8)
+    assert main(["evaluate", "--model", attribute_model, "--dataset", data, "--output_dir",
+                 str(tmp_path / "report"), "--probes", "false"]) == 0
+    report = json.load(open(tmp_path / "report" / "eval_report.json"))
+    per_attribute = reward_function(attribute_model, per_attribute=True)
+    chosen, rejected = (per_attribute(*texts(rows, side)) for side in ("chosen", "rejected"))
+    predicted = np.array([[[c[n] for n in NAMES], [r[n] for n in NAMES]] for c, r in zip(chosen, rejected)])
+    expert = np.array([[[r["helpful_chosen"], r["brief_chosen"]], [r["helpful_rejected"], r["brief_rejected"]]]
+                       for r in rows])
+    expected = attribute_metrics(predicted.reshape(-1, 2), expert.reshape(-1, 2), NAMES,
+                                 [(2 * i, 2 * i + 1) for i in range(len(rows))])
+    assert report["pairs"] == len(rows) + 8 and report["scored_helpful"] == 2 * len(rows)
+    for key, value in expected.items():  # the command's layout against one-by-one scoring: float rounding
+        assert report[key] == pytest.approx(value, abs=1e-3 if key.startswith(("pearson", "spearman", "kendall"))
+                                            else 1e-12), key
+    assert report["attribute_weights"] == dict(zip(NAMES, WEIGHTS))
+    assert os.path.getsize(tmp_path / "report" / report["plots"]["attributes"]) > 0
+    printed = capsys.readouterr().out
+    assert "helpful (0.75): Pearson" in printed and "brief (-0.5): Pearson" in printed
+
+
+def test_evaluate_without_attribute_columns_scores_the_combined_reward(tmp_path, attribute_model):
+    rows = attribute_rows()
+    plain = [{k: v for k, v in r.items() if k in ("prompt", "chosen", "rejected")} for r in rows]
+    data = write_jsonl(tmp_path / "pairs.jsonl", plain)
+    assert main(["evaluate", "--model", attribute_model, "--dataset", data, "--output_dir",
+                 str(tmp_path / "report"), "--probes", "false"]) == 0
+    report = json.load(open(tmp_path / "report" / "eval_report.json"))
+    reward = reward_function(attribute_model)
+    gaps = np.array(reward(*texts(rows, "chosen"))) - np.array(reward(*texts(rows, "rejected")))
+    near = int((np.abs(gaps) < 1e-4).sum())  # pairs whose order a layout's rounding could flip
+    assert abs(report["accuracy"] - (gaps > 0).mean()) <= near / len(rows)
+    assert "attribute_weights" not in report and "pearson_helpful" not in report
+
+
+def test_evaluate_single_scored_responses_reports_the_attributes(tmp_path, attribute_model, capsys):
+    rows = response_rows()
+    data = write_jsonl(tmp_path / "responses.jsonl", rows)
+    assert main(["evaluate", "--model", attribute_model, "--dataset", data, "--output_dir",
+                 str(tmp_path / "report")]) == 0
+    report = json.load(open(tmp_path / "report" / "eval_report.json"))
+    scored = reward_function(attribute_model, per_attribute=True)([r["prompt"] for r in rows],
+                                                                 [r["response"] for r in rows])
+    expected = attribute_metrics([[s[n] for n in NAMES] for s in scored], [[r[n] for n in NAMES] for r in rows],
+                                 NAMES, np.zeros((0, 2)))
+    distinct = len({(r["prompt"], r["response"]) for r in rows})  # the prompts differ: each row its own response
+    assert report["scored_helpful"] == distinct == len(rows)
+    assert report["pearson_helpful"] == pytest.approx(expected["pearson_helpful"], abs=1e-3)
+    assert "24 scored responses" in capsys.readouterr().out
+
+
+def test_a_multi_attribute_model_is_not_loaded_as_a_one_output_one(tmp_path, attribute_model):
+    with pytest.raises(ConfigError, match=r"multi-attribute reward model \(2 outputs: helpful, brief\); to train it "
+                                          r"further set attributes: \[helpful, brief\]"):
+        BalancedRewardTrainer(model=attribute_model, args=BalancedRewardConfig(output_dir=str(tmp_path),
+                                                                               report_to="none"),
+                              train_dataset=Dataset.from_list(preference_rows(4)))
 
 
 def response_rows(n: int = 24) -> list[dict]:

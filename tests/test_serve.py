@@ -6,9 +6,11 @@ Three servers, started together once for the module (their start-up is mostly im
 an encoder (tiny BERT, MiniLM's real WordPiece tokenizer: [CLS] ... [SEP]), a chat decoder trained a few steps here
 (tiny Llama, pad == eos, a chat template that takes an argument, max_length 40, normalised rewards, an API key), and
 a second encoder server whose batches wait until it is told to stop, so requests are surely in flight when it gets
-SIGTERM."""
+SIGTERM. A multi-attribute model (tiny Llama, two attributes) is served in process, through Starlette's test client;
+its answers are compared with `reward_function(..., per_attribute=True)` and `score --attributes`."""
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -19,6 +21,7 @@ import sys
 import threading
 
 import httpx
+import numpy as np
 import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaModel
@@ -26,7 +29,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 from conftest import CHAT_TEMPLATE, build_tokenizer, preference_rows, tiny_bert, tiny_llama
 from hf_balanced_reward import BalancedRewardConfig, BalancedRewardTrainer
 from hf_balanced_reward.paths import resolve_model_path
-from hf_balanced_reward.scoring import score_file
+from hf_balanced_reward.scoring import reward_function, score_file, score_ids
 
 # fp32 rewards of the same token ids: only the batch they share (its size and padding, hence the order of the
 # float sums) differs between the server and `score`; right padding is masked, so that moves the 7th digit at most.
@@ -189,9 +192,11 @@ def test_health_and_model_describe_the_served_model(servers):
     assert set(info["reward_normalization"]) >= {"mean", "std", "pairs"}
     assert "accuracy" in info["evaluation"] and info["base_model"]  # from the model card
     assert info["dtype"] == "float32" and info["batching"]["max_queue"] == 1024
+    assert info["attributes"] is None  # one output
     with client(encoder, key=None) as http:
         info = http.get("/v1/model").json()
     assert info["max_length"] == ENCODER_MAX_LENGTH and info["trained_max_length"] is None  # --max_length given
+    assert info["attributes"] is None
     assert info["evaluation"] == {} and info["loss"] is None  # no card: a folder saved by hand
 
 
@@ -285,6 +290,18 @@ BAD_INPUTS = [
      rf"'query' has {ENCODER_MAX_ITEMS + 1} texts.*at most {ENCODER_MAX_ITEMS} per request \(--max_request_items\)"),
     ("/v1/rewards", {"itemz": []}, 422, "'items' is missing"),
     ("/v1/rewards", {"items": [], "model": "x"}, 422, "unknown field 'model'"),
+    ("/v1/rewards", {"items": [], "attribute": True}, 422,
+     r"unknown field 'attribute' \(did you mean 'attributes'\?\); the body holds 'items' and, optionally, "
+     "'attributes'"),
+    ("/v1/rewards", {"items": [], "attributes": "yes"}, 422, r"'attributes' is a string \(\"yes\"\), not a boolean"),
+    ("/get_reward", {"query": ["a"], "attributes": 1}, 422, r"'attributes' is a number \(1\), not a boolean"),
+    ("/get_reward", {"query": ["a"], "attributes": None}, 422, r"'attributes' is null \(null\), not a boolean"),
+    # a one-output model has no per-attribute rewards
+    ("/get_reward", {"query": ["a"], "attributes": True}, 422,
+     r"'attributes' is true, but \S+ has one output: it was not trained with `attributes`"),
+    ("/get_reward", {"query": [], "attributes": True}, 422, "has one output: it was not trained with `attributes`"),
+    ("/v1/rewards", {"items": [{"prompt": "a", "response": "b"}], "attributes": True}, 422,
+     "has one output: it was not trained with `attributes`"),
     ("/v1/rewards", {"items": [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": 5}]}, 422,
      r"items\[1\]\.response is int, not text"),
     ("/v1/rewards", {"items": [{"prompt": "a", "respone": "b"}]}, 422,
@@ -321,8 +338,10 @@ def test_an_empty_query_list_is_answered_empty(servers):
     """OpenRLHF splits a list of queries over its reward URLs: with one query, every URL but the first gets none."""
     with client(servers["encoder"], key=None) as http:
         answer = http.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
+        unasked = http.post("/get_reward", json={"query": [], "attributes": False})
     assert answer.status_code == 200
     assert answer.json() == {"rewards": [], "scores": [], "extra_logs": {"truncated": []}, "truncated": []}
+    assert unasked.content == answer.content  # "attributes": false changes nothing
 
 
 def test_api_key_is_required_where_set(servers):
@@ -466,24 +485,149 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
     assert "cannot listen on --host 127.0.0.1" in capsys.readouterr().err
 
 
-def test_an_empty_text_the_tokenizer_adds_nothing_to_is_refused_by_name(tmp_path):
-    """A tokenizer that adds no BOS (Qwen's, GPT-2's) gives an empty text no token: 422 naming it, never a 500.
-    (With BOS or [CLS], as in the servers above, an empty text is scored as training scores it.) In process: the
-    same app, through Starlette's test client."""
+@contextlib.contextmanager
+def in_process(folder: str):
+    """(the served RewardModel, a client of the app `serve` runs for `folder`): the same app and batcher, through
+    Starlette's test client (no subprocess, no port)."""
     from starlette.testclient import TestClient
 
-    from hf_balanced_reward.serve import build_app, build_parser
-    from hf_balanced_reward.serve_batching import Batcher, RewardModel
+    from hf_balanced_reward.serve import build_app, build_parser, new_batcher
+    from hf_balanced_reward.serve_batching import RewardModel
 
+    args = build_parser().parse_args([folder])
+    model = RewardModel(folder, "cpu", "float32", None)
+    with TestClient(build_app(model, new_batcher(model, args), args)) as http:
+        yield model, http
+
+
+def test_an_empty_text_the_tokenizer_adds_nothing_to_is_refused_by_name(tmp_path):
+    """A tokenizer that adds no BOS (Qwen's, GPT-2's) gives an empty text no token: 422 naming it, never a 500.
+    (With BOS or [CLS], as in the servers above, an empty text is scored as training scores it.) In process."""
     tokenizer = build_tokenizer(adds_bos=False)
     tiny_llama(tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    args = build_parser().parse_args([str(tmp_path)])
-    model = RewardModel(str(tmp_path), "cpu", "float32", None)
-    batcher = Batcher(model.score_batch, args.max_batch_tokens, args.max_wait_ms / 1000, args.max_queue)
-    with TestClient(build_app(model, batcher, args)) as http:
+    with in_process(str(tmp_path)) as (_, http):
         answer = http.post("/get_reward", json={"query": ["Hello world", ""]})
         assert answer.status_code == 422 and answer.json()["detail"].startswith("query[1] is empty"), answer.text
         answer = http.post("/v1/rewards", json={"items": [{"prompt": "", "completions": [" Hi", ""]}]})
         assert answer.status_code == 422 and answer.json()["detail"].startswith("items[0].completions[1] is empty")
         assert http.post("/get_reward", json={"query": ["Hello world"]}).status_code == 200
+
+
+# --- a multi-attribute model: each attribute's reward on request (in process) ---------------------------------------
+
+NAMES = ["helpful", "brief"]
+WEIGHTS = [0.75, -0.5]  # a negative weight: a penalty
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def attribute_dir(folder, model_dir: str) -> str:
+    """A tiny Llama trained 2 steps with two attributes (one output each) and saved: its config names them and holds
+    their weights."""
+    rows = preference_rows(8)
+    for i, row in enumerate(rows):
+        del row["margin"]
+        row.update(helpful_chosen=4.0 + i % 2, helpful_rejected=1.0, brief_chosen=2.0, brief_rejected=3.0 + i % 2)
+    args = BalancedRewardConfig(output_dir=str(folder), report_to="none", per_device_train_batch_size=4,
+                                learning_rate=1e-2, max_steps=2, save_strategy="no", seed=0,
+                                loss_type="attribute_loss", attributes=NAMES, reward_weights=WEIGHTS)
+    trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows))
+    trainer.train()
+    trainer.save_model()
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def attribute_server(tmp_path_factory, model_dir):
+    """(the model's folder, the served RewardModel, a client)."""
+    folder = attribute_dir(tmp_path_factory.mktemp("serve-attributes"), model_dir)
+    with in_process(folder) as (model, http):
+        yield folder, model, http
+
+
+def values(by_attribute: list[dict]) -> list[float]:
+    """Every attribute reward, in NAMES order, once each dict is checked to name exactly NAMES, in that order."""
+    assert [list(one) for one in by_attribute] == [NAMES] * len(by_attribute)
+    return [one[name] for one in by_attribute for name in NAMES]
+
+
+def tolerance(by_attribute: list[dict]) -> float:
+    """TOL (the 7th digit of a reward of size ~1, see its comment) at the scale of these rewards."""
+    return TOL * (1 + max(abs(v) for v in values(by_attribute)))
+
+
+def assert_weighted(reward: float, one: dict) -> None:
+    """`reward` is sum_a w_a * r_a of the same answer's attribute rewards, to the float32 rounding of that sum: A
+    products and A - 1 additions, each within eps / 2 of its result, so within A * eps of sum_a |w_a r_a|."""
+    exact = sum(w * one[name] for name, w in zip(NAMES, WEIGHTS))
+    bound = len(NAMES) * FLOAT32_EPS * sum(abs(w * one[name]) for name, w in zip(NAMES, WEIGHTS))
+    assert abs(reward - exact) <= bound, (reward, exact, bound)
+
+
+def test_v1_model_names_the_attributes_and_their_weights(attribute_server):
+    _, _, http = attribute_server
+    assert http.get("/v1/model").json()["attributes"] == {"names": NAMES, "weights": WEIGHTS}
+
+
+def test_one_forward_pass_gives_score_ids_reward_and_each_attribute(attribute_server):
+    """The batcher's values: the reward exactly as `score_ids` combines the outputs (the same float32 op on the same
+    outputs), and the outputs by name; `score_batch` still gives the rewards alone."""
+    _, model, _ = attribute_server
+    ids, _ = model.tokenize([""] * 6, plain_texts()[:6])
+    scored = model.score_values(ids)
+    assert [reward for reward, _ in scored] == score_ids(model.model, ids, batch_size=len(ids))
+    assert [one for _, one in scored] == score_ids(model.model, ids, batch_size=len(ids), per_attribute=True)
+    assert model.score_batch(ids) == [reward for reward, _ in scored]
+
+
+def test_get_reward_gives_each_attribute_on_request(attribute_server):
+    folder, _, http = attribute_server
+    texts = plain_texts()
+    expected = reward_function(folder, per_attribute=True)([""] * len(texts), texts)
+    expected_rewards = reward_function(folder)([""] * len(texts), texts)
+    plain = http.post("/get_reward", json={"query": texts, "prompts": ["p"] * len(texts)})
+    asked = http.post("/get_reward", json={"query": texts, "prompts": ["p"] * len(texts), "attributes": True})
+    assert plain.status_code == asked.status_code == 200, (plain.text, asked.text)
+    assert set(plain.json()) == {"rewards", "scores", "extra_logs", "truncated"}  # as without attributes
+    body = asked.json()
+    assert set(body) == {"rewards", "scores", "extra_logs", "truncated", "attribute_rewards"}
+    got = body["attribute_rewards"]
+    assert values(got) == pytest.approx(values(expected), abs=tolerance(expected))
+    assert body["rewards"] == pytest.approx(expected_rewards, abs=tolerance(expected))
+    assert body["rewards"] == body["scores"] == plain.json()["rewards"]  # the flag changes no reward
+    for reward, one in zip(body["rewards"], got, strict=True):
+        assert_weighted(reward, one)
+    assert body["extra_logs"] == {"truncated": [float(t) for t in body["truncated"]],
+                                  **{name: [one[name] for one in got] for name in NAMES}}
+    empty = http.post("/get_reward", json={"query": [], "attributes": True})
+    assert empty.json() == {"rewards": [], "scores": [], "extra_logs": {"truncated": [], "helpful": [], "brief": []},
+                            "truncated": [], "attribute_rewards": []}
+
+
+def test_v1_rewards_gives_each_attribute_as_score_attributes_writes(attribute_server, tmp_path):
+    folder, _, http = attribute_server
+    responses = [{"prompt": r["prompt"], "response": r["chosen"]} for r in preference_rows(4)]
+    lists = completions_rows()
+    answer = http.post("/v1/rewards", json={"items": responses + lists, "attributes": True})
+    assert answer.status_code == 200, answer.text
+    got = answer.json()["items"]
+    scored = []
+    for rows in (responses, lists):
+        output = tmp_path / f"scored-{len(rows)}.jsonl"
+        score_file(folder, Dataset.from_list(rows), str(output), per_attribute=True)
+        scored += [json.loads(line) for line in open(output, encoding="utf-8")]
+    for row, result in zip(scored[:len(responses)], got[:len(responses)], strict=True):
+        assert isinstance(result["attribute_rewards"], dict)  # one response: one {attribute: reward}
+        expected = [row["attribute_rewards"]]
+        assert values([result["attribute_rewards"]]) == pytest.approx(values(expected), abs=tolerance(expected))
+        assert result["reward"] == pytest.approx(row["reward"], abs=tolerance(expected))
+        assert_weighted(result["reward"], result["attribute_rewards"])
+    for row, result in zip(scored[len(responses):], got[len(responses):], strict=True):
+        expected = row["attribute_rewards"]  # completions: one per completion
+        assert values(result["attribute_rewards"]) == pytest.approx(values(expected), abs=tolerance(expected))
+        assert result["rewards"] == pytest.approx(row["rewards"], abs=tolerance(expected))
+        assert result["rank"] == row["rank"] and result["reward"] == max(result["rewards"])
+        for reward, one in zip(result["rewards"], result["attribute_rewards"], strict=True):
+            assert_weighted(reward, one)
+    without = http.post("/v1/rewards", json={"items": responses + lists, "attributes": False}).json()["items"]
+    assert without == [{key: value for key, value in result.items() if key != "attribute_rewards"} for result in got]
