@@ -109,8 +109,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve_main(argv: list[str] | None = None) -> int:
     """`hf-balanced-reward serve MODEL_DIR [--option value ...]`. Exit status: 0 once stopped by SIGTERM or SIGINT;
-    2 for a wrong option, a taken port or a folder that is not a one-output reward model (before anything is
-    served); 1 if the server failed to start."""
+    2 for a wrong option, a taken port or a folder that is not a reward model (one output, or one per attribute;
+    before anything is served); 1 if the server failed to start."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a usage error argparse has already printed

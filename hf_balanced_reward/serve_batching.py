@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_reward_model(name: str) -> None:
-    """ConfigError with the reason when `name` is not a one-output *ForSequenceClassification (read from its config,
-    before the weights load)."""
+    """ConfigError with the reason when `name` is not a reward model: a *ForSequenceClassification with one output,
+    or one per attribute (trained with `attributes`), read from its config before the weights load."""
     from transformers import AutoConfig
 
     try:
@@ -45,8 +45,9 @@ def check_reward_model(name: str) -> None:
     from .scoring import is_attribute_model
 
     if config.num_labels != 1 and not is_attribute_model(config):  # an attribute model's reward: their weighted sum
-        raise ConfigError(f"MODEL_DIR '{name}' has {config.num_labels} outputs (num_labels={config.num_labels}); a "
-                          "reward model has one.")
+        raise ConfigError(f"MODEL_DIR '{name}' has {config.num_labels} outputs (num_labels={config.num_labels}) and "
+                          "no saved attribute weights (`reward_attributes`); a reward model has one output, or one "
+                          "per attribute when trained with `attributes`.")
 
 
 def check_device(device: str | None) -> None:

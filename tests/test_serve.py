@@ -438,7 +438,7 @@ def not_reward_models(folder) -> dict[str, str]:
     LlamaModel(config).save_pretrained(folder / "base")
     LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=3)).save_pretrained(folder / "three")
     return {str(folder / "base"): r"is not a reward model: its config names \['LlamaModel'\]",
-            str(folder / "three"): r"has 3 outputs \(num_labels=3\); a reward model has one",
+            str(folder / "three"): r"has 3 outputs \(num_labels=3\) and no saved attribute weights",
             MINILM: r"is not a reward model: its config names \['BertModel'\]",
             str(folder / "missing"): "is not a model folder"}
 
