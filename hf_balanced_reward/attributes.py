@@ -4,9 +4,9 @@ verbosity, ...), trained on per-attribute scores, then folded into a one-output 
 An attribute model's rewards are [N, A], one column per attribute in the order of its config's `id2label`
 (`set_attribute_labels`). The pieces, each usable alone:
 - data: `check_attribute_values`, before tokenisation: the columns exist and hold finite numbers;
-- losses, per row [B] in fp32, in `losses.py` (LOSSES) and imported here: `regression` (per response),
-  `attribute_bradley_terry` (per pair, oriented per attribute, ties pulled together) and `attribute_loss` (their
-  weighted sum); the trainer's use of them is `attribute_training.py`;
+- losses: in `losses.py` with the others (LOSSES): `regression` (per response), `attribute_bradley_terry` (per
+  pair, oriented per attribute, ties pulled together) and `attribute_loss` (their weighted sum); the trainer's use
+  of them is `attribute_training.py`;
 - the reward: `check_reward_weights`, then `combine_head` / `save_combined` fold sum_a w_a * output_a into one
   Linear output, so every one-output client (`scoring.py`, `pipeline`, trl) reads the combined model unchanged;
 - `attribute_metrics`: correlation with expert scores and pairwise accuracy, per attribute.
@@ -23,7 +23,6 @@ from accelerate.utils import is_peft_model
 from scipy import stats
 
 from .errors import ConfigError, DataError, did_you_mean
-from .losses import ATTRIBUTE_LOSSES, attribute_bradley_terry, attribute_loss, regression  # noqa: F401
 from .metrics import metric_name
 from .modeling import find_reward_head
 from .row_checks import FLOAT32_MAX, STOP_ON, bad_rows_error
@@ -150,13 +149,6 @@ def check_reward_weights(weights, attributes) -> list[float]:
         raise ConfigError(f"reward_weights are all zero, so every text would score 0; give {expected}, at least "
                           "one of them not zero.")
     return [float(weight) for weight in weights]
-
-
-# Losses -----------------------------------------------------------------------------------------------------------
-
-
-# `regression`, `attribute_bradley_terry` and `attribute_loss` live in `losses.py` with the other losses (LOSSES);
-# imported here too, as this module's callers have used them.
 
 
 # Head and config ----------------------------------------------------------------------------------------------------

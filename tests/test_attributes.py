@@ -12,11 +12,11 @@ from transformers import AutoModelForSequenceClassification, RobertaConfig, Robe
 
 from conftest import tiny_bert, tiny_llama
 from hf_balanced_reward.attributes import (
-    attribute_bradley_terry, attribute_loss, attribute_metrics, check_attribute_values, check_reward_weights,
-    combine_head, regression, save_combined, set_attribute_labels,
+    attribute_metrics, check_attribute_values, check_reward_weights, combine_head, save_combined, set_attribute_labels,
 )
 from hf_balanced_reward.config import ConfigError
 from hf_balanced_reward.data import DataError
+from hf_balanced_reward.losses import attribute_bradley_terry, attribute_loss, regression
 from hf_balanced_reward.scoring import load_reward_model
 
 NAMES = ["helpfulness", "correctness", "coherence", "verbosity"]
