@@ -337,6 +337,20 @@ def test_evaluate_single_scored_responses_reports_the_attributes(tmp_path, attri
     assert "24 scored responses" in capsys.readouterr().out
 
 
+def test_exploit_probes_score_the_combined_reward_of_an_attribute_model(tmp_path, model_dir):
+    rows = attribute_rows()
+    data = Dataset.from_list(rows)
+    trainer = BalancedRewardTrainer(model=model_dir, args=config(tmp_path, max_steps=2, exploit_probes=True),
+                                    train_dataset=data, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    reward = reward_function(trainer.model, trainer.processing_class)  # the weighted sum
+    gaps = np.array(reward(*texts(rows, "chosen"))) - np.array(reward(*texts(rows, "rejected")))
+    near = int((np.abs(gaps) < 1e-4).sum())
+    assert abs(metrics["eval_probe_accuracy"] - (gaps > 0).mean()) <= near / len(rows)
+    assert 0 <= metrics["eval_probe_padding_rise_rate"] <= 1 and "eval_probe_on_topic_random" in metrics
+
+
 def test_a_multi_attribute_model_is_not_loaded_as_a_one_output_one(tmp_path, attribute_model):
     with pytest.raises(ConfigError, match=r"multi-attribute reward model \(2 outputs: helpful, brief\); to train it "
                                           r"further set attributes: \[helpful, brief\]"):
