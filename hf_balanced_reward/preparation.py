@@ -4,9 +4,9 @@ A prepared row has `completion_ids` (K full sequences, prompt included; a pair i
 best, equal for ties: a pair is (1, 2), or (1, 1) when tied), `scores` (lists that give them), `group`,
 `response_lengths` (tokens of each completion after the shared prompt) and `length` (unique tokens: the prompt once
 plus every response, for `group_by_length`), plus the row's own `margin` / `weight` columns (and a multi-attribute
-run's `attribute_scores` and `completion_keys`) when it has them. One function tokenises every kind of row (`tokenize_row`), one prepares a dataset in memory (`prepare_dataset`) and one a
-stream (`prepare_stream`), with `on_bad_rows` applied to the rows they find bad and a report of what was kept, cut or
-dropped.
+run's `attribute_scores` and `completion_keys`) when it has them. One function tokenises every kind of row
+(`tokenize_row`), one prepares a dataset in memory (`prepare_dataset`) and one a stream (`prepare_stream`), with
+`on_bad_rows` applied to the rows they find bad and a report of what was kept, cut or dropped.
 """
 
 import hashlib
@@ -169,7 +169,7 @@ def prepare_dataset(dataset: Dataset, tokenizer, args, name: str = "train", max_
     lists = is_listwise(dataset) if lists is None else lists
     check_dataset_columns(dataset, args, name, lists)
     keep = numeric_columns(dataset, (("weight",) if lists else ("margin", "weight")) + (ROW_COLUMN,), name)
-    keep += [c for c in (ATTRIBUTE_COLUMN, KEY_COLUMN) if c in dataset.column_names]  # per completion: `attribute_training`
+    keep += [c for c in (ATTRIBUTE_COLUMN, KEY_COLUMN) if c in dataset.column_names]  # `attribute_training`
     if len(dataset):
         check_first_text(dataset[0], tokenizer, name)
     features = Features({**{k: dataset.features[k] for k in keep}, **ROW_FEATURES})
