@@ -27,16 +27,21 @@ class TrainTotals:
         self.totals, self.group_totals = None, None
         self.num_tokens = 0  # since the start of training, over all processes (trl's num_tokens)
 
-    def add(self, chosen, rejected, per_pair, group_ids=None, num_groups: int = 0, text_tokens=None) -> None:
+    def add(self, chosen, rejected, per_pair, group_ids=None, num_groups: int = 0, text_tokens=None,
+            off_prompt=None) -> None:
+        """`off_prompt`: with cross-prompt negatives, the reward of another prompt's response for each pair's
+        prompt; counted as won when the pair's chosen response scores higher."""
         rewards = torch.cat([chosen, rejected])
         correct = (chosen > rejected).float()
+        off_pairs, off_won = ((correct.new_zeros(()), correct.new_zeros(())) if off_prompt is None else
+                              (correct.new_tensor(len(chosen)), (chosen > off_prompt).float().sum()))
         # trl's min_reward / max_reward: the mean over micro-batches of each one's extreme reward.
         extremes = [rewards.min(), rewards.max()] if len(rewards) else [rewards.new_zeros(()), rewards.new_zeros(())]
         # kept on the device: reading it here would wait for the GPU at every micro-batch
         tokens = text_tokens.to(correct.device, correct.dtype) if text_tokens is not None else correct.new_zeros(())
         totals = torch.stack(
             [correct.new_tensor(len(chosen)), correct.sum(), (chosen - rejected).sum(), rewards.sum(), (rewards**2).sum(),
-             correct.new_tensor(float(len(rewards) > 0)), *extremes, tokens]
+             correct.new_tensor(float(len(rewards) > 0)), *extremes, off_pairs, off_won, tokens]
         )
         self.totals = totals if self.totals is None else self.totals + totals
         if group_ids is None:
@@ -60,7 +65,8 @@ class TrainTotals:
         """(accuracy, margin and reward scale; accuracy per group) since the last log, summed over all processes;
         the next sums start from zero."""
         totals = self.accelerator.reduce(self.totals, reduction="sum").tolist()
-        pairs, correct, margin_sum, reward_sum, reward_sq_sum, batches, min_sum, max_sum, tokens = totals
+        pairs, correct, margin_sum, reward_sum, reward_sq_sum, batches, min_sum, max_sum, off_pairs, off_won, tokens = \
+            totals
         self.num_tokens += int(tokens)
         metrics, per_group = {}, {}
         if pairs:  # lists whose completions are all tied have no pair to count
@@ -75,6 +81,8 @@ class TrainTotals:
                 "mean_reward": reward_mean,
                 "max_reward": max_sum / batches,
             }
+        if off_pairs:  # cross-prompt negatives: how often the chosen response beats another prompt's
+            metrics["off_prompt_accuracy"] = off_won / off_pairs
         if tokens:
             metrics["num_tokens"] = float(self.num_tokens)
         if self.group_totals is not None and len(group_names) > 1:  # per-group names only when there are groups
@@ -105,14 +113,17 @@ class UnitLosses:
         return loss_sum.reshape(-1, 3), count.reshape(-1, 3)
 
 
-def record_train_step(trainer, pairs, pair_losses, inputs) -> None:
-    """Training accuracy, loss and reward scale over the batch's decisive pairs; group DRO's unit losses, and its
-    update at the last micro-batch of an optimizer step."""
+def record_train_step(trainer, pairs, pair_losses, inputs, off_prompt=None) -> None:
+    """Training accuracy, loss and reward scale over the batch's decisive pairs (and with `off_prompt`, rewards
+    [rows] of cross-prompt negatives, how often the chosen beats them); group DRO's unit losses, and its update at
+    the last micro-batch of an optimizer step."""
     decisive = pairs.valid & ~pairs.tie
     group_ids = inputs.get("group_id")
     group_ids = None if group_ids is None else group_ids[:, None].expand_as(decisive)[decisive]
     chosen, rejected, losses = pairs.chosen[decisive], pairs.rejected[decisive], pair_losses[decisive]
-    trainer.train_totals.add(chosen, rejected, losses, group_ids, len(trainer.group_names), inputs.get("text_tokens"))
+    off_prompt = None if off_prompt is None else off_prompt[:, None].expand_as(decisive)[decisive]
+    trainer.train_totals.add(chosen, rejected, losses, group_ids, len(trainer.group_names), inputs.get("text_tokens"),
+                             off_prompt)
     balance = trainer.balance
     if group_ids is not None and balance is not None and balance.options.group_dro:
         lengths = inputs["response_lengths"]

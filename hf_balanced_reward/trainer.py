@@ -389,7 +389,7 @@ class BalancedRewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One loss per row (a pair, a list; see `row_losses`), then one weighted mean over the batch's rows."""
-        mask, attribute_rewards = inputs["list_mask"], None
+        mask, attribute_rewards, off_prompt = inputs["list_mask"], None, None
         if self.args.attributes:  # one head output per attribute, trained on their scores; metrics read their sum
             rewards, per_row, attribute_rewards = attribute_training.score_and_losses(self, model, inputs)
             pairs = list_pairs(rewards, inputs["ranks"], mask)
@@ -415,7 +415,7 @@ class BalancedRewardTrainer(Trainer):
                 return non_finite_batch(self, model, loss, rewards[mask])
             self.skip_steps.batch(loss)
             with torch.no_grad():
-                record_train_step(self, pairs, pair_losses, inputs)
+                record_train_step(self, pairs, pair_losses, inputs, off_prompt)
         outputs = {"rewards": rewards, "losses": weighted}
         if attribute_rewards is not None:
             outputs["attribute_rewards"] = attribute_rewards

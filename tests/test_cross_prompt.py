@@ -85,7 +85,7 @@ def test_off_prompt_sequence_keeps_the_prompt_and_the_scored_token():
 def test_cross_prompt_loss_on_hand_worked_rewards(tmp_path, model_dir, pairs, monkeypatch):
     args = config(tmp_path, loss_kwargs={"weighting": "none", "length_expert": 0.0, "cross_prompt": 0.5})
     trainer = BalancedRewardTrainer(model=model_dir, args=args, train_dataset=pairs)
-    scored = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, 2.0]), None  # (chosen, rejected), off-prompt
+    scored = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([0.0, -1.0]), None  # (chosen, rejected), off-prompt
     monkeypatch.setattr(trainer, "score", lambda model, inputs, with_features=False: scored)
     inputs = {"group_id": torch.tensor([0, 1]), "response_lengths": torch.tensor([[3, 3], [3, 3]]),
               "ranks": torch.tensor([[1, 2], [1, 2]]), "list_mask": torch.ones(2, 2, dtype=torch.bool)}
@@ -94,8 +94,11 @@ def test_cross_prompt_loss_on_hand_worked_rewards(tmp_path, model_dir, pairs, mo
     def nll(d):
         return math.log1p(math.exp(-d))
 
-    expected = ((nll(1) + 0.5 * nll(1)) + (nll(0) + 0.5 * nll(-2))) / 2
+    expected = ((nll(1) + 0.5 * nll(1)) + (nll(0) + 0.5 * nll(1))) / 2
     assert trainer.compute_loss(trainer.model, inputs).item() == pytest.approx(expected, rel=1e-6)
+    # Logged: one pair of two ordered right (a tie is wrong), both chosen responses above their off-prompt one.
+    metrics, _ = trainer.train_totals.take(trainer.group_names)
+    assert metrics["accuracy"] == 0.5 and metrics["off_prompt_accuracy"] == 1.0
     trainer.model.eval()  # evaluation scores pairs only: the term is a training term
     assert trainer.compute_loss(trainer.model, inputs).item() == pytest.approx((nll(1) + nll(0)) / 2, rel=1e-6)
 
@@ -114,7 +117,9 @@ def test_training_adds_off_prompt_sequences_and_learns(tmp_path, model_dir):
     before = {k: v.clone() for k, v in trainer.model.named_parameters()}
     trainer.train()
     assert any(not torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())
-    assert "eval_accuracy" in trainer.evaluate()
+    logged = [log for log in trainer.state.log_history if "accuracy" in log]
+    assert logged and all(0 <= log["off_prompt_accuracy"] <= 1 for log in logged)
+    assert "eval_accuracy" in trainer.evaluate() and "eval_off_prompt_accuracy" not in trainer.state.log_history[-1]
 
 
 def test_packed_off_prompt_branch_equals_the_plain_rows(tmp_path):
