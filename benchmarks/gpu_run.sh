@@ -9,17 +9,20 @@
 #   bash benchmarks/gpu_run.sh tests       # GPU, optional: the whole non-slow test suite on the GPU machine
 #
 # On the device machine the carried wheels in .whl/ are installed into /tmp/site first (it has torch, accelerate
-# and peft, but not datasets or trl, and an older transformers). Logs and JSON go to $OUT (the device tool brings
-# that folder back); the summary table is printed last.
+# and peft, but not datasets or trl, and older transformers and huggingface_hub). Logs and JSON go to $OUT (the
+# device tool brings that folder back); the summary table is printed last.
 set -uo pipefail
 MODE=${1:?usage: gpu_run.sh prepare|smoke|checks|speed1024|speed4096|tests}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_run_out}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-# Pinned to what this project's .venv runs; py3-none wheels, except regex (Python 3.12 on the device).
-WHEELS="transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2
-  regex==2026.11.19 fsspec==2026.9.0"
+# transformers >= 5.25 fetches hub kernels for CUDA models unless told not to: nothing can be fetched there.
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 USE_HUB_KERNELS=NO
+# Pinned to what this project's .venv runs, the set that ran on an H200 (gpu_compare_losses.sh); py3-none wheels,
+# except regex and multiprocess (Python 3.12 on the device).
+WHEELS="transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 click==8.5.1 truststore==0.10.5
+  regex==2026.11.19 tokenizers==0.23.3 accelerate==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+  fsspec==2026.9.0 trl==1.16.0 peft==0.21.2"
 
 device_setup() {  # the device machine: python3 is its torch python; carried wheels go first on the path
   PY=python3

@@ -24,3 +24,12 @@ def did_you_mean(value: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def hub_kernels_hint(err: Exception) -> str:
+    """transformers (5.25 on) swaps in kernels downloaded from the hub when it loads a model on a machine with CUDA;
+    offline, or without the `kernels` package, loading then fails. The same model loads without them."""
+    if "kernel" not in str(err).lower():
+        return ""
+    return (" transformers fetches hub kernels for models on a GPU; offline or without the `kernels` package, set the "
+            "environment variable USE_HUB_KERNELS=NO to load the model without them.")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from .config import BalancedRewardConfig, ConfigError
 from .data import is_stream
-from .errors import TrainingStopped
+from .errors import TrainingStopped, hub_kernels_hint
 from .preflight import check_token_ids
 from .streaming import real_pairs
 
@@ -175,7 +175,7 @@ def load_model(model_id: str, args: BalancedRewardConfig) -> PreTrainedModel:
             model_id, trust_remote_code=args.trust_remote_code, **head_labels(args), **resize, **init_kwargs
         )
     except (OSError, ValueError) as err:
-        hint = ""
+        hint = hub_kernels_hint(err)
         if init_kwargs["use_safetensors"] and files is not None and any(f.endswith(".bin") for f in files):
             hint = (" It has no safetensors weights; if you trust its pickled weights, set "
                     "model_init_kwargs: {use_safetensors: false}.")

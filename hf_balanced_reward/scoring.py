@@ -27,6 +27,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 from trl.data_utils import common_prefix_length
 
 from .config import ConfigError
+from .errors import hub_kernels_hint
 from .paths import resolve_model_path
 from .data import DataError, load_preference_dataset, render_texts
 from .preparation import truncate_list
@@ -56,7 +57,7 @@ def load_reward_model(model_dir_or_model, tokenizer=None, device=None) -> tuple:
                 name, dtype=torch.float32, use_safetensors=True, **labels
             )
         except (OSError, ValueError) as err:
-            raise ConfigError(f"could not load reward model '{name}': {err}") from err
+            raise ConfigError(f"could not load reward model '{name}': {err}{hub_kernels_hint(err)}") from err
         model.to(device if device is not None else PartialState().device)
     else:
         model = model_dir_or_model

@@ -1,6 +1,8 @@
 """Loading and readying the model (`modeling.py`): which models get the shared-prompt layout, and weights that are
 not loaded unless asked."""
 
+import re
+
 import pytest
 from datasets import Dataset
 
@@ -59,3 +61,36 @@ def test_pickled_weights_are_not_loaded_unless_asked(tmp_path, tokenizer):
                                 model_init_kwargs={"use_safetensors": False})
     trainer = BalancedRewardTrainer(model=str(tmp_path), args=args, train_dataset=data)  # asked for: allowed
     torch.testing.assert_close(trainer.model.score.weight, model.score.weight)
+
+
+OFFLINE_KERNELS = ("Version 1 of 'kernels-community/activation' is not available in the local cache and Hugging Face "
+                   "Hub is in offline mode.")  # what transformers 5.25 raises on a GPU machine offline
+
+
+def test_a_model_that_fails_on_hub_kernels_names_the_switch(tmp_path, model_dir, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_balanced_reward.scoring import load_reward_model
+
+    def fails(*args, **kwargs):
+        raise ValueError(OFFLINE_KERNELS)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", fails)
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none")
+    switch = r"offline mode\. transformers fetches hub kernels .* set the environment variable USE_HUB_KERNELS=NO"
+    with pytest.raises(ConfigError, match=rf"could not load model .{re.escape(model_dir)}.: Version 1 .*{switch}"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(good_rows()))
+    with pytest.raises(ConfigError, match=rf"could not load reward model .{re.escape(model_dir)}.: .*{switch}"):
+        load_reward_model(model_dir)
+
+
+def test_other_load_errors_get_no_kernels_hint(tmp_path, model_dir, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    def fails(*args, **kwargs):
+        raise OSError("no file named config.json")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", fails)
+    args = BalancedRewardConfig(output_dir=str(tmp_path / "out"), report_to="none")
+    with pytest.raises(ConfigError, match=r"no file named config\.json$"):
+        BalancedRewardTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(good_rows()))
