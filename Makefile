@@ -7,6 +7,8 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# offline on a GPU too: transformers (5.25 on) would fetch hub kernels for every model it loads there
+export USE_HUB_KERNELS := NO
 
 .PHONY: setup test test-fast quickstart clean
 

@@ -6,6 +6,8 @@ import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On a CUDA machine transformers (5.25 on) would fetch hub kernels for every model it loads: the suite stays offline.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 import pytest
 import torch
