@@ -24,6 +24,7 @@ results go to results/compare_losses/probes/ (a grid of its own: the older runs 
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -290,14 +291,20 @@ def baseline_metrics(result: dict) -> dict:
     return rows
 
 
-def load_results(arms, model: str = "minilm", probes: bool = False) -> dict[str, list[dict]]:
-    runs, folder = {}, results_dir(model, probes)
+def load_runs(arms, folder: str) -> dict[str, list[dict]]:
+    """Each arm's stored runs in `folder` (`<arm>_seed<N>.json`), in seed order; arms without runs are left out."""
+    runs = {}
     for arm in arms:
-        for seed_file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if seed_file.startswith(f"{arm}_seed") and seed_file.endswith(".json"):
-                with open(os.path.join(folder, seed_file)) as f:
-                    runs.setdefault(arm, []).append(json.load(f))
+        paths = glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(arm)}_seed*.json"))
+        seeds = sorted(int(seed) for seed in (p[:-len(".json")].rsplit("_seed", 1)[1] for p in paths) if seed.isdigit())
+        for seed in seeds:
+            with open(os.path.join(folder, f"{arm}_seed{seed}.json")) as f:
+                runs.setdefault(arm, []).append(json.load(f))
     return runs
+
+
+def load_results(arms, model: str = "minilm", probes: bool = False) -> dict[str, list[dict]]:
+    return load_runs(arms, results_dir(model, probes))
 
 
 def table(arms, model: str = "minilm", probes: bool = False) -> str:

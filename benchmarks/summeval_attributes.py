@@ -208,17 +208,6 @@ def metrics_of(result: dict) -> dict:
     return metrics
 
 
-def load_runs(arms, results: str) -> dict:
-    runs = {}
-    for arm in arms:
-        for seed in range(10):
-            path = os.path.join(results, f"{arm}_seed{seed}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    runs.setdefault(arm, []).append(json.load(f))
-    return runs
-
-
 def cell(values) -> str:
     values = [v for v in values if np.isfinite(v)]
     if not values:
@@ -228,6 +217,8 @@ def cell(values) -> str:
 
 
 def table(arms, results: str) -> str:
+    from compare_losses import load_runs
+
     runs = load_runs(arms, results)
     if not runs:
         return f"no results in {results}"

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from compare_losses import commit
+from compare_losses import commit, load_runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUMMEVAL = os.path.join(HERE, "..", "..", "shared", "data", "summeval", "summeval.jsonl")
@@ -151,13 +151,7 @@ COLUMNS = [("pairwise acc (lists)", "pairwise_accuracy"), ("Kendall tau", "kenda
 
 
 def table(arms) -> str:
-    runs = {}
-    for arm in arms:
-        for seed in range(10):
-            path = os.path.join(RESULTS, f"{arm}_seed{seed}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    runs.setdefault(arm, []).append(json.load(f))
+    runs = load_runs(arms, RESULTS)
     header = "| loss (trains on) | seeds | " + " | ".join(c[0] for c in COLUMNS) + " | train s |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     reference = {r["seed"]: metrics_of(r) for r in runs.get("bradley_terry_pairs", [])}
