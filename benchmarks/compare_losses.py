@@ -21,6 +21,9 @@ results go to results/compare_losses/probes/ (a grid of its own: the older runs 
         expert+cross_prompt_1 --commit
     python benchmarks/compare_losses.py table --probes --arms bradley_terry length_expert_0.5 cross_prompt_1 \
         expert+cross_prompt_1
+
+On a GPU machine the probe grid runs through benchmarks/gpu_compare_losses.sh (--no_checkpoints, and its results in
+results/compare_losses_h200/ through --results_dir, which `table` takes too).
 """
 
 import argparse

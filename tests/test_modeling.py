@@ -1,5 +1,5 @@
-"""Loading and readying the model (`modeling.py`): which models get the shared-prompt layout, and weights that are
-not loaded unless asked."""
+"""Loading and readying the model (`modeling.py`): which models get the shared-prompt layout, weights that are not
+loaded unless asked, and load errors that name their fix."""
 
 import re
 
