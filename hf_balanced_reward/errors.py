@@ -29,7 +29,7 @@ def did_you_mean(value: str, choices) -> str:
 def hub_kernels_hint(err: Exception) -> str:
     """transformers (5.25 on) swaps in kernels downloaded from the hub when it loads a model on a machine with CUDA;
     offline, or without the `kernels` package, loading then fails. The same model loads without them."""
-    if "kernel" not in str(err).lower():
+    if "kernels" not in str(err).lower():  # "Kernels are not available", "kernels-community/..."
         return ""
     return (" transformers fetches hub kernels for models on a GPU; offline or without the `kernels` package, set the "
             "environment variable USE_HUB_KERNELS=NO to load the model without them.")

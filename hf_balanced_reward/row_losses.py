@@ -8,7 +8,26 @@ and a row's loss is the mean over its pairs. A list or tie loss (`losses.as_list
 
 import torch
 
-from .losses import ListPairs
+from .losses import ListPairs, list_pairs
+
+
+def score_and_row_losses(trainer, model, inputs: dict) -> tuple:
+    """One forward pass over a batch and its losses: (rewards [rows, K], their pairs, loss per row, loss per pair,
+    a batch penalty or None, off-prompt rewards or None). `attribute_training.score_and_losses` is the same for
+    attribute heads."""
+    mask = inputs["list_mask"]
+    rewards, off_prompt, features = trainer.score(model, inputs, model.training and trainer.length_head is not None)
+    pairs = list_pairs(rewards, inputs["ranks"], mask)
+    coefficient = trainer.args.center_rewards_coefficient  # c * (r_c + r_r)^2 on a pair, c * (2 * mean)^2 on a list
+    center = coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 if coefficient else None
+    if trainer.pairwise:
+        per_row, pair_losses, penalty = pairwise_row_losses(trainer.loss_fn, trainer.loss_options, pairs, inputs,
+                                                            off_prompt, features, center, trainer.balance,
+                                                            trainer.length_head, model.training)
+    else:
+        per_row, pair_losses, penalty = list_row_losses(trainer.list_loss, rewards, inputs, pairs, center,
+                                                        trainer.log_tie)
+    return rewards, pairs, per_row, pair_losses, penalty, off_prompt
 
 
 def pairwise_row_losses(loss_fn, options: dict, pairs: ListPairs, inputs: dict, off_prompt=None, features=None,

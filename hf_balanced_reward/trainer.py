@@ -33,7 +33,7 @@ from .paths import resolve_model_path
 from .preflight import (as_config, check_datasets, check_free_disk, check_hub_reachable, check_launch,
                         check_list_options, check_model_options, check_output_dir)
 from .ranking import reward_metrics
-from .row_losses import list_row_losses, pairwise_row_losses
+from .row_losses import score_and_row_losses
 from .run_data import RunData
 from .run_lock import RunLock, claim_run_dir
 from .streaming import (StreamPosition, length_grouped_dataloader, padded_eval_dataloader, reading_streams,
@@ -389,23 +389,13 @@ class BalancedRewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One loss per row (a pair, a list; see `row_losses`), then one weighted mean over the batch's rows."""
-        mask, attribute_rewards, off_prompt = inputs["list_mask"], None, None
+        mask, attribute_rewards = inputs["list_mask"], None
         if self.args.attributes:  # one head output per attribute, trained on their scores; metrics read their sum
             rewards, per_row, attribute_rewards = attribute_training.score_and_losses(self, model, inputs)
-            pairs = list_pairs(rewards, inputs["ranks"], mask)
+            pairs, off_prompt = list_pairs(rewards, inputs["ranks"], mask), None
             pair_losses, penalty = per_row[:, None].expand_as(pairs.chosen), None
         else:
-            rewards, off_prompt, features = self.score(model, inputs, model.training and self.length_head is not None)
-            pairs = list_pairs(rewards, inputs["ranks"], mask)
-            center = self.args.center_rewards_coefficient * (2 * (rewards * mask).sum(-1) / mask.sum(-1)) ** 2 \
-                if self.args.center_rewards_coefficient else None  # (r_c + r_r)^2 on a pair
-            if self.pairwise:
-                per_row, pair_losses, penalty = pairwise_row_losses(self.loss_fn, self.loss_options, pairs, inputs,
-                                                                    off_prompt, features, center, self.balance,
-                                                                    self.length_head, model.training)
-            else:
-                per_row, pair_losses, penalty = list_row_losses(self.list_loss, rewards, inputs, pairs, center,
-                                                                self.log_tie)
+            rewards, pairs, per_row, pair_losses, penalty, off_prompt = score_and_row_losses(self, model, inputs)
         weights = inputs.get("weight")
         weighted = per_row if weights is None else weights * per_row
         loss = weighted.mean() if penalty is None else weighted.mean() + penalty
